@@ -1,0 +1,456 @@
+"""The messages of the protocol, as frozen dataclasses validated on the way in.
+
+Each message class names its envelope ``KIND``; the fields of the dataclass are the keys of the
+envelope ``body`` (a field called ``tensors`` travels in the envelope's tensor section
+instead). Decoding is driven by the type annotations, so what a class declares is exactly what
+the wire accepts:
+
+* ``str``, ``int``, ``float``, ``bool`` (``int`` refuses ``bool``; ``float`` accepts integers and
+  refuses NaN and infinities), ``Literal[...]``, ``X | None``;
+* ``tuple[X, ...]`` from a list, ``Mapping[str, X]`` from a map.
+
+Unknown body fields are ignored, so a newer peer may add optional fields without a schema
+bump; a missing field without a default, or a value of the wrong type, raises
+:class:`~unus_edge.errors.MessageError` with ``reason`` ``missing_field`` / ``bad_field``.
+Each class may check cross-field rules in ``validate``.
+
+Which kinds may arrive on which channel is fixed by :data:`CHANNEL_KINDS`; anything else is
+``MessageError("unexpected_kind")``.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Literal, Self, TypeVar, get_args, get_origin
+
+from unus_edge.codec import DEFAULT_LIMITS, Envelope, Limits, Tensor, decode, encode
+from unus_edge.errors import MessageError
+from unus_edge.topics import TOPIC_SPECS, Channel
+
+__all__ = [
+    "CHANNEL_KINDS",
+    "Ack",
+    "Clock",
+    "DeviceFacts",
+    "FleetMetrics",
+    "GlobalModel",
+    "Heartbeat",
+    "JobMetrics",
+    "Message",
+    "Registration",
+    "RegistrationReply",
+    "RoundMetrics",
+    "Scalar",
+    "Status",
+    "Task",
+    "Update",
+    "decode_message",
+    "encode_message",
+    "expect",
+]
+
+Scalar = str | int | float | bool
+"""Values allowed in free-form maps (task config, metrics)."""
+
+_MAX_MAP_ENTRIES = 10_000
+
+M = TypeVar("M", bound="Message")
+
+
+class Message:
+    """Base of every message: ``KIND`` names it in the envelope."""
+
+    KIND: ClassVar[str]
+    _validators: ClassVar[tuple[tuple[str, Any, bool], ...]]
+
+    def validate(self) -> None:
+        """Cross-field checks; raise ``MessageError("bad_field", ..., field=...)``."""
+
+    def body(self) -> dict[str, Any]:
+        """The envelope body: every field except ``tensors``."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)  # type: ignore[arg-type]
+                if f.name != "tensors"}
+
+    def tensors_or_empty(self) -> Mapping[str, Tensor]:
+        tensors: Mapping[str, Tensor] = getattr(self, "tensors", {})
+        return tensors
+
+    @classmethod
+    def from_envelope(cls, envelope: Envelope) -> Self:
+        if envelope.kind != cls.KIND:
+            raise MessageError("unexpected_kind", f"expected {cls.KIND!r}, got {envelope.kind!r}", kind=envelope.kind)
+        values: dict[str, Any] = {}
+        for name, annotation, required in _validators_of(cls):
+            if name == "tensors":
+                values[name] = envelope.tensors
+                continue
+            if name not in envelope.body:
+                if required:
+                    raise MessageError("missing_field", "required", kind=cls.KIND, field=name)
+                continue
+            values[name] = _coerce(envelope.body[name], annotation, cls.KIND, name)
+        if "tensors" not in values and envelope.tensors:
+            raise MessageError("bad_field", "this kind carries no tensors", kind=cls.KIND, field="tensors")
+        message = cls(**values)
+        message.validate()
+        return message
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _validators_of(cls: type[Message]) -> tuple[tuple[str, Any, bool], ...]:
+    cached = cls.__dict__.get("_validators")
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = tuple(
+            (f.name, hints[f.name], f.default is MISSING and f.default_factory is MISSING)
+            for f in fields(cls)  # type: ignore[arg-type]
+        )
+        cls._validators = cached
+    return cached
+
+
+def _coerce(value: Any, annotation: Any, kind: str, name: str) -> Any:
+    origin = get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in get_args(annotation):
+            return None
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, kind, name)
+            except MessageError as error:
+                errors.append(error.detail)
+        raise MessageError("bad_field", " or ".join(errors), kind=kind, field=name)
+    if origin is Literal:
+        if value not in get_args(annotation) or type(value) is bool:
+            raise MessageError("bad_field", f"{value!r} is not one of {get_args(annotation)}", kind=kind, field=name)
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise MessageError("bad_field", f"expected text, got {type(value).__name__}", kind=kind, field=name)
+        return value
+    if annotation is bool:
+        if type(value) is not bool:
+            raise MessageError("bad_field", f"expected a boolean, got {type(value).__name__}", kind=kind, field=name)
+        return value
+    if annotation is int:
+        if type(value) is not int:
+            raise MessageError("bad_field", f"expected an integer, got {type(value).__name__}", kind=kind, field=name)
+        return value
+    if annotation is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise MessageError("bad_field", f"expected a finite number, got {value!r}", kind=kind, field=name)
+        return float(value)
+    if origin is tuple:
+        item_type = get_args(annotation)[0]
+        if not isinstance(value, list) or len(value) > _MAX_MAP_ENTRIES:
+            raise MessageError("bad_field", "expected a list", kind=kind, field=name)
+        return tuple(_coerce(item, item_type, kind, name) for item in value)
+    if origin in (Mapping, dict):
+        item_type = get_args(annotation)[1]
+        if not isinstance(value, dict) or len(value) > _MAX_MAP_ENTRIES:
+            raise MessageError("bad_field", "expected a map", kind=kind, field=name)
+        return {key: _coerce(item, item_type, kind, f"{name}.{key}") for key, item in value.items()}
+    raise TypeError(f"{kind}.{name}: unsupported annotation {annotation!r}")  # a bug in a class, not input
+
+
+def _check(condition: bool, kind: str, name: str, detail: str) -> None:
+    if not condition:
+        raise MessageError("bad_field", detail, kind=kind, field=name)
+
+
+# --------------------------------------------------------------------------------------------
+# Presence and liveness (JSON, human-facing)
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    """Presence of a device or of the aggregator (retained; also the last will)."""
+
+    KIND: ClassVar[str] = "status"
+    device_id: str
+    state: Literal["online", "offline"]
+    session: str
+    role: Literal["device", "aggregator"] = "device"
+    reason: str = ""
+    """Why offline: ``"shutdown"`` (graceful), ``"will"`` (connection lost), or free text."""
+    software_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Periodic proof of life; also what the device is doing right now."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    device_id: str
+    session: str
+    sequence: int
+    state: Literal["idle", "training", "waiting", "uploading"] = "idle"
+    clock: int = 0
+    uptime_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Registration (CBOR)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration(Message):
+    """A device introduces itself; the aggregator answers with :class:`RegistrationReply`."""
+
+    KIND: ClassVar[str] = "register"
+    device_id: str
+    session: str
+    num_examples: int
+    model_fingerprint: str
+    software_version: str
+    platform: str = ""
+    machine: str = ""
+    python_version: str = ""
+    cpu_count: int = 0
+    memory_bytes: int = 0
+    capabilities: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        _check(self.num_examples >= 1, self.KIND, "num_examples", "must be at least 1")
+        _check(self.cpu_count >= 0 and self.memory_bytes >= 0, self.KIND, "cpu_count", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationReply(Message):
+    """Accepts or rejects a registration, with a reason the device logs."""
+
+    KIND: ClassVar[str] = "registered"
+    device_id: str
+    accepted: bool
+    aggregator_session: str
+    reason: str = ""
+    detail: str = ""
+    clock: int = 0
+    """The device's clock c_i as the aggregator knows it (a rejoining device starts here)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Training (CBOR)
+
+
+@dataclass(frozen=True, slots=True)
+class Task(Message):
+    """Work for one device: train from model ``model_version`` and send an update.
+
+    In ``sync`` mode there is one task per round; in ``ssp`` mode a single standing task
+    configures the device, which then paces itself on the retained clock.
+    """
+
+    KIND: ClassVar[str] = "task"
+    device_id: str
+    task_id: str
+    server_round: int
+    model_version: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    mode: Literal["sync", "ssp"] = "sync"
+    deadline_seconds: float = 0.0
+    """Time budget for the task; 0 means none. Relative, so device clocks need not agree."""
+    config: Mapping[str, Scalar] = field(default_factory=dict)
+    """Strategy-specific device settings (for example ``proximal_mu``)."""
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, self.KIND, "epochs", "must be at least 1")
+        _check(self.batch_size >= 1, self.KIND, "batch_size", "must be at least 1")
+        _check(self.learning_rate > 0, self.KIND, "learning_rate", "must be positive")
+        _check(self.server_round >= 0 and self.model_version >= 0, self.KIND, "server_round", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Update(Message):
+    """A device's contribution: tensors (a delta against ``base_version`` by default)."""
+
+    KIND: ClassVar[str] = "update"
+    device_id: str
+    session: str
+    task_id: str
+    server_round: int
+    base_version: int
+    num_examples: int
+    train_loss: float
+    tensors: Mapping[str, Tensor]
+    encoding: Literal["delta", "weights"] = "delta"
+    clock: int = 0
+    """Which of this device's updates this is (c_i before it is applied)."""
+    train_seconds: float = 0.0
+    metrics: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(self.num_examples >= 1, self.KIND, "num_examples", "must be at least 1")
+        _check(self.base_version >= 0 and self.server_round >= 0, self.KIND, "base_version", "must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    """The aggregator's verdict on one update, so the device may forget it (or resend)."""
+
+    KIND: ClassVar[str] = "ack"
+    device_id: str
+    update_msg_id: str
+    task_id: str
+    accepted: bool
+    reason: str = ""
+    clock: int = 0
+    """The device's clock c_i after this update."""
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalModel(Message):
+    """The current global model (retained)."""
+
+    KIND: ClassVar[str] = "model"
+    version: int
+    server_round: int
+    fingerprint: str
+    aggregator_session: str
+    tensors: Mapping[str, Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Clock(Message):
+    """Global model version and SSP clock state (retained). ``staleness_bound`` None is infinity."""
+
+    KIND: ClassVar[str] = "clock"
+    version: int
+    server_round: int
+    aggregator_session: str
+    state: Literal["waiting", "running", "finished", "failed"] = "running"
+    c_min: int = 0
+    staleness_bound: int | None = 0
+    live_devices: int = 0
+    clocks: Mapping[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (JSON, human-facing)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundMetrics(Message):
+    """Published after every round or buffer flush on ``metrics/round``."""
+
+    KIND: ClassVar[str] = "round"
+    server_round: int
+    version: int
+    num_selected: int
+    num_updates: int
+    num_failures: int
+    num_examples: int
+    duration_seconds: float
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacts(Message):
+    """One device as the aggregator sees it (an entry of :class:`FleetMetrics`)."""
+
+    KIND: ClassVar[str] = "device"
+    device_id: str
+    online: bool
+    last_seen: float
+    rounds_contributed: int = 0
+    last_train_loss: float | None = None
+    num_examples: int = 0
+    clock: int = 0
+    platform: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetMetrics(Message):
+    """The registry, published on ``metrics/devices`` whenever it changes."""
+
+    KIND: ClassVar[str] = "devices"
+    devices: tuple[Mapping[str, Scalar | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobMetrics(Message):
+    """The job's state, published on ``metrics/job``."""
+
+    KIND: ClassVar[str] = "job"
+    state: Literal["waiting", "running", "finished", "failed"]
+    strategy: str
+    server_round: int
+    total_rounds: int
+    version: int
+    aggregator_session: str
+    staleness_bound: int | None = 0
+    c_min: int = 0
+    eval_accuracy: float | None = None
+    eval_loss: float | None = None
+    reason: str = ""
+
+
+CHANNEL_KINDS: dict[Channel, tuple[type[Message], ...]] = {
+    Channel.STATUS: (Status,),
+    Channel.AGGREGATOR_STATUS: (Status,),
+    Channel.HEARTBEAT: (Heartbeat,),
+    Channel.REGISTER: (Registration,),
+    Channel.UPDATE: (Update,),
+    Channel.TASKS: (Task, RegistrationReply, Ack),
+    Channel.MODEL: (GlobalModel,),
+    Channel.CLOCK: (Clock,),
+    Channel.METRICS: (RoundMetrics, FleetMetrics, JobMetrics),
+}
+
+
+def encode_message(
+    message: Message, job: str, channel: Channel, *, msg_id: str | None = None, timestamp: float | None = None
+) -> bytes:
+    """Encode ``message`` for ``channel`` (CBOR or JSON as the channel's spec says)."""
+    if not isinstance(message, CHANNEL_KINDS[channel]):
+        raise MessageError("unexpected_kind", f"{message.KIND!r} does not travel on {channel.value}", kind=message.KIND)
+    extra: dict[str, Any] = {}
+    if msg_id is not None:
+        extra["msg_id"] = msg_id
+    if timestamp is not None:
+        extra["timestamp"] = timestamp
+    envelope = Envelope(message.KIND, job, message.body(), message.tensors_or_empty(), **extra)
+    return encode(envelope, format="json" if TOPIC_SPECS[channel].format == "json" else "cbor")
+
+
+def decode_message(
+    payload: bytes | bytearray | memoryview, channel: Channel, *, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Envelope, Message]:
+    """Decode and validate a payload received on ``channel``.
+
+    Raises :class:`~unus_edge.errors.CodecError` or :class:`~unus_edge.errors.MessageError`
+    (both :class:`~unus_edge.errors.ProtocolError`) and nothing else.
+    """
+    spec = TOPIC_SPECS[channel]
+    envelope = decode(payload, limits=limits, format="json" if spec.format == "json" else "cbor")
+    for cls in CHANNEL_KINDS[channel]:
+        if envelope.kind == cls.KIND:
+            return envelope, cls.from_envelope(envelope)
+    raise MessageError("unexpected_kind", f"{envelope.kind!r} on channel {channel.value}", kind=envelope.kind)
+
+
+def expect(message: Message, cls: type[M]) -> M:
+    """Narrow a decoded message to ``cls`` or raise ``MessageError("unexpected_kind")``."""
+    if not isinstance(message, cls):
+        raise MessageError("unexpected_kind", f"expected {cls.KIND!r}", kind=message.KIND)
+    return message
