@@ -1,0 +1,41 @@
+"""The on-device training engine: a NumPy interpreter with reverse-mode autodiff over ONNX graphs.
+
+No PyTorch, TensorFlow or onnxruntime-training: a device needs numpy only. A :class:`Graph`
+validates and plans an :class:`~unus_edge.onnx_io.OnnxModel` once; :func:`train` runs
+mini-batch SGD over it with optional :class:`TrainHook` callbacks. See ``docs/engine.md`` for the
+supported ops, how gradients are routed, determinism and measured performance.
+
+Module layout: ``_base`` (op protocol and registry), ``_ops`` (dense, elementwise, activations,
+dropout), ``_shape`` (reshaping ops, Constant), ``_conv`` (Conv and pooling), ``_norm``
+(BatchNormalization), ``_graph`` (planning, forward and backward), ``_train`` (losses, SGD,
+hooks, the training loop).
+"""
+
+from __future__ import annotations
+
+from unus_edge.nn._base import OPS
+from unus_edge.nn._graph import Graph, Tape
+from unus_edge.nn._train import (
+    SGD,
+    TrainConfig,
+    TrainHook,
+    TrainResult,
+    loss_and_grad,
+    loss_value_and_grad,
+    train,
+)
+
+SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(OPS))
+
+__all__ = [
+    "SGD",
+    "SUPPORTED_OPS",
+    "Graph",
+    "Tape",
+    "TrainConfig",
+    "TrainHook",
+    "TrainResult",
+    "loss_and_grad",
+    "loss_value_and_grad",
+    "train",
+]
