@@ -75,6 +75,7 @@ class MqttTransport(Transport):
         self._reader_fd = -1
         self._listeners: list[ConnectionListener] = []
         self.reconnections = 0
+        self._ever_connected = False
         """How many times the connection was re-established after a loss."""
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -191,15 +192,17 @@ class MqttTransport(Transport):
         assert self._client is not None
         client = self._client
         options = self.options
-        self._attempt = self._loop.create_future()
+        attempt: asyncio.Future[bool] = self._loop.create_future()
+        self._attempt = attempt
         async with self._paho_lock:
             try:
                 await self._loop.run_in_executor(None, client.connect, options.host, options.port, options.keepalive)
             except OSError as error:
                 self._attempt = None
                 raise ConnectError(str(error) or type(error).__name__, host=options.host, port=options.port) from error
+        # The CONNACK may already have resolved ``attempt`` while the executor was returning.
         # paho closes a connection that gets no CONNACK within one keepalive (loop_misc).
-        return await self._attempt
+        return await attempt
 
     async def _supervise(self) -> None:
         backoff = Backoff(self.options.reconnect_min_delay, self.options.reconnect_max_delay)
@@ -218,7 +221,6 @@ class MqttTransport(Transport):
                 self._lost.set()
                 continue
             backoff.reset()
-            self.reconnections += 1
             logger.info("%s: reconnected to %s", self.client_id, self.options.url)
 
     # ---------------------------------------------------------------------------- requests
@@ -242,7 +244,7 @@ class MqttTransport(Transport):
             raise PublishError(topic, "not connected (QoS 0 messages are never queued)")
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise PublishError(topic, paho.error_string(info.rc))
-        if info.is_published():
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
             return
         future: asyncio.Future[None] = self._loop.create_future()
         self._pending_publishes[info.mid] = (qos, future)
@@ -351,6 +353,9 @@ class MqttTransport(Transport):
             return
         self._lost.clear()
         self._connected.set()
+        if self._ever_connected:
+            self.reconnections += 1
+        self._ever_connected = True
         if self._subscriptions:
             self._send_subscribe(list(self._subscriptions.items()))
         if attempt is not None and not attempt.done():

@@ -1,0 +1,234 @@
+"""MqttTransport against real brokers: an embedded amqtt and a mosquitto process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import PYTHON, Broker, free_port, python_env, running_broker
+from unus_edge.errors import ConnectError
+from unus_edge.transport import ConnectOptions, MqttTransport, ReceivedMessage, Will
+
+BROKERS = ["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
+
+
+def run(factory: Callable[[], Awaitable[None]], timeout: float = 60.0) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(timeout):
+            await factory()
+
+    asyncio.run(bounded())
+
+
+def options(broker: Broker, **kwargs: object) -> ConnectOptions:
+    return ConnectOptions(host="127.0.0.1", port=broker.port, **kwargs)  # type: ignore[arg-type]
+
+
+async def receive(transport: MqttTransport, count: int) -> list[ReceivedMessage]:
+    received: list[ReceivedMessage] = []
+    async for message in transport.messages():
+        received.append(message)
+        if len(received) == count:
+            break
+    return received
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_qos1_delivery_in_order(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as subscriber, MqttTransport(options(broker)) as publisher:
+                assert await subscriber.subscribe("test/qos1/#", qos=1) == 1
+                for index in range(200):
+                    await publisher.publish(f"test/qos1/{index % 3}", str(index).encode(), qos=1)
+                received = await receive(subscriber, 200)
+        assert [int(m.payload) for m in received] == list(range(200))
+        assert {m.qos for m in received} == {1}
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_qos0_and_qos2_round_trip(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as subscriber, MqttTransport(options(broker)) as publisher:
+                await subscriber.subscribe("test/q2", qos=2)
+                await publisher.publish("test/q2", b"exactly-once", qos=2)
+                (message,) = await receive(subscriber, 1)
+                assert message.payload == b"exactly-once"
+                assert message.qos == 2
+                await publisher.publish("test/q2", b"fire-and-forget", qos=0)
+                (message,) = await receive(subscriber, 1)
+                assert message.payload == b"fire-and-forget"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_retained_message_reaches_late_subscriber(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as publisher:
+                await publisher.publish("test/retained/model", b"version-7", qos=1, retain=True)
+            async with MqttTransport(options(broker)) as late:
+                await late.subscribe("test/retained/+", qos=1)
+                (message,) = await receive(late, 1)
+        assert message.payload == b"version-7"
+        assert message.retain
+
+    run(scenario)
+
+
+_VICTIM = """
+import asyncio, sys
+from unus_edge.transport import ConnectOptions, MqttTransport, Will
+async def main():
+    will = Will("test/will/victim", b"offline", qos=1, retain=True)
+    async with MqttTransport(ConnectOptions(port=int(sys.argv[1]), client_id="victim", will=will, keepalive=60)):
+        print("connected", flush=True)
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_last_will_delivered_when_client_process_is_killed(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as watcher:
+                await watcher.subscribe("test/will/#", qos=1)
+                victim = await asyncio.create_subprocess_exec(
+                    PYTHON, "-c", _VICTIM, str(broker.port), stdout=asyncio.subprocess.PIPE, env=python_env()
+                )
+                assert victim.stdout is not None
+                assert (await victim.stdout.readline()).strip() == b"connected"
+                victim.kill()  # SIGKILL: no DISCONNECT, the kernel closes the socket
+                await victim.wait()
+                (will,) = await receive(watcher, 1)
+        assert will.topic == "test/will/victim"
+        assert will.payload == b"offline"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_graceful_close_does_not_fire_the_will(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as watcher:
+                await watcher.subscribe("test/will/#", qos=1)
+                will = Will("test/will/polite", b"offline")
+                async with MqttTransport(options(broker, will=will)):
+                    pass
+                # A marker published after the close must be the first thing the watcher sees.
+                async with MqttTransport(options(broker)) as publisher:
+                    await publisher.publish("test/will/marker", b"marker")
+                (first,) = await receive(watcher, 1)
+        assert first.topic == "test/will/marker"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_persistent_session_gets_messages_sent_while_offline(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            device = options(broker, client_id=f"persist-{secrets.token_hex(3)}", clean_session=False)
+            async with MqttTransport(device) as transport:
+                await transport.subscribe("test/tasks/d1", qos=1)
+            async with MqttTransport(options(broker)) as publisher:
+                for index in range(5):
+                    await publisher.publish("test/tasks/d1", f"task-{index}".encode(), qos=1)
+            async with MqttTransport(device) as transport:
+                received = await receive(transport, 5)
+        assert [m.payload for m in received] == [f"task-{i}".encode() for i in range(5)]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_reconnects_and_resubscribes_after_broker_restart(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            reconnected = asyncio.Event()
+            connections: list[bool] = []
+
+            def on_connect(session_present: bool) -> None:
+                connections.append(session_present)
+                if len(connections) > 1:
+                    reconnected.set()
+
+            fast = options(broker, reconnect_min_delay=0.05, reconnect_max_delay=0.5)
+            async with MqttTransport(fast) as subscriber:
+                subscriber.add_connection_listener(on_connect)
+                connections.append(False)  # the initial connection happened before the listener
+                await subscriber.subscribe("test/restart/#", qos=1)
+                await broker.restart()
+                await reconnected.wait()
+                assert subscriber.reconnections >= 1
+                # Retained, so the subscriber gets it whether its re-subscription or the
+                # publish reaches the broker first; it gets it only if it re-subscribed.
+                async with MqttTransport(options(broker)) as publisher:
+                    await publisher.publish("test/restart/after", b"still here", qos=1, retain=True)
+                (message,) = await receive(subscriber, 1)
+        assert message.payload == b"still here"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_publish_while_disconnected_completes_after_reconnect(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            fast = options(broker, reconnect_min_delay=0.05, reconnect_max_delay=0.5)
+            async with MqttTransport(fast) as publisher:
+                await broker.stop()
+                await publisher._lost.wait()  # the transport noticed the loss
+                assert not publisher.connected
+                pending = asyncio.create_task(publisher.publish("test/offline/q", b"queued", qos=1, retain=True))
+                await asyncio.sleep(0)
+                assert not pending.done()
+                await broker.start()
+                await pending  # completes once the reconnection delivered it
+            async with MqttTransport(options(broker)) as reader:
+                await reader.subscribe("test/offline/q")
+                (message,) = await receive(reader, 1)
+        assert message.payload == b"queued"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_full_receive_queue_pauses_reading_and_loses_nothing(
+    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker, max_queued_messages=10)) as subscriber, MqttTransport(
+                options(broker)
+            ) as publisher:
+                await subscriber.subscribe("test/flood", qos=1)
+                for index in range(300):
+                    await publisher.publish("test/flood", index.to_bytes(2, "big"), qos=1)
+                received = await receive(subscriber, 300)
+        assert [int.from_bytes(m.payload, "big") for m in received] == list(range(300))
+
+    with caplog.at_level(logging.WARNING, logger="unus_edge.transport"):
+        run(scenario)
+    assert any("receive queue full" in record.getMessage() for record in caplog.records)
+
+
+def test_connect_to_closed_port_raises_connect_error() -> None:
+    async def scenario() -> None:
+        with pytest.raises(ConnectError) as caught:
+            async with MqttTransport(ConnectOptions(port=free_port())):
+                pass
+        assert caught.value.port > 0
+
+    run(scenario)
