@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unus_edge.data import Dataset, load_partition, save_partition
 from unus_edge.data._dataset import decode_pixels
@@ -282,3 +284,51 @@ def test_single_npy_is_not_a_partition(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     assert_refused(tmp_path / "absent.npz", "not_found")
+
+
+# -- fuzzing: any damage gives a Dataset or a DataError, never another exception ---------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    compress=st.booleans(),
+    cut=st.integers(min_value=0, max_value=5000),
+    flips=st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 255)), max_size=4),
+)
+def test_damaged_partition_files_only_raise_data_error(
+    tmp_path_factory: pytest.TempPathFactory, compress: bool, cut: int, flips: list[tuple[int, int]]
+) -> None:
+    folder = tmp_path_factory.mktemp("fuzz")
+    source = folder / "source.npz"
+    save_partition(source, image_dataset(3), compress=compress)
+    content = bytearray(source.read_bytes())
+    for offset, mask in flips:
+        if offset < len(content):
+            content[offset] ^= mask
+    path = folder / "damaged.npz"
+    path.write_bytes(bytes(content[:cut] if cut < len(content) else content))
+    try:
+        dataset = load_partition(path)
+    except DataError as error:
+        error_path = error.path
+    else:
+        assert len(dataset) == 3
+        return
+    assert error_path == str(path)
+
+
+@pytest.mark.parametrize(
+    ("offset", "value"),
+    [
+        (10, b"\x63\x00"),  # compression method 99: zipfile raises NotImplementedError
+        (8, b"\x01\x00"),  # "encrypted" flag: zipfile raises RuntimeError
+    ],
+)
+def test_unsupported_zip_features_are_refused(tmp_path: Path, offset: int, value: bytes) -> None:
+    path = tmp_path / "p.npz"
+    save_partition(path, image_dataset(3))
+    content = bytearray(path.read_bytes())
+    central = content.index(b"PK\x01\x02")  # the first central-directory entry
+    content[central + offset : central + offset + 2] = value
+    path.write_bytes(bytes(content))
+    assert_refused(path, "unreadable")

@@ -198,3 +198,33 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_directory_is_unreadable(tmp_path: Path) -> None:
     assert_data_error(tmp_path, "unreadable")
+
+
+# -- fuzzing: any damage gives an array or a DataError, never another exception ---------------
+
+FUZZ_SOURCE = idx_bytes(np.arange(2 * 5 * 6, dtype=np.int32).reshape(2, 5, 6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    compressed=st.booleans(),
+    cut=st.integers(min_value=0, max_value=400),
+    flips=st.lists(st.tuples(st.integers(0, 400), st.integers(1, 255)), max_size=4),
+)
+def test_damaged_files_only_raise_data_error(
+    tmp_path_factory: pytest.TempPathFactory, compressed: bool, cut: int, flips: list[tuple[int, int]]
+) -> None:
+    content = bytearray(gzip.compress(FUZZ_SOURCE) if compressed else FUZZ_SOURCE)
+    for offset, mask in flips:
+        if offset < len(content):
+            content[offset] ^= mask
+    path = tmp_path_factory.mktemp("fuzz") / "damaged"
+    path.write_bytes(bytes(content[: max(cut, 1) if cut < len(content) else len(content)]))
+    try:
+        array = read_idx(path)
+    except DataError as error:
+        error_path = error.path
+    else:
+        assert isinstance(array, np.ndarray)
+        return
+    assert error_path == str(path)

@@ -54,7 +54,10 @@ logger = logging.getLogger(__name__)
 PARTITION_FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("x", "y")
 _X_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
-_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+# What a damaged archive makes zipfile/zlib/numpy raise: BadZipFile, zlib.error, EOFError and
+# ValueError for corrupt bytes; NotImplementedError (a RuntimeError) for a mangled compression
+# method or version; RuntimeError for a member flagged as encrypted. Found by fuzzing.
+_READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error)
 
 
 @contextlib.contextmanager
