@@ -162,8 +162,8 @@ def _text(value: pb.FieldValue, what: str) -> str:
         raise ModelError(f"corrupt_onnx: {what} is not valid UTF-8") from error
 
 
-def _int(value: pb.FieldValue, what: str) -> int:
-    if not isinstance(value, int):
+def _int(wire: int, value: pb.FieldValue, what: str) -> int:
+    if wire != pb.VARINT or not isinstance(value, int):
         raise ModelError(f"corrupt_onnx: {what} is not a varint")
     return pb.to_signed64(value)
 
@@ -179,10 +179,12 @@ def _ints(wire: int, value: pb.FieldValue, what: str) -> list[int]:
     if wire == pb.LEN:
         assert isinstance(value, memoryview)
         return [pb.to_signed64(v) for v in pb.packed_varints(value)]
-    return [_int(value, what)]
+    return [_int(wire, value, what)]
 
 
-def _float32(value: int) -> float:
+def _float32(wire: int, value: pb.FieldValue, what: str) -> float:
+    if wire != pb.FIXED32 or not isinstance(value, int):
+        raise ModelError(f"corrupt_onnx: {what} is not a fixed32 float")
     return float(np.array([value], dtype="<u4").view("<f4")[0])
 
 
@@ -199,25 +201,27 @@ def _parse_tensor(data: memoryview) -> tuple[str, NDArray[Any]]:
         if number == 1:
             dims.extend(_ints(wire, value, "TensorProto.dims"))
         elif number == 2:
-            code = _int(value, "TensorProto.data_type")
+            code = _int(wire, value, "TensorProto.data_type")
         elif number == 8:
             name = _text(value, "TensorProto.name")
         elif number == 9:
             raw = _message(value, "TensorProto.raw_data")
         elif number == 4:
-            floats.append(
-                pb.packed_fixed32(value) if isinstance(value, memoryview) else np.array([_float32(value)], np.float32)
-            )
+            if isinstance(value, memoryview):
+                floats.append(pb.packed_fixed32(value))
+            else:
+                floats.append(np.array([_float32(wire, value, "TensorProto.float_data")], np.float32))
         elif number == 10:
-            doubles.append(
-                pb.packed_fixed64(value)
-                if isinstance(value, memoryview)
-                else np.array([value], np.uint64).view(np.float64)
-            )
+            if isinstance(value, memoryview):
+                doubles.append(pb.packed_fixed64(value))
+            elif wire == pb.FIXED64:
+                doubles.append(np.array([value], np.uint64).view(np.float64))
+            else:
+                raise ModelError("corrupt_onnx: TensorProto.double_data is not a fixed64 double")
         elif number in (5, 7, 11):
             ints.extend(_ints(wire, value, "TensorProto.int_data"))
         elif number == 14:
-            external = _int(value, "TensorProto.data_location") == _EXTERNAL
+            external = _int(wire, value, "TensorProto.data_location") == _EXTERNAL
     if external:
         raise ModelError(f"unsupported_tensor: initializer {name!r} uses external data; save it inline")
     dtype = _DTYPES.get(code)
@@ -260,14 +264,11 @@ def _parse_attribute(data: memoryview) -> tuple[str, AttributeValue | RawAttribu
         if number == 1:
             name = _text(value, "AttributeProto.name")
         elif number == 20:
-            kind = _int(value, "AttributeProto.type")
+            kind = _int(wire, value, "AttributeProto.type")
         elif number == 2:
-            if wire != pb.FIXED32:
-                raise ModelError("corrupt_onnx: AttributeProto.f is not a fixed32 field")
-            assert isinstance(value, int)
-            scalars[_A_FLOAT] = _float32(value)
+            scalars[_A_FLOAT] = _float32(wire, value, "AttributeProto.f")
         elif number == 3:
-            scalars[_A_INT] = _int(value, "AttributeProto.i")
+            scalars[_A_INT] = _int(wire, value, "AttributeProto.i")
         elif number == 4:
             scalars[_A_STRING] = _text(value, "AttributeProto.s")
         elif number == 5:
@@ -276,7 +277,7 @@ def _parse_attribute(data: memoryview) -> tuple[str, AttributeValue | RawAttribu
             if isinstance(value, memoryview):
                 floats.extend(float(v) for v in pb.packed_fixed32(value))
             else:
-                floats.append(_float32(value))
+                floats.append(_float32(wire, value, "AttributeProto.floats"))
             scalars.setdefault(_A_FLOATS, None)
         elif number == 8:
             ints.extend(_ints(wire, value, "AttributeProto.ints"))
@@ -334,12 +335,12 @@ def _parse_value_info(data: memoryview) -> ValueInfo:
         if number == 1:
             name = _text(value, "ValueInfoProto.name")
         elif number == 2:
-            for t_number, _w, t_value in pb.iter_fields(_message(value, "TypeProto")):
+            for t_number, _t_wire, t_value in pb.iter_fields(_message(value, "TypeProto")):
                 if t_number != 1:  # only tensor types
                     continue
-                for f_number, _w2, f_value in pb.iter_fields(_message(t_value, "TypeProto.Tensor")):
+                for f_number, f_wire, f_value in pb.iter_fields(_message(t_value, "TypeProto.Tensor")):
                     if f_number == 1:
-                        dtype = _DTYPES.get(_int(f_value, "elem_type"))
+                        dtype = _DTYPES.get(_int(f_wire, f_value, "elem_type"))
                     elif f_number == 2:
                         shape = _parse_shape(_message(f_value, "TensorShapeProto"))
     return ValueInfo(name, None if dtype is None else dtype.newbyteorder("="), shape)
@@ -351,9 +352,9 @@ def _parse_shape(data: memoryview) -> tuple[int | str | None, ...]:
         if number != 1:
             continue
         dim: int | str | None = None
-        for d_number, _w, d_value in pb.iter_fields(_message(value, "Dimension")):
+        for d_number, d_wire, d_value in pb.iter_fields(_message(value, "Dimension")):
             if d_number == 1:
-                dim = _int(d_value, "dim_value")
+                dim = _int(d_wire, d_value, "dim_value")
             elif d_number == 2:
                 dim = _text(d_value, "dim_param") or None
         dims.append(dim)
@@ -364,18 +365,18 @@ def _parse(data: bytes, name: str) -> OnnxModel:
     ir_version = 0
     opsets: dict[str, int] = {}
     graph: memoryview | None = None
-    for number, _wire, value in pb.iter_fields(data):
+    for number, wire, value in pb.iter_fields(data):
         if number == 1:
-            ir_version = _int(value, "ModelProto.ir_version")
+            ir_version = _int(wire, value, "ModelProto.ir_version")
         elif number == 7:
             graph = _message(value, "ModelProto.graph")
         elif number == 8:
             domain, version = "", 0
-            for o_number, _w, o_value in pb.iter_fields(_message(value, "OperatorSetIdProto")):
+            for o_number, o_wire, o_value in pb.iter_fields(_message(value, "OperatorSetIdProto")):
                 if o_number == 1:
                     domain = _text(o_value, "OperatorSetIdProto.domain")
                 elif o_number == 2:
-                    version = _int(o_value, "OperatorSetIdProto.version")
+                    version = _int(o_wire, o_value, "OperatorSetIdProto.version")
             opsets["" if domain == "ai.onnx" else domain] = version
     if graph is None:
         raise ModelError("corrupt_onnx: no graph (is this an ONNX file?)", model=name)
@@ -476,7 +477,8 @@ def _encode_tensor(name: str, array: NDArray[Any]) -> pb.Writer:
     for dim in array.shape:
         writer.varint(1, dim)
     writer.varint(2, code)
-    writer.string(8, name)
+    if name:
+        writer.string(8, name)
     writer.bytes_field(9, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
     return writer
 
