@@ -217,14 +217,13 @@ def load_partition(path: PathLike, *, num_classes: int | None = None) -> Dataset
                     path=file_path,
                 )
         stored_classes = _scalar(_load_member(archive, "num_classes", file_path)) if "num_classes" in keys else None
-        if stored_classes is None and num_classes is None:
-            raise data_error("missing_key", "no num_classes member and none given by the caller", path=file_path)
         if stored_classes is not None and num_classes is not None and stored_classes != num_classes:
             raise data_error(
                 "bad_num_classes", f"the file says {stored_classes} classes, the caller {num_classes}", path=file_path
             )
         classes = stored_classes if stored_classes is not None else num_classes
-        assert classes is not None  # both None was refused above
+        if classes is None:
+            raise data_error("missing_key", "no num_classes member and none given by the caller", path=file_path)
         if classes < 1:
             raise data_error("bad_num_classes", f"num_classes is {classes}", path=file_path)
         y = _load_member(archive, "y", file_path)

@@ -85,7 +85,7 @@ def _glyphs(seed: int, num_classes: int) -> NDArray[np.float32]:
     """Stroke endpoints of every class, (num_classes, strokes, 2, 2), pairwise distinct."""
     rng = np.random.default_rng([seed, _GLYPH_STREAM])
     middle_width = np.full(num_classes, np.mean(_WIDTH_RANGE), dtype=np.float32)
-    best: tuple[float, NDArray[np.float32]] | None = None
+    best_distance, best_glyphs = -1.0, np.empty((0,), dtype=np.float32)
     for _ in range(_GLYPH_ATTEMPTS):
         glyphs = rng.uniform(_BOX_LOW, _BOX_HIGH, size=(num_classes, _STROKES_PER_GLYPH, 2, 2)).astype(np.float32)
         images = _render(glyphs, middle_width).reshape(num_classes, -1)
@@ -93,20 +93,19 @@ def _glyphs(seed: int, num_classes: int) -> NDArray[np.float32]:
         distance2 = squared[:, None] + squared[None, :] - 2.0 * images @ images.T
         np.fill_diagonal(distance2, np.inf)
         closest = float(np.sqrt(max(float(distance2.min()), 0.0))) if num_classes > 1 else np.inf
-        if best is None or closest > best[0]:
-            best = (closest, glyphs)
+        if closest > best_distance:
+            best_distance, best_glyphs = closest, glyphs
         if closest >= _MIN_GLYPH_DISTANCE:
             break
-    assert best is not None  # _GLYPH_ATTEMPTS >= 1
-    if best[0] < _MIN_GLYPH_DISTANCE:
+    if best_distance < _MIN_GLYPH_DISTANCE:
         # Only reachable with very many classes; keep the most distinct draw and say so.
         logger.warning(
             "synthetic: %d classes, closest glyphs only %.2f apart (wanted %.1f)",
             num_classes,
-            best[0],
+            best_distance,
             _MIN_GLYPH_DISTANCE,
         )
-    return best[1]
+    return best_glyphs
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
