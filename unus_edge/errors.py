@@ -17,7 +17,7 @@ not only in their message, so that callers can log, count and react without pars
     ├── ModelError ............. an ONNX model is unusable               (model, reason)
     │   ├── UnsupportedOpError . the engine cannot run a node            (op_type, node_name)
     │   └── ParameterError ..... parameters disagree with the model      (name, reason)
-    ├── DataError .............. a dataset or partition file is unusable (path, reason)
+    ├── DataError .............. a dataset or partition file is unusable (path, reason, detail)
     ├── StrategyError .......... a strategy cannot be loaded or failed   (strategy, reason)
     ├── RejectedError .......... the aggregator refused us               (device_id, reason)
     └── JobError ............... the federated job cannot go on          (job, reason)
@@ -170,9 +170,11 @@ class ParameterError(ModelError):
 class DataError(UnusError):
     """A dataset, IDX file or partition file is missing or malformed."""
 
-    def __init__(self, reason: str, *, path: str = "") -> None:
-        super().__init__(f"{path}: {reason}" if path else reason)
+    def __init__(self, reason: str, detail: str = "", *, path: str = "") -> None:
+        text = f"{reason}: {detail}" if detail else reason
+        super().__init__(f"{path}: {text}" if path else text)
         self.reason = reason
+        self.detail = detail
         self.path = path
 
 

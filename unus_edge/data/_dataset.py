@@ -55,12 +55,7 @@ def data_error(reason: str, detail: str = "", *, path: PathLike | None = None) -
     ``error.reason`` stays the short, stable code; ``str(error)`` reads
     ``"<path>: <reason>: <detail>"``.
     """
-    error = DataError(reason, path=os.fspath(path) if path is not None else "")
-    if detail:
-        # DataError has no detail parameter (yet); keep `reason` a code and put the human
-        # explanation in the message that str(error) and tracebacks show.
-        error.args = (f"{error.args[0]}: {detail}",)
-    return error
+    return DataError(reason, detail, path=os.fspath(path) if path is not None else "")
 
 
 def _is_integer(value: object) -> bool:

@@ -1,0 +1,383 @@
+"""Job and device configuration: TOML files, validated at load, with overrides.
+
+Precedence, lowest first: defaults < the TOML file < environment variables < command-line
+``--set section.key=value`` flags (and the commands' own flags, which map to keys).
+
+* Every key has an environment variable ``UNUS_<SECTION>_<KEY>`` (``UNUS_TRAIN_LEARNING_RATE``,
+  ``UNUS_BROKER_URL``); ``UNUS_DATA_DIR`` also sets ``evaluation.data_dir``.
+* Validation happens once, at load. An unknown key (a typo), a value of the wrong type or out
+  of range raises :class:`~unus_edge.errors.ConfigError` naming the dotted key.
+* ``[strategy]`` takes ``name`` plus any strategy parameters (they are passed to the strategy).
+* Secrets (``broker.password``) are never shown in a ``repr``; prefer ``broker.password_file``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from unus_edge.errors import ConfigError, ProtocolError
+from unus_edge.topics import validate_name
+from unus_edge.transport import ConnectOptions, TLSOptions, Will, options_from_url
+
+__all__ = [
+    "BrokerSettings",
+    "CheckpointSettings",
+    "DeviceConfig",
+    "DeviceSettings",
+    "EvaluationSettings",
+    "JobConfig",
+    "JobSettings",
+    "ModelSettings",
+    "StrategySettings",
+    "TrainSettings",
+    "load_device_config",
+    "load_job_config",
+]
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    check_hostname: bool = True
+    client_id: str = ""
+    keepalive: int = 30
+
+    def connect_options(self, *, client_id: str, clean_session: bool, will: Will | None = None) -> ConnectOptions:
+        """Transport options for this broker (reads ``password_file`` now, not at load)."""
+        password = self.password
+        if self.password_file:
+            try:
+                password = Path(self.password_file).read_text().strip()
+            except OSError as error:
+                raise ConfigError("broker.password_file", f"cannot read it: {error.strerror}") from error
+        tls: TLSOptions | None = None
+        if self.url.startswith(("mqtts://", "ssl://")) or self.ca_file or self.cert_file:
+            tls = TLSOptions(self.ca_file or None, self.cert_file or None, self.key_file or None, self.check_hostname)
+        options = options_from_url(self.url, client_id=self.client_id or client_id, clean_session=clean_session,
+                                   keepalive=self.keepalive, will=will)
+        return replace(
+            options,
+            username=self.username or options.username,
+            password=password or options.password,
+            tls=tls if tls is not None else options.tls,
+        )
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    name: str = "unus"
+    rounds: int = 10
+    seed: int = 0
+    fraction: float = 1.0
+    """C: the fraction of online devices selected per round (at least one)."""
+    min_devices: int = 1
+    """Devices that must be online before a round starts."""
+    round_deadline: float = 300.0
+    """Seconds a round waits for updates before aggregating what arrived."""
+    min_fraction: float = 0.0
+    """Quorum: fraction of the selected devices that must answer for a round to count."""
+    max_retries: int = 3
+    """Rounds below quorum are retried with newly selected devices this many times."""
+    heartbeat_timeout: float = 30.0
+    """A device without a heartbeat for this long is offline, whatever the broker says."""
+    wait_for_devices: float = 600.0
+    """Seconds to wait for ``min_devices`` before the job fails."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    source: str = "mnist_2nn"
+    """A zoo name (``logreg``, ``mnist_2nn``, ``mnist_cnn``) or a path to an ONNX file."""
+    seed: int = 0
+    """Initialisation seed for zoo models."""
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    name: str = "fedavg"
+    """``fedavg``, ``fedsgd``, or ``path/to/file.py:Class`` / ``package.module:Class``."""
+    options: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 10
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    dataset: Literal["mnist", "synthetic", "none"] = "mnist"
+    data_dir: str = ""
+    """Folder of the MNIST IDX files; empty means ``$UNUS_DATA_DIR``."""
+    num_examples: int = 0
+    """Evaluate on the first N test examples; 0 means all."""
+    batch_size: int = 1000
+    backend: Literal["auto", "onnxruntime", "numpy"] = "auto"
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    dir: str = ""
+    """Where the aggregator keeps its checkpoint; empty disables checkpoints."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job: JobSettings = field(default_factory=JobSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    id: str = ""
+    job: str = "unus"
+    data: str = ""
+    """The device's partition file (``.npz`` from ``unus-edge data split``)."""
+    model: str = "mnist_2nn"
+    """The model the device runs: a zoo name or an ONNX path (its fingerprint must match the job's)."""
+    model_seed: int = 0
+    heartbeat_interval: float = 5.0
+    model_wait: float = 30.0
+    """Seconds to wait for the model a task names before re-subscribing to the retained copy."""
+    ack_timeout: float = 30.0
+    """Seconds to wait for the aggregator's acknowledgement before re-publishing an update."""
+    slowdown: float = 1.0
+    """Simulation only: make each training step take this many times longer (stragglers)."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: DeviceSettings = field(default_factory=DeviceSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+T = TypeVar("T")
+
+
+def _coerce(key: str, value: Any, annotation: Any, *, from_text: bool) -> Any:
+    """Check (or, for text from the environment or a flag, parse) one value."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if annotation is bool:
+        if from_text and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if from_text and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(key, f"must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if from_text and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(key, f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if origin is Mapping:
+        if not isinstance(value, dict):
+            raise ConfigError(key, "must be a table")
+        return {str(k): _coerce(f"{key}.{k}", v, Scalar, from_text=from_text) for k, v in value.items()}
+    if origin in (types.UnionType, typing.Union):
+        if isinstance(value, str | int | float | bool):
+            return value
+        raise ConfigError(key, f"must be a string, number or boolean, got {value!r}")
+    raise TypeError(f"{key}: unsupported annotation {annotation!r}")
+
+
+def _section(cls: type[T], name: str, table: Mapping[str, Any], *, from_text: bool = False) -> T:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known or key == "options":
+            if cls is StrategySettings:
+                extras[key] = value
+                continue
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(f"{name}.{key}", value, hints[key], from_text=from_text)
+    if extras:
+        values["options"] = _coerce(f"{name}", extras, hints["options"], from_text=from_text)
+    return cls(**values)
+
+
+def _read_toml(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{os.fspath(path)} does not exist") from None
+    except OSError as error:
+        raise ConfigError("--config", f"cannot read {os.fspath(path)}: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("--config", f"{os.fspath(path)} is not valid TOML: {error}") from error
+
+
+def _overrides(
+    sections: Mapping[str, type], environ: Mapping[str, str], assignments: Sequence[str]
+) -> dict[str, dict[str, str]]:
+    """Text overrides from ``UNUS_<SECTION>_<KEY>`` variables, then ``section.key=value`` flags."""
+    found: dict[str, dict[str, str]] = {}
+    for section, cls in sections.items():
+        for item in fields(cls):
+            variable = f"UNUS_{section}_{item.name}".upper()
+            if variable in environ:
+                found.setdefault(section, {})[item.name] = environ[variable]
+    if "evaluation" in sections and environ.get("UNUS_DATA_DIR") and "UNUS_EVALUATION_DATA_DIR" not in environ:
+        found.setdefault("evaluation", {})["data_dir"] = environ["UNUS_DATA_DIR"]
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not separator or not dot or section not in sections:
+            raise ConfigError(key or assignment, f"overrides look like section.key=value with a section among "
+                                                 f"{', '.join(sections)}; got {assignment!r}")
+        found.setdefault(section, {})[name] = value
+    return found
+
+
+def _load(
+    cls: type[T], path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None, assignments: Sequence[str]
+) -> T:
+    document = _read_toml(path)
+    sections = {f.name: typing.get_type_hints(cls)[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+    for name in document:
+        if name not in sections:
+            raise ConfigError(name, f"unknown section (known: {', '.join(sections)})")
+    overrides = _overrides(sections, os.environ if environ is None else environ, assignments)
+    built: dict[str, Any] = {}
+    for name, section_cls in sections.items():
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(name, "must be a table ([section])")
+        value = _section(section_cls, name, table)
+        if name in overrides:
+            text_values = _section(section_cls, name, overrides[name], from_text=True)
+            changed = {key: getattr(text_values, key) for key in overrides[name] if key in
+                       {f.name for f in fields(section_cls)}}
+            if isinstance(value, StrategySettings) and isinstance(text_values, StrategySettings):
+                changed["options"] = {**value.options, **text_values.options}
+            value = replace(value, **changed)
+        built[name] = value
+    return cls(**built)
+
+
+def load_job_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> JobConfig:
+    """Load and validate a job configuration (see the module docstring for precedence)."""
+    config = _load(JobConfig, path, environ, overrides)
+    validate_job_config(config)
+    return config
+
+
+def validate_job_config(config: JobConfig) -> None:
+    job = config.job
+    try:
+        validate_name(job.name, "job name")
+    except ProtocolError as error:
+        raise ConfigError("job.name", str(error)) from error
+    _check(job.rounds >= 1, "job.rounds", "must be at least 1")
+    _check(0 < job.fraction <= 1, "job.fraction", "must lie in (0, 1]")
+    _check(job.min_devices >= 1, "job.min_devices", "must be at least 1")
+    _check(job.round_deadline > 0, "job.round_deadline", "must be positive (seconds)")
+    _check(0 <= job.min_fraction <= 1, "job.min_fraction", "must lie in [0, 1]")
+    _check(job.max_retries >= 0, "job.max_retries", "must be >= 0")
+    _check(job.heartbeat_timeout > 0, "job.heartbeat_timeout", "must be positive (seconds)")
+    _check(job.wait_for_devices > 0, "job.wait_for_devices", "must be positive (seconds)")
+    train = config.train
+    _check(train.epochs >= 1, "train.epochs", "must be at least 1")
+    _check(train.batch_size >= 1, "train.batch_size", "must be at least 1")
+    _check(train.learning_rate > 0, "train.learning_rate", "must be positive")
+    _check(0 <= train.momentum < 1, "train.momentum", "must lie in [0, 1)")
+    _check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(config.evaluation.num_examples >= 0, "evaluation.num_examples", "must be >= 0")
+    _check(config.evaluation.batch_size >= 1, "evaluation.batch_size", "must be at least 1")
+    _check_broker(config.broker)
+
+
+def load_device_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> DeviceConfig:
+    """Load and validate a device configuration."""
+    config = _load(DeviceConfig, path, environ, overrides)
+    device = config.device
+    _check(bool(device.id), "device.id", "is required")
+    for key, value in (("device.id", device.id), ("device.job", device.job)):
+        try:
+            validate_name(value, key)
+        except ProtocolError as error:
+            raise ConfigError(key, str(error)) from error
+    _check(bool(device.data), "device.data", "is required: the device's .npz partition file")
+    _check(device.heartbeat_interval > 0, "device.heartbeat_interval", "must be positive (seconds)")
+    _check(device.model_wait > 0, "device.model_wait", "must be positive (seconds)")
+    _check(device.ack_timeout > 0, "device.ack_timeout", "must be positive (seconds)")
+    _check(device.slowdown >= 1, "device.slowdown", "must be >= 1")
+    _check_broker(config.broker)
+    return config
+
+
+def _check_broker(broker: BrokerSettings) -> None:
+    options_from_url(broker.url)  # raises ConfigError("broker.url", ...)
+    _check(broker.keepalive >= 1, "broker.keepalive", "must be at least 1 second")
+    _check(not (broker.cert_file and not broker.key_file), "broker.key_file", "is required with broker.cert_file")
+
+
+def _check(condition: bool, key: str, reason: str) -> None:
+    if not condition:
+        raise ConfigError(key, reason)
