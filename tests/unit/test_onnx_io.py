@@ -344,9 +344,7 @@ def test_fingerprint_is_stable_across_processes() -> None:
         "print(onnx_io.fingerprint(onnx_io.load_model(zoo.build_model('mnist_cnn'))))"
     )
     env_hash = {"PYTHONHASHSEED": "123"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env_hash}
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env_hash})
     assert result.stdout.strip() == onnx_io.fingerprint(onnx_io.load_model(zoo.build_model("mnist_cnn")))
 
 

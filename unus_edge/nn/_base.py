@@ -168,7 +168,5 @@ def unbroadcast(grad: Array, shape: tuple[int, ...]) -> Array:
 def normalize_axis(op: Op, axis: int, ndim: int) -> int:
     """``axis`` in ``[0, ndim)``; negative axes count from the end."""
     if not -ndim <= axis < ndim:
-        raise ModelError(
-            f"bad_axis: axis {axis} out of range for rank {ndim} at node {op.node.name!r}", model=op.model
-        )
+        raise ModelError(f"bad_axis: axis {axis} out of range for rank {ndim} at node {op.node.name!r}", model=op.model)
     return axis % ndim

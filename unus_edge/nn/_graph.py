@@ -183,8 +183,7 @@ class Graph:
     ) -> None:
         def differentiable(node: Node, op: Op) -> list[bool]:
             return [
-                bool(name) and name not in constants and op.differentiable[pos]
-                for pos, name in enumerate(node.inputs)
+                bool(name) and name not in constants and op.differentiable[pos] for pos, name in enumerate(node.inputs)
             ]
 
         reach = {self.output_name}  # values whose gradient reaches the output
