@@ -120,8 +120,7 @@ def _op(case: Case) -> Op:
     proto = _model(case)
     model = load_model(proto.SerializeToString())
     constants = {k: v for k, v in model.initializers.items()}
-    shapes = {k: tuple(v.shape) for k, v in model.initializers.items()}
-    return OPS[case.op_type](Build(model.nodes[0], case.opset, constants, shapes))
+    return OPS[case.op_type](Build(model.nodes[0], case.opset, constants, model.initializers))
 
 
 def _model(case: Case) -> Any:

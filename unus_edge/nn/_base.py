@@ -56,7 +56,7 @@ class Build:
     node: Node
     opset: int
     constants: Mapping[str, Array]
-    shapes: Mapping[str, tuple[int, ...]]
+    initializers: Mapping[str, Array]
     model: str = ""
 
 
@@ -142,11 +142,18 @@ class Op:
             raise self.unsupported(f"attribute {key!r} must be a list of ints, got {value!r}")
         return tuple(int(v) for v in value)
 
-    def constant_input(self, build: Build, index: int) -> Array | None:
-        """The value of input ``index`` if it is a constant, ``None`` when the input is absent."""
+    def constant_input(self, build: Build, index: int, *, parameter_ok: bool = False) -> Array | None:
+        """The value of input ``index`` if it is a constant, ``None`` when the input is absent.
+
+        ``parameter_ok`` also accepts a float initializer (a parameter), read once at build time:
+        for settings such as Dropout's ratio that exporters store as float initializers.
+        """
         if index >= len(self.node.inputs) or not self.node.inputs[index]:
             return None
-        value = build.constants.get(self.node.inputs[index])
+        name = self.node.inputs[index]
+        value = build.constants.get(name)
+        if value is None and parameter_ok:
+            value = build.initializers.get(name)
         if value is None:
             raise self.unsupported(f"input {index} ({self.node.inputs[index]!r}) must be a constant")
         return value

@@ -144,9 +144,9 @@ class Conv(_Window):
         if self.attr_int("group", 1) != 1:
             raise self.unsupported(f"group={self.attr_int('group', 1)}; only group=1 is supported")
         self.parse_window(self.attr_ints("kernel_shape", None))
-        weight_shape = build.shapes.get(self.node.inputs[1])
-        if weight_shape is not None and len(weight_shape) != 4:
-            raise self.unsupported(f"only 2-D convolution is supported, weight shape {weight_shape}")
+        weight = build.initializers.get(self.node.inputs[1])
+        if weight is not None and weight.ndim != 4:
+            raise self.unsupported(f"only 2-D convolution is supported, weight shape {weight.shape}")
 
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x, weight = inputs[0], inputs[1]

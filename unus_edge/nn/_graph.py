@@ -113,11 +113,10 @@ class Graph:
         self.output_name = model.outputs[0].name
         params = set(model.parameter_names)
         constants: dict[str, Array] = {k: v for k, v in model.initializers.items() if k not in params}
-        shapes = {k: tuple(v.shape) for k, v in model.initializers.items()}
         order = _topological(model, {self.input_name, *model.initializers})
         kept: list[tuple[Node, Op]] = []
         for node in order:
-            op = self._build_op(node, constants, shapes)
+            op = self._build_op(node, constants)
             if node.op_type != "Dropout" and all(not n or n in constants for n in node.inputs):
                 outputs, _ = op.forward(
                     [constants[n] if n else None for n in node.inputs], Run(False, None, record=False)
@@ -127,7 +126,7 @@ class Graph:
                 kept.append((node, op))
         self._plan(kept, constants)
 
-    def _build_op(self, node: Node, constants: Mapping[str, Array], shapes: Mapping[str, tuple[int, ...]]) -> Op:
+    def _build_op(self, node: Node, constants: Mapping[str, Array]) -> Op:
         if node.domain not in ("", "ai.onnx"):
             raise UnsupportedOpError(
                 node.op_type, node.name, model=self.model.name, detail=f"domain {node.domain!r} is not supported"
@@ -137,7 +136,7 @@ class Graph:
             raise UnsupportedOpError(
                 node.op_type, node.name, model=self.model.name, detail=f"supported ops: {', '.join(sorted(OPS))}"
             )
-        return cls(Build(node, self.model.opset, constants, shapes, self.model.name))
+        return cls(Build(node, self.model.opset, constants, self.model.initializers, self.model.name))
 
     def _plan(self, kept: list[tuple[Node, Op]], constants: Mapping[str, Array]) -> None:
         model = self.model

@@ -261,7 +261,7 @@ class Dropout(Op):
         if self.opset < 12:
             self.ratio = self.attr_float("ratio", 0.5)
         else:
-            ratio = self.constant_input(build, 1)
+            ratio = self.constant_input(build, 1, parameter_ok=True)
             self.ratio = 0.5 if ratio is None else float(ratio)
         if not 0.0 <= self.ratio < 1.0:
             raise self.unsupported(f"ratio {self.ratio} is outside [0, 1)")
