@@ -292,6 +292,6 @@ def test_graph_shape_errors() -> None:
 
 def test_constants_are_folded_out_of_the_plan() -> None:
     graph = Graph(load_model(every_op_model()))
-    planned = [step.op.node.op_type for step in graph._steps]
+    planned = [op.node.op_type for op in graph.ops]
     assert "Constant" not in planned
     assert len(planned) == len(load_model(every_op_model()).nodes) - 1

@@ -209,6 +209,11 @@ class Graph:
         self._recorded = frozenset(step.index for step, _ in self._backward_plan)
         self._trainable_slots = tuple((key, slots[key]) for key in self.trainable)
 
+    @property
+    def ops(self) -> tuple[Op, ...]:
+        """The planned ops in execution order (constants folded away); each has its ``node``."""
+        return tuple(step.op for step in self._steps)
+
     # --------------------------------------------------------------------------------- running
 
     def _run(
