@@ -259,39 +259,51 @@ def bench_profile(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- rss
 
 
-def _rss_worker(data_dir: str | None, num_examples: int, mode: str) -> dict[str, Any]:
+def _rss_worker(partition: str, mode: str) -> dict[str, Any]:
+    """Load a device partition file, build the CNN and (mode "train") train one epoch at batch 10."""
     import resource
 
-    data = _data(data_dir, "train", num_examples) or _random_data(num_examples)
+    from unus_edge.data import load_partition
+
+    dataset = load_partition(partition)
     model = zoo.resolve_model("mnist_cnn")
     graph = Graph(model)
     params = onnx_io.read_parameters(model)
     seconds = 0.0
     if mode == "train":
         start = time.perf_counter()
-        train(graph, params, data[0], data[1], TrainConfig(epochs=1, batch_size=10, learning_rate=0.01, momentum=0.9))
+        config = TrainConfig(epochs=1, batch_size=10, learning_rate=0.01, momentum=0.9)
+        train(graph, params, dataset.x, dataset.y, config)
         seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_rss_mb": peak_kib / 1024, "seconds": seconds}
+    return {"peak_rss_mb": peak_kib / 1024, "seconds": seconds, "num_examples": len(dataset)}
 
 
 def bench_rss(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from unus_edge.data import Dataset, save_partition
+
     results: dict[str, Any] = {}
-    for num_examples in (600,) if args.quick else (600, 6000):
-        figures = {}
-        for mode in ("baseline", "train"):
-            command = [sys.executable, __file__, "rss-worker", "--examples", str(num_examples), "--mode", mode]
-            if args.data_dir:
-                command += ["--data-dir", args.data_dir]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            figures[mode] = json.loads(output.strip().splitlines()[-1])
-        peak, base = figures["train"]["peak_rss_mb"], figures["baseline"]["peak_rss_mb"]
-        print(
-            f"rss cnn batch 10, {num_examples} examples, 1 epoch ({figures['train']['seconds']:.1f} s): "
-            f"peak {peak:.0f} MB, baseline (imports + data + model, no training) {base:.0f} MB, "
-            f"ratio {peak / base:.2f}, training adds {peak - base:.0f} MB; goal < 200 MB"
-        )
-        results[f"examples{num_examples}"] = {"peak_rss_mb": peak, "baseline_rss_mb": base, "ratio": peak / base}
+    sizes = (600,) if args.quick else (600, 6000)
+    source = _data(args.data_dir, "train", max(sizes)) or _random_data(max(sizes))
+    with tempfile.TemporaryDirectory() as folder:
+        for num_examples in sizes:
+            partition = str(Path(folder) / f"device_{num_examples}.npz")
+            save_partition(partition, Dataset(source[0][:num_examples], source[1][:num_examples].astype(np.int64), 10))
+            figures = {}
+            for mode in ("baseline", "train"):
+                command = [sys.executable, __file__, "rss-worker", "--partition", partition, "--mode", mode]
+                output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                figures[mode] = json.loads(output.strip().splitlines()[-1])
+            peak, base = figures["train"]["peak_rss_mb"], figures["baseline"]["peak_rss_mb"]
+            seconds = figures["train"]["seconds"]
+            print(
+                f"rss cnn batch 10, partition of {num_examples} examples, 1 epoch ({seconds:.1f} s): "
+                f"peak {peak:.0f} MB; baseline (imports, partition, model; no training) {base:.0f} MB; "
+                f"ratio {peak / base:.2f}; goal < 200 MB"
+            )
+            results[f"examples{num_examples}"] = {"peak_rss_mb": peak, "baseline_rss_mb": base, "ratio": peak / base}
     return results
 
 
@@ -304,7 +316,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small data and few repeats")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $UNUS_DATA_DIR)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="BLAS/torch threads")
-    parser.add_argument("--examples", type=int, default=600, help="rss-worker: partition size")
+    parser.add_argument("--partition", default="", help="rss-worker: the partition file to train on")
     parser.add_argument("--mode", choices=["baseline", "train"], default="train", help="rss-worker")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -312,7 +324,7 @@ def main() -> None:
         print(json.dumps(_throughput_worker(args.threads[0], args.quick)))
         return
     if args.benchmark == "rss-worker":
-        print(json.dumps(_rss_worker(args.data_dir, args.examples, args.mode)))
+        print(json.dumps(_rss_worker(args.partition, args.mode)))
         return
     benchmarks: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
         "throughput": bench_throughput,
