@@ -770,6 +770,14 @@ def softmax_cross_entropy(logits: NDArray[Any], labels: NDArray[Any]) -> tuple[N
     return losses, exp
 
 
+def _onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """The exception classes onnxruntime raises (they derive from Exception directly)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NotImplemented", "RuntimeException")
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
+
+
 class Evaluator:
     """Predict and evaluate a model with any weights; the backend is built once."""
 
@@ -777,6 +785,7 @@ class Evaluator:
         self.model = model
         self._session: Any = None
         self._graph: Any = None
+        self._errors: tuple[type[Exception], ...] = ()
         if backend not in ("auto", "onnxruntime", "numpy"):
             raise ValueError(f"unknown backend {backend!r}")
         if backend in ("auto", "onnxruntime"):
@@ -787,14 +796,21 @@ class Evaluator:
                     raise ModelError("onnxruntime is not installed", model=model.name) from error
                 logger.debug("onnxruntime not installed: evaluating %s with numpy", model.name)
             else:
+                self._errors = _onnxruntime_errors()
                 options = onnxruntime.SessionOptions()
                 options.log_severity_level = 3
-                self._session = onnxruntime.InferenceSession(
-                    _parameters_as_inputs(model), options, providers=["CPUExecutionProvider"]
-                )
-                self._input = self._session.get_inputs()[0].name
-                self.backend = "onnxruntime"
-                return
+                try:
+                    self._session = onnxruntime.InferenceSession(
+                        _parameters_as_inputs(model), options, providers=["CPUExecutionProvider"]
+                    )
+                except self._errors as error:
+                    if backend == "onnxruntime":
+                        raise ModelError(f"onnxruntime_failed: {error}", model=model.name) from error
+                    logger.warning("onnxruntime cannot run %s (%s): evaluating with numpy", model.name, error)
+                else:
+                    self._input = self._session.get_inputs()[0].name
+                    self.backend = "onnxruntime"
+                    return
         from unus_edge.nn import Graph  # nn imports this module: no cycle at load
 
         self._graph = Graph(model)
@@ -812,7 +828,10 @@ class Evaluator:
             if self._session is not None:
                 feeds = {key: np.asarray(params[key]) for key in self.model.parameter_names}
                 feeds[self._input] = batch
-                chunks.append(self._session.run(None, feeds)[0])
+                try:
+                    chunks.append(self._session.run(None, feeds)[0])
+                except self._errors as error:
+                    raise ModelError(f"onnxruntime_failed: {error}", model=self.model.name) from error
             else:
                 chunks.append(self._graph.forward(params, batch))
         if not chunks:

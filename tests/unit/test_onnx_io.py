@@ -444,3 +444,20 @@ def test_prepare_input() -> None:
     assert prepared.shape == (2, 1, 28, 28)
     assert prepared.dtype == np.float32
     assert prepared.flags.c_contiguous
+
+
+def test_evaluator_reports_onnxruntime_failures() -> None:
+    from unus_edge.errors import UnsupportedOpError
+
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["y"], name="mystery", domain="example")],
+        "custom",
+        [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, ["N", 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("example", 1)])
+    model = onnx_io.load_model(proto.SerializeToString())
+    with pytest.raises(ModelError, match="onnxruntime_failed"):
+        onnx_io.Evaluator(model, backend="onnxruntime")
+    with pytest.raises(UnsupportedOpError, match="Mystery"):  # auto falls back to numpy, which says why
+        onnx_io.Evaluator(model)
