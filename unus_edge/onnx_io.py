@@ -739,7 +739,7 @@ def prepare_input(model: OnnxModel, x: NDArray[Any]) -> NDArray[Any]:
     """``x`` (any shape with n rows) as a C-contiguous float32 batch of the model's input shape."""
     array = np.asarray(x)
     if array.ndim == 0:
-        raise DataError(f"bad_shape: expected a batch of inputs for model {model.name}, got a scalar")
+        raise DataError("bad_shape", f"expected a batch of inputs for model {model.name}, got a scalar")
     if not model.inputs:
         raise ModelError("no_input: the graph has no non-initializer input", model=model.name)
     shape = model.inputs[0].shape
@@ -747,7 +747,9 @@ def prepare_input(model: OnnxModel, x: NDArray[Any]) -> NDArray[Any]:
         target = (array.shape[0], *(int(d) for d in shape[1:]))  # type: ignore[arg-type]
         if array.shape != target:
             if array.size != int(np.prod(target)):
-                raise DataError(f"bad_shape: input {array.shape} cannot be reshaped to {target} for model {model.name}")
+                raise DataError(
+                    "bad_shape", f"input {array.shape} cannot be reshaped to {target} for model {model.name}"
+                )
             array = array.reshape(target)
     return np.ascontiguousarray(array, dtype=np.float32)
 
@@ -758,9 +760,9 @@ def softmax_cross_entropy(logits: NDArray[Any], labels: NDArray[Any]) -> tuple[N
         raise ModelError(f"bad_output: cross-entropy needs (n, classes) logits, got {logits.shape}")
     labels = np.asarray(labels)
     if labels.shape != (logits.shape[0],) or labels.dtype.kind not in "iu":
-        raise DataError(f"bad_labels: expected {logits.shape[0]} integer labels, got {labels.shape} {labels.dtype}")
+        raise DataError("bad_labels", f"expected {logits.shape[0]} integer labels, got {labels.shape} {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise DataError(f"bad_labels: labels must lie in [0, {logits.shape[1]})")
+        raise DataError("bad_labels", f"labels must lie in [0, {logits.shape[1]})")
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     total = exp.sum(axis=1, keepdims=True)
@@ -844,7 +846,7 @@ class Evaluator:
         """Mean softmax cross-entropy and accuracy of the model on ``(x, y)``."""
         labels = np.asarray(y)
         if labels.shape[:1] != np.shape(x)[:1]:
-            raise DataError(f"bad_labels: {np.shape(x)[0]} inputs but {labels.shape} labels")
+            raise DataError("bad_labels", f"{np.shape(x)[0]} inputs but {labels.shape} labels")
         num_examples = int(labels.shape[0])
         if num_examples == 0:
             return EvalResult(0.0, 0.0, 0)

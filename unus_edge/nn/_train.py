@@ -130,7 +130,7 @@ def loss_value_and_grad(output: Array, y: Array, loss: str) -> tuple[float, Arra
     if loss == "mse":
         target = np.asarray(y, dtype=output.dtype)
         if target.size != output.size:
-            raise DataError(f"bad_targets: {target.shape} targets for outputs of shape {output.shape}")
+            raise DataError("bad_targets", f"{target.shape} targets for outputs of shape {output.shape}")
         diff = output - target.reshape(output.shape)
         value = float(np.mean(np.square(diff), dtype=np.float64))
         diff *= 2.0 / output.size
@@ -174,9 +174,9 @@ def train(
     targets = np.asarray(y)
     num_examples = inputs.shape[0]
     if targets.shape[:1] != (num_examples,):
-        raise DataError(f"bad_labels: {num_examples} inputs but targets of shape {targets.shape}")
+        raise DataError("bad_labels", f"{num_examples} inputs but targets of shape {targets.shape}")
     if config.loss == "softmax_cross_entropy" and targets.dtype.kind not in "iu":
-        raise DataError(f"bad_labels: cross-entropy needs integer labels, got {targets.dtype}")
+        raise DataError("bad_labels", f"cross-entropy needs integer labels, got {targets.dtype}")
     working = {key: np.array(value, dtype=np.float32, copy=True) for key, value in params.items()}
     initial = {key: value.copy() for key, value in working.items()} if hooks else {}
     shuffle_seed, dropout_seed = np.random.SeedSequence(config.seed).spawn(2)
