@@ -35,3 +35,5 @@ def configure_logging(verbosity: int = 0, *, quiet: bool = False) -> None:
     root.setLevel(level)
     if verbosity < 2:
         logging.getLogger("unus_edge.transport.paho").setLevel(logging.WARNING)
+        # amqtt warns about undelivered messages of clients that just left, at every shutdown.
+        logging.getLogger("amqtt").setLevel(logging.ERROR)

@@ -63,7 +63,7 @@ class EmbeddedBroker:
             ) from error
         if self.quiet:
             for name in _NOISY_LOGGERS:
-                logging.getLogger(name).setLevel(logging.WARNING)
+                logging.getLogger(name).setLevel(logging.ERROR if name.startswith("amqtt") else logging.WARNING)
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.requested_port}"}},
             "session_expiry_interval": self.session_expiry_seconds,

@@ -2,7 +2,11 @@
 
 Each command is a thin layer: it parses flags, configures logging, and runs a library entry
 point under :func:`asyncio.run` with SIGINT/SIGTERM wired to the service's shutdown trigger.
-Errors of the :class:`~unus_edge.errors.UnusError` tree are printed as one line, exit status 2.
+Flags that set configuration keys win over ``--set section.key=value``, which wins over
+``UNUS_*`` environment variables, which win over the ``--config`` file.
+
+Exit status: 0 success, 1 the job failed, 2 a usage or configuration error (one line naming
+the problem), 78 (EX_CONFIG) the aggregator refused this device (systemd: do not restart).
 """
 
 from __future__ import annotations
@@ -11,27 +15,41 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from unus_edge import __version__
 from unus_edge._logging import configure_logging
-from unus_edge.errors import UnusError
+from unus_edge.errors import RejectedError, UnusError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+EXIT_REJECTED = 78
 
 
-def _run_until_signal(factory: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
-    """Run a service; the first SIGINT/SIGTERM sets its shutdown trigger, a second one aborts."""
+def _run_until_signal(factory: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a service; SIGINT/SIGTERM set its shutdown trigger."""
 
-    async def runner() -> int | None:
+    async def runner() -> Any:
         trigger = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, trigger.set)
         return await factory(trigger)
 
-    return asyncio.run(runner()) or 0
+    return asyncio.run(runner())
+
+
+def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """``--set`` values, then the flags of ``mapping`` (attribute -> config key) that were given."""
+    found = list(args.set or [])
+    for attribute, key in mapping.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            found.append(f"{key}={value}")
+    return found
 
 
 # ---------------------------------------------------------------------------- commands
@@ -40,17 +58,157 @@ def _run_until_signal(factory: Callable[[asyncio.Event], Coroutine[Any, Any, int
 def _cmd_broker(args: argparse.Namespace) -> int:
     from unus_edge.broker import run_broker
 
-    return _run_until_signal(lambda trigger: run_broker(args.host, args.port, shutdown_trigger=trigger))
+    _run_until_signal(lambda trigger: run_broker(args.host, args.port, shutdown_trigger=trigger))
+    return 0
+
+
+_JOB_FLAGS = {"broker": "broker.url", "rounds": "job.rounds", "job": "job.name", "model": "model.source",
+              "strategy": "strategy.name", "fraction": "job.fraction", "epochs": "train.epochs",
+              "batch_size": "train.batch_size", "lr": "train.learning_rate", "seed": "job.seed",
+              "eval_examples": "evaluation.num_examples", "data_dir": "evaluation.data_dir",
+              "checkpoint_dir": "checkpoint.dir", "deadline": "job.round_deadline"}
+
+
+def _cmd_aggregator(args: argparse.Namespace) -> int:
+    from unus_edge._progress import RoundProgressBar
+    from unus_edge.aggregator import run_aggregator
+    from unus_edge.config import load_job_config
+
+    config = load_job_config(args.config, overrides=_overrides(args, _JOB_FLAGS))
+    bar = RoundProgressBar(sys.stderr, config.job.rounds)
+    result = _run_until_signal(lambda trigger: run_aggregator(
+        config, shutdown_trigger=trigger, on_round=bar.round_done, resume=not args.no_resume))
+    print(f"job {result.job}: {result.state} after {result.rounds} rounds"
+          + (f", accuracy {result.final_accuracy:.4f}" if result.final_accuracy is not None else "")
+          + (f" ({result.reason})" if result.reason else ""))
+    return 0 if result.state == "finished" else 1
+
+
+def _cmd_device(args: argparse.Namespace) -> int:
+    from unus_edge.config import load_device_config
+    from unus_edge.device import run_device
+
+    config = load_device_config(args.config, overrides=_overrides(args, {"broker": "broker.url", "id": "device.id",
+                                                                         "data": "device.data"}))
+    _run_until_signal(lambda trigger: run_device(config, shutdown_trigger=trigger,
+                                                 exit_when_finished=args.exit_when_finished))
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
+    from unus_edge._progress import RoundProgressBar, format_bytes
+    from unus_edge.config import load_job_config
+    from unus_edge.data import resolve_data_dir
+    from unus_edge.simulation import SimulationOptions, simulate
+
+    dataset = args.dataset
+    data_dir = resolve_data_dir(args.data_dir)
+    if dataset == "mnist" and (data_dir is None or not any(data_dir.glob("train-images-idx3-ubyte*"))):
+        if not demo:
+            raise UnusError("no MNIST here: pass --data-dir or set UNUS_DATA_DIR, or use --dataset synthetic")
+        print("note: no MNIST found (set UNUS_DATA_DIR to the folder of the IDX files); "
+              "falling back to the synthetic dataset", file=sys.stderr)
+        dataset = "synthetic"
+    flags = dict(_JOB_FLAGS)
+    flags.pop("data_dir")
+    overrides = _overrides(args, flags)
+    overrides.append(f"evaluation.dataset={dataset}")
+    if data_dir is not None:
+        overrides.append(f"evaluation.data_dir={data_dir}")
+    config = load_job_config(args.config, overrides=overrides)
+    out_dir = Path(args.out) if args.out else Path("runs") / f"{config.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    options = SimulationOptions(
+        config=config, num_devices=args.devices, dataset=dataset, data_dir=str(data_dir or ""),
+        scheme=args.scheme, alpha=args.alpha, train_examples=args.train_examples,
+        embedded_broker=args.broker is None, processes=args.processes, out_dir=out_dir,
+    )
+    print(f"simulating job {config.job.name}: {args.devices} devices ({'processes' if args.processes else 'tasks'}),"
+          f" {config.model.source}, {config.strategy.name}, {dataset} {args.scheme}, {config.job.rounds} rounds, "
+          f"C={config.job.fraction} E={config.train.epochs} B={config.train.batch_size} "
+          f"lr={config.train.learning_rate}", file=sys.stderr)
+    bar = RoundProgressBar(sys.stderr, config.job.rounds)
+    report = _run_until_signal(lambda trigger: simulate(options, on_round=bar.round_done, on_progress=bar.update,
+                                                        shutdown_trigger=trigger))
+    result = report.result
+    accuracy = f"{result.final_accuracy:.4f}" if result.final_accuracy is not None else "-"
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
+    print(f"\n{result.state}: {result.rounds} rounds in {result.wall_seconds:.1f} s; "
+          f"final accuracy {accuracy}, loss {loss}")
+    print(f"bytes up {format_bytes(result.bytes_up)}, down {format_bytes(result.bytes_down)}"
+          + (f"; rejected {result.rejected}" if result.rejected else ""))
+    print(f"metrics: {out_dir / 'metrics.csv'}, {out_dir / 'metrics.json'}; model: {out_dir / 'model.onnx'}")
+    print(f"plot: {report.plot}" if report.plot else "plot: none (pip install 'unus-edge[plot]')")
+    return 0 if result.state == "finished" else 1
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from unus_edge.config import BrokerSettings
+    from unus_edge.monitor import monitor
+    from unus_edge.transport import MqttTransport
+
+    options = BrokerSettings(url=args.broker).connect_options(client_id="", clean_session=True)
+
+    async def run(trigger: asyncio.Event) -> None:
+        async with MqttTransport(options) as transport:
+            watcher = asyncio.create_task(monitor(transport, args.job, sys.stdout, once_after=args.once))
+            stopper = asyncio.create_task(trigger.wait())
+            await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (watcher, stopper):
+                task.cancel()
+
+    _run_until_signal(run)
+    return 0
+
+
+def _cmd_models_build(args: argparse.Namespace) -> int:
+    from unus_edge.zoo import build_zoo
+
+    for path in build_zoo(Path(args.out), seed=args.seed):
+        print(path)
+    return 0
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from unus_edge.data import load_dataset, resolve_data_dir, split_to_directory
+
+    dataset = load_dataset(args.dataset, "train", data_dir=resolve_data_dir(args.data_dir), seed=args.seed,
+                           num_examples=args.train_examples or None)
+
+    def progress(written: int, total: int, path: Path) -> None:
+        print(f"\r{written}/{total} {path}", end="\n" if written == total else "", file=sys.stderr, flush=True)
+
+    paths = split_to_directory(dataset, Path(args.out), num_parts=args.devices, scheme=args.scheme, seed=args.seed,
+                               alpha=args.alpha, overwrite=args.overwrite, progress=progress)
+    print(f"wrote {len(paths)} partition files and manifest.json to {args.out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- parser
 
 
+def _job_flags(parser: argparse.ArgumentParser, *, simulate: bool) -> None:
+    parser.add_argument("--config", metavar="TOML", help="job configuration file")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    parser.add_argument("--broker", metavar="URL", help="broker URL, e.g. mqtt://gateway:1883"
+                        + (" (default: an embedded amqtt broker)" if simulate else ""))
+    parser.add_argument("--job", help="job name")
+    parser.add_argument("--rounds", type=int, help="number of rounds")
+    parser.add_argument("--model", help="zoo model (logreg, mnist_2nn, mnist_cnn) or ONNX path")
+    parser.add_argument("--strategy", help="fedavg, fedsgd, or path/to/file.py:Class")
+    parser.add_argument("--fraction", "-C", type=float, help="fraction of devices per round")
+    parser.add_argument("--epochs", "-E", type=int, help="local epochs")
+    parser.add_argument("--batch-size", "-B", type=int, help="local batch size")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--seed", type=int, help="job seed (selection, partitions, training)")
+    parser.add_argument("--deadline", type=float, help="round deadline in seconds")
+    parser.add_argument("--eval-examples", type=int, help="evaluate on the first N test examples (0: all)")
+    parser.add_argument("--data-dir", help="MNIST folder (default: $UNUS_DATA_DIR)")
+    parser.add_argument("--checkpoint-dir", help="checkpoint folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="unus-edge",
-        description="Federated learning for edge and IoT devices over MQTT.",
-    )
+    parser = argparse.ArgumentParser(prog="unus-edge", description="Federated learning for edge and IoT devices "
+                                     "over MQTT.")
     parser.add_argument("--version", action="version", version=f"unus-edge {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: MQTT packets)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -61,18 +219,93 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     broker.add_argument("--port", type=int, default=1883, help="TCP port (default: 1883; 0 picks a free one)")
     broker.set_defaults(handler=_cmd_broker)
+
+    aggregator = commands.add_parser("aggregator", help="run the aggregator of a job (gateway)",
+                                     description="Run a federated job: registration, rounds, aggregation.")
+    _job_flags(aggregator, simulate=False)
+    aggregator.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    aggregator.set_defaults(handler=_cmd_aggregator)
+
+    device = commands.add_parser("device", help="run the device daemon",
+                                 description="Register with the aggregator and train on local data when asked.")
+    device.add_argument("--config", metavar="TOML", help="device configuration file")
+    device.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    device.add_argument("--broker", metavar="URL", help="broker URL")
+    device.add_argument("--id", help="device id")
+    device.add_argument("--data", help="partition file (.npz)")
+    device.add_argument("--exit-when-finished", action="store_true", help="exit when the job ends")
+    device.set_defaults(handler=_cmd_device)
+
+    for name, is_demo in (("simulate", False), ("demo", True)):
+        sim = commands.add_parser(name, help="run a whole federation on this machine" if not is_demo else
+                                  "the README's demo: 10 devices train the 2NN on MNIST",
+                                  description="Broker, aggregator and N devices on one machine.")
+        _job_flags(sim, simulate=True)
+        sim.add_argument("--devices", "-N", type=int, default=10, help="number of devices (default 10)")
+        sim.add_argument("--dataset", choices=["mnist", "synthetic"], default="mnist")
+        sim.add_argument("--scheme", choices=["iid", "shards", "dirichlet"], default="iid", help="partition scheme")
+        sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+        sim.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
+        sim.add_argument("--processes", action="store_true", help="devices as separate OS processes")
+        sim.add_argument("--out", metavar="DIR", help="output folder (default: runs/<job>-<time>)")
+        sim.set_defaults(handler=(lambda a: _cmd_simulate(a, demo=True)) if is_demo else _cmd_simulate)
+        if is_demo:
+            sim.set_defaults(job="demo", rounds=10, seed=0)
+
+    watch = commands.add_parser("monitor", help="live view of a job from its MQTT topics")
+    watch.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL")
+    watch.add_argument("--job", required=True)
+    watch.add_argument("--once", type=float, metavar="SECONDS", help="print one snapshot after SECONDS and exit")
+    watch.set_defaults(handler=_cmd_monitor)
+
+    models = commands.add_parser("models", help="the model zoo").add_subparsers(dest="models_command",
+                                                                                  required=True, metavar="ACTION")
+    build = models.add_parser("build", help="write the zoo's ONNX files")
+    build.add_argument("--out", default="models", metavar="DIR")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(handler=_cmd_models_build)
+
+    data = commands.add_parser("data", help="datasets and partitions").add_subparsers(dest="data_command",
+                                                                                     required=True, metavar="ACTION")
+    split = data.add_parser("split", help="write one .npz partition per device")
+    split.add_argument("--dataset", choices=["mnist", "synthetic"], default="mnist")
+    split.add_argument("--data-dir", help="MNIST folder (default: $UNUS_DATA_DIR)")
+    split.add_argument("--devices", "-N", type=int, required=True)
+    split.add_argument("--scheme", choices=["iid", "shards", "dirichlet"], default="iid")
+    split.add_argument("--alpha", type=float, default=0.5)
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--train-examples", type=int, default=0)
+    split.add_argument("--out", required=True, metavar="DIR")
+    split.add_argument("--overwrite", action="store_true", help="replace the files of a previous split")
+    split.set_defaults(handler=_cmd_data_split)
     return parser
+
+
+def _first_unus_error(error: BaseException) -> UnusError | None:
+    if isinstance(error, UnusError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _first_unus_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose, quiet=args.quiet)
+    # The federation commands draw a progress bar: keep their log to warnings unless asked.
+    quiet = args.quiet or (args.command in ("simulate", "demo") and not args.verbose)
+    configure_logging(args.verbose, quiet=quiet)
     try:
         return int(args.handler(args))
-    except UnusError as error:
-        print(f"unus-edge {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (UnusError, BaseExceptionGroup) as error:
+        found = _first_unus_error(error)
+        if found is None:
+            raise
+        print(f"unus-edge {args.command}: error: {found}", file=sys.stderr)
+        return EXIT_REJECTED if isinstance(found, RejectedError) else 2
     except KeyboardInterrupt:
         return 130
 

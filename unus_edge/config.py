@@ -166,6 +166,8 @@ class DeviceSettings:
     """Seconds to wait for the model a task names before re-subscribing to the retained copy."""
     ack_timeout: float = 30.0
     """Seconds to wait for the aggregator's acknowledgement before re-publishing an update."""
+    registration_retry: float = 15.0
+    """Seconds to wait for an answer to a registration before registering again."""
     slowdown: float = 1.0
     """Simulation only: make each training step take this many times longer (stragglers)."""
 
@@ -367,6 +369,7 @@ def load_device_config(
     _check(device.heartbeat_interval > 0, "device.heartbeat_interval", "must be positive (seconds)")
     _check(device.model_wait > 0, "device.model_wait", "must be positive (seconds)")
     _check(device.ack_timeout > 0, "device.ack_timeout", "must be positive (seconds)")
+    _check(device.registration_retry > 0, "device.registration_retry", "must be positive (seconds)")
     _check(device.slowdown >= 1, "device.slowdown", "must be >= 1")
     _check_broker(config.broker)
     return config

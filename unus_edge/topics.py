@@ -69,6 +69,7 @@ __all__ = [
     "device_topic",
     "job_filter",
     "metrics",
+    "metrics_filter",
     "model",
     "parse",
     "validate_name",
@@ -172,6 +173,11 @@ def aggregator_status(job: str) -> str:
 def metrics(job: str, name: str) -> str:
     """A retained human-readable metrics topic, e.g. ``metrics/round``."""
     return f"{_job_root(job)}/metrics/{validate_name(name, 'metrics name')}"
+
+
+def metrics_filter(job: str) -> str:
+    """Every metrics topic of a job: ``.../metrics/+``."""
+    return f"{_job_root(job)}/metrics/+"
 
 
 def job_filter(job: str) -> str:

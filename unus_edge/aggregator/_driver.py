@@ -1,0 +1,198 @@
+"""The synchronous round loop (FedAvg and friends).
+
+Per round:
+
+1. wait until ``job.min_devices`` devices are online;
+2. ask the strategy which devices train, and with what (seeded RNG);
+3. publish one task per selected device (the retained model of this version is already out);
+4. collect updates until every selected device answered or failed, or the deadline passed;
+5. below quorum (``job.min_fraction`` of the selected devices), retry with newly selected
+   devices, at most ``job.max_retries`` times, then fail the job with a clear error;
+6. let the strategy aggregate (with the failures), publish the new model and clock,
+   evaluate, publish the metrics, and checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from unus_edge import topics
+from unus_edge.aggregator._round import SyncRound
+from unus_edge.errors import JobError, StrategyError
+from unus_edge.messages import RoundMetrics, Task
+from unus_edge.strategies import Assignment, Params, RoundContext
+from unus_edge.topics import Channel
+
+if TYPE_CHECKING:
+    from unus_edge.aggregator._service import Aggregator
+
+__all__ = ["RoundDriver", "device_seed"]
+
+logger = logging.getLogger("unus_edge.aggregator")
+
+
+def device_seed(job_seed: int, server_round: int, device_id: str) -> int:
+    """The training seed of one device in one round: deterministic, independent per device."""
+    sequence = np.random.SeedSequence([job_seed, server_round, zlib.crc32(device_id.encode())])
+    return int(sequence.generate_state(1)[0])
+
+
+class RoundDriver:
+    def __init__(self, service: Aggregator) -> None:
+        self.service = service
+        self._tasks: dict[str, Task] = {}
+
+    async def run(self) -> None:
+        service = self.service
+        while service.server_round < service.config.job.rounds:
+            await self._wait_for_devices()
+            await self._run_round(service.server_round + 1)
+        logger.info("job %s finished after %d rounds", service.job, service.server_round)
+
+    async def _wait_for_devices(self) -> None:
+        service = self.service
+        needed = service.config.job.min_devices
+        limit = service.config.job.wait_for_devices
+        if len(service.registry.online()) < needed:
+            logger.info("waiting for %d device(s) to be online (%d now)", needed, len(service.registry.online()))
+        try:
+            async with asyncio.timeout(limit):
+                while len(service.registry.online()) < needed:
+                    service.devices_changed.clear()
+                    await service.devices_changed.wait()
+        except TimeoutError:
+            raise JobError(service.job, f"only {len(service.registry.online())} of the {needed} devices needed "
+                                        f"(job.min_devices) came online within {limit:.0f} s") from None
+
+    def _context(self, server_round: int) -> RoundContext:
+        config = self.service.config
+        return RoundContext(server_round, config.job.fraction, config.train.epochs, config.train.batch_size,
+                            config.train.learning_rate, self.service.rng)
+
+    def _task(self, assignment: Assignment, server_round: int, attempt: int) -> Task:
+        service = self.service
+        config = dict(assignment.config)
+        config.setdefault("seed", device_seed(service.config.job.seed, server_round, assignment.device_id))
+        config.setdefault("momentum", service.config.train.momentum)
+        config.setdefault("weight_decay", service.config.train.weight_decay)
+        return Task(assignment.device_id, f"r{server_round}.{attempt}.{assignment.device_id}", server_round,
+                    service.version, assignment.epochs, assignment.batch_size, assignment.learning_rate,
+                    deadline_seconds=service.config.job.round_deadline, config=config)
+
+    async def _send(self, task: Task) -> None:
+        self._tasks[task.device_id] = task
+        await self.service._send_to_device(task.device_id, task)
+
+    def resend_task(self, device_id: str) -> None:
+        task = self._tasks.get(device_id)
+        if task is not None:
+            logger.info("re-sending task %s to %s", task.task_id, device_id)
+            self.service.spawn(self.service._send_to_device(device_id, task), "aggregator-task-resend")
+
+    def _progress(self, current: SyncRound) -> None:
+        callback = self.service.on_progress
+        if callback is not None:
+            from unus_edge.aggregator._service import RoundProgress
+
+            callback(RoundProgress(current.server_round, self.service.config.job.rounds, len(current.assignments),
+                                   len(current.accepted), len(current.failures)))
+
+    async def _collect(self, current: SyncRound) -> None:
+        service = self.service
+        loop = asyncio.get_running_loop()
+        while not current.complete:
+            remaining = current.deadline - loop.time()
+            if remaining <= 0:
+                break
+            service.round_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await service.round_changed.wait()
+            self._progress(current)
+
+    async def _run_round(self, server_round: int) -> None:
+        service = self.service
+        job = service.config.job
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        service.state = "running"
+        context = self._context(server_round)
+        assignments = service.strategy.configure_round(context, service.registry.online())
+        if not assignments:
+            raise StrategyError(f"selected no device for round {server_round}", strategy=service.strategy.name)
+        planned = len(assignments)
+        quorum = math.ceil(job.min_fraction * planned)
+        service.accumulator = service.strategy.new_accumulator(server_round, service.params)
+        current = SyncRound(server_round, service.version, 0, {}, {}, loop.time() + job.round_deadline, loop.time())
+        service.current_round = current
+        self._tasks.clear()
+        for attempt in range(job.max_retries + 1):
+            tasks = [self._task(a, server_round, attempt) for a in assignments]
+            for assignment, task in zip(assignments, tasks, strict=True):
+                current.assignments[assignment.device_id] = assignment
+                current.task_ids[assignment.device_id] = task.task_id
+            current.deadline = loop.time() + job.round_deadline
+            await asyncio.gather(*(self._send(task) for task in tasks))
+            self._progress(current)
+            await self._collect(current)
+            current.close()
+            if len(current.accepted) >= quorum:
+                break
+            if attempt == job.max_retries:
+                service.current_round = None
+                raise JobError(service.job, f"round {server_round}: {len(current.accepted)} of {planned} selected "
+                                            f"devices answered, below the quorum of {quorum} (job.min_fraction); "
+                                            f"gave up after {job.max_retries} retries")
+            candidates = [d for d in service.registry.online() if d.device_id not in current.assignments]
+            missing = planned - len(current.accepted)
+            assignments = service.strategy.configure_round(context, candidates)[:missing]
+            logger.warning("round %d: %d of %d answered (quorum %d); retry %d with %d new device(s)",
+                           server_round, len(current.accepted), planned, quorum, attempt + 1, len(assignments))
+        failures = current.close()
+        service.current_round = None
+        new_params = service.strategy.aggregate(server_round, service.params, service.accumulator, failures)
+        if new_params is not None:
+            _check_shapes(new_params, service.params, service.strategy.name)
+            service.params = new_params
+            service.version += 1
+        service.server_round = server_round
+        await service.publish_model()
+        evaluation: dict[str, float] = {}
+        if service.evaluate_fn is not None:
+            evaluate = service.evaluate_fn
+            evaluation = dict(await asyncio.to_thread(service.strategy.evaluate, server_round, service.params,
+                                                      evaluate))
+        metrics = RoundMetrics(
+            server_round, service.version, len(current.assignments), len(current.accepted), len(failures),
+            getattr(service.accumulator, "num_examples", 0), time.perf_counter() - started,
+            getattr(service.accumulator, "train_loss", None), evaluation.get("loss"), evaluation.get("accuracy"),
+            service.counters.bytes_up, service.counters.bytes_down, dict(service.counters.rejected),
+        )
+        service.history.append(metrics)
+        await service.publish(topics.metrics(service.job, "round"), Channel.METRICS, metrics)
+        await service.publish_state()
+        await service.save_checkpoint()
+        logger.info("round %d/%d: %d/%d updates, %s%.2f s", server_round, job.rounds, len(current.accepted),
+                    len(current.assignments),
+                    f"accuracy {metrics.eval_accuracy:.4f}, " if metrics.eval_accuracy is not None else "",
+                    metrics.duration_seconds)
+        if service.on_round is not None:
+            service.on_round(metrics)
+
+
+def _check_shapes(new: Params, old: Params, strategy: str) -> None:
+    if set(new) != set(old):
+        raise StrategyError(f"aggregate returned tensors {sorted(set(new) ^ set(old))[:5]} that differ from the model",
+                            strategy=strategy)
+    for name, value in new.items():
+        if value.shape != old[name].shape or value.dtype != old[name].dtype:
+            raise StrategyError(f"aggregate returned {name} as {value.dtype}{value.shape}, the model has "
+                                f"{old[name].dtype}{old[name].shape}", strategy=strategy)

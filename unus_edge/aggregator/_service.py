@@ -1,0 +1,459 @@
+"""The aggregator service: registration, rounds, aggregation, evaluation, metrics, checkpoints.
+
+One :class:`asyncio.TaskGroup` spans the service's life with three named tasks:
+
+* ``aggregator-receive``: the only consumer of the transport; decodes, validates and dispatches
+  every message (registration, presence, heartbeats, updates), counting rejections by reason;
+* ``aggregator-liveness``: a timer that marks devices offline when their heartbeats stop;
+* ``aggregator-rounds``: drives the synchronous rounds (see :mod:`unus_edge.aggregator._driver`).
+
+The service stops when the job is done, when it fails, or when its injectable
+``shutdown_trigger`` is set; it then publishes its final state and a graceful offline status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from unus_edge import __version__, topics
+from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from unus_edge.aggregator._registry import Registry
+from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
+from unus_edge.codec import SCHEMA_VERSION, Envelope, Limits
+from unus_edge.config import JobConfig
+from unus_edge.errors import CodecError, JobError, ProtocolError
+from unus_edge.messages import (
+    Ack,
+    Clock,
+    FleetMetrics,
+    GlobalModel,
+    Heartbeat,
+    JobMetrics,
+    Message,
+    Registration,
+    RegistrationReply,
+    RoundMetrics,
+    Status,
+    Update,
+    decode_message,
+    encode_message,
+)
+from unus_edge.strategies import ClientUpdate, Params, Strategy
+from unus_edge.topics import Channel
+from unus_edge.transport import ConnectOptions, ReceivedMessage, Transport, Will
+
+__all__ = ["Aggregator", "JobResult", "RoundProgress"]
+
+logger = logging.getLogger("unus_edge.aggregator")
+
+Evaluate = Callable[[Params], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Live progress of the current round (for progress bars)."""
+
+    server_round: int
+    total_rounds: int
+    selected: int
+    received: int
+    failed: int
+
+
+@dataclass
+class JobResult:
+    job: str
+    state: str
+    rounds: int
+    version: int
+    params: Params
+    history: list[RoundMetrics]
+    wall_seconds: float
+    bytes_up: int
+    bytes_down: int
+    rejected: dict[str, int]
+    reason: str = ""
+
+    @property
+    def final_accuracy(self) -> float | None:
+        evaluated = [m.eval_accuracy for m in self.history if m.eval_accuracy is not None]
+        return evaluated[-1] if evaluated else None
+
+    @property
+    def final_loss(self) -> float | None:
+        evaluated = [m.eval_loss for m in self.history if m.eval_loss is not None]
+        return evaluated[-1] if evaluated else None
+
+
+@dataclass
+class _Counters:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class Aggregator:
+    """A federated job on the gateway. Construct, then ``await run()``."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        transport: Transport,
+        *,
+        params: Params,
+        fingerprint: str,
+        strategy: Strategy,
+        evaluate: Evaluate | None = None,
+        session: str | None = None,
+        shutdown_trigger: asyncio.Event | None = None,
+        on_round: Callable[[RoundMetrics], None] | None = None,
+        on_progress: Callable[[RoundProgress], None] | None = None,
+        resume: bool = True,
+    ) -> None:
+        self.config = config
+        self.job = config.job.name
+        self.transport = transport
+        self.strategy = strategy
+        self.fingerprint = fingerprint
+        self.params = {name: np.array(value) for name, value in params.items()}
+        self.evaluate_fn = evaluate
+        self.session = session or secrets.token_hex(8)
+        self.shutdown_trigger = shutdown_trigger or asyncio.Event()
+        self.on_round = on_round
+        self.on_progress = on_progress
+        self.registry = Registry(fingerprint, config.job.heartbeat_timeout)
+        self.rng = np.random.default_rng(config.job.seed)
+        self.version = 0
+        self.server_round = 0
+        self.history: list[RoundMetrics] = []
+        self.dedup = DedupWindow()
+        self.counters = _Counters()
+        self.current_round: SyncRound | None = None
+        self.accumulator: Any = None
+        self.round_changed = asyncio.Event()
+        """Set when the current round gains an update or a failure."""
+        self.registry_changed = asyncio.Event()
+        """Set on membership/presence changes; consumed by the liveness timer."""
+        self.devices_changed = asyncio.Event()
+        """Set on membership/presence changes; consumed by the round driver."""
+        self.state = "waiting"
+        self.limits = self._limits()
+        self._tasks: asyncio.TaskGroup | None = None
+        from unus_edge.aggregator._driver import RoundDriver
+
+        self.driver = RoundDriver(self)
+        if resume and config.checkpoint.dir:
+            self._resume()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @staticmethod
+    def connect_options(config: JobConfig, session: str) -> ConnectOptions:
+        """Transport options for the aggregator: persistent session, offline status as last will."""
+        will = Will(
+            topics.aggregator_status(config.job.name),
+            encode_message(Status("aggregator", "offline", session, role="aggregator", reason="will"),
+                           config.job.name, Channel.AGGREGATOR_STATUS),
+        )
+        client_id = f"unus-aggregator-{config.job.name}"
+        return config.broker.connect_options(client_id=client_id, clean_session=False, will=will)
+
+    def _limits(self) -> Limits:
+        """Decoding limits derived from the model: nothing larger than an update can be."""
+        elements = sum(int(v.size) for v in self.params.values())
+        model_bytes = sum(int(v.nbytes) for v in self.params.values())
+        return Limits(
+            max_payload_bytes=model_bytes + model_bytes // 20 + 65_536,
+            max_tensors=len(self.params),
+            max_elements=elements,
+        )
+
+    def _resume(self) -> None:
+        from pathlib import Path
+
+        checkpoint = load_checkpoint(Path(self.config.checkpoint.dir))
+        if checkpoint is None:
+            return
+        if checkpoint.job != self.job or checkpoint.fingerprint != self.fingerprint:
+            raise JobError(self.job, f"the checkpoint in {self.config.checkpoint.dir} belongs to job "
+                                     f"{checkpoint.job!r} / model {checkpoint.fingerprint}; use another checkpoint.dir")
+        self.params = checkpoint.params
+        self.version = checkpoint.version
+        self.server_round = checkpoint.server_round
+        self.rng.bit_generator.state = checkpoint.rng_state
+        for record in checkpoint.devices:
+            self.registry.restore(record)
+        self.history = [RoundMetrics(**entry) for entry in checkpoint.history]
+        for msg_id, accepted, reason in checkpoint.dedup:
+            self.dedup.remember(msg_id, accepted, reason)
+        logger.info("resuming job %s after round %d (model version %d)", self.job, self.server_round, self.version)
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            job=self.job, fingerprint=self.fingerprint, server_round=self.server_round, version=self.version,
+            params=self.params, rng_state=dict(self.rng.bit_generator.state),
+            devices=list(self.registry), history=[dict(m.body()) for m in self.history],
+            dedup=self.dedup.items(), finished=self.state == "finished",
+        )
+
+    async def save_checkpoint(self) -> None:
+        if self.config.checkpoint.dir:
+            from pathlib import Path
+
+            await asyncio.to_thread(save_checkpoint, Path(self.config.checkpoint.dir), self.checkpoint())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> JobResult:
+        """Run the job to completion (or failure, or shutdown). The transport must be connected."""
+        started = time.perf_counter()
+        reason = ""
+        # Subscribe, publish the model and clock, and only then announce ourselves: devices
+        # register when they see this online status, so nothing they send can arrive unheard.
+        for channel, qos in ((Channel.STATUS, 1), (Channel.HEARTBEAT, 0), (Channel.REGISTER, 1),
+                             (Channel.UPDATE, 1)):
+            await self.transport.subscribe(topics.device_filter(self.job, channel), qos=qos)
+        await self.publish_model()
+        await self.publish_state()
+        await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
+                           Status("aggregator", "online", self.session, role="aggregator",
+                                  software_version=__version__))
+        async with asyncio.TaskGroup() as group:
+            self._tasks = group
+            receiver = group.create_task(self._receive(), name="aggregator-receive")
+            liveness = group.create_task(self._liveness(), name="aggregator-liveness")
+            rounds = group.create_task(self.driver.run(), name="aggregator-rounds")
+            stop = group.create_task(self.shutdown_trigger.wait(), name="aggregator-shutdown")
+            await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (receiver, liveness, stop):
+                task.cancel()
+            if not rounds.done():
+                rounds.cancel()
+                self.state = "stopped"
+                reason = "shut down before the last round"
+            elif rounds.exception() is None:
+                self.state = "finished"
+            else:
+                error = rounds.exception()
+                self.state = "failed"
+                reason = str(error)
+                logger.error("job %s failed: %s", self.job, error)
+            with contextlib.suppress(asyncio.CancelledError, JobError):
+                await rounds
+        self._tasks = None
+        await self.publish_state(reason=reason)
+        await self.save_checkpoint()
+        await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
+                           Status("aggregator", "offline", self.session, role="aggregator", reason="shutdown"))
+        return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
+                         time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
+                         dict(self.counters.rejected), reason)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a fire-and-forget publish inside the service's task group."""
+        if self._tasks is None:
+            coroutine.close()
+            return
+        self._tasks.create_task(coroutine, name=name)
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, topic: str, channel: Channel, message: Message) -> int:
+        spec = topics.TOPIC_SPECS[channel]
+        payload = encode_message(message, self.job, channel)
+        await self.transport.publish(topic, payload, qos=spec.qos, retain=spec.retain)
+        return len(payload)
+
+    async def publish_model(self) -> None:
+        size = await self.publish(topics.model(self.job), Channel.MODEL,
+                                  GlobalModel(self.version, self.server_round, self.fingerprint, self.session,
+                                              self.params))
+        self.counters.bytes_down += size * max(1, sum(1 for r in self.registry if r.online))
+
+    async def publish_state(self, reason: str = "") -> None:
+        online = [r for r in self.registry if r.online]
+        clock = Clock(self.version, self.server_round, self.session, _clock_state(self.state), live_devices=len(online),
+                      clocks={r.device_id: r.clock for r in online})
+        await self.publish(topics.clock(self.job), Channel.CLOCK, clock)
+        last = self.history[-1] if self.history else None
+        job = JobMetrics(_clock_state(self.state), self.strategy.name or type(self.strategy).__name__,
+                         self.server_round, self.config.job.rounds, self.version, self.session,
+                         eval_accuracy=last.eval_accuracy if last else None,
+                         eval_loss=last.eval_loss if last else None, reason=reason)
+        await self.publish(topics.metrics(self.job, "job"), Channel.METRICS, job)
+        await self.publish_fleet()
+
+    async def publish_fleet(self) -> None:
+        fleet = FleetMetrics(tuple(dict(record.facts().body()) for record in self.registry))
+        await self.publish(topics.metrics(self.job, "devices"), Channel.METRICS, fleet)
+
+    def reject(self, reason: str, detail: str, device_id: str = "") -> None:
+        self.counters.rejected[reason] += 1
+        logger.warning("rejected message%s: %s (%s)", f" from {device_id}" if device_id else "", reason, detail)
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive(self) -> None:
+        async for message in self.transport.messages():
+            try:
+                parsed = topics.parse(message.topic)
+            except ProtocolError as error:
+                self.reject("bad_topic", error.detail)
+                continue
+            if parsed.job != self.job or parsed.channel not in _INBOUND:
+                continue  # not ours (a broker may leak other retained topics: docs/brokers.md)
+            try:
+                envelope, decoded = decode_message(message.payload, parsed.channel, limits=self.limits)
+            except ProtocolError as error:
+                self.reject(error.reason, error.detail, parsed.device_id)
+                if parsed.channel is Channel.REGISTER and isinstance(error, CodecError):
+                    self._refuse_registration(parsed.device_id, error)
+                continue
+            if envelope.job != self.job:
+                self.reject("wrong_job", f"payload names job {envelope.job!r}", parsed.device_id)
+                continue
+            device_id = getattr(decoded, "device_id", "")
+            if device_id != parsed.device_id:
+                self.reject("identity_mismatch", f"topic says {parsed.device_id!r}, payload {device_id!r}",
+                            parsed.device_id)
+                continue
+            self._dispatch(message, envelope, decoded)
+
+    def _dispatch(self, message: ReceivedMessage, envelope: Envelope, decoded: Message) -> None:
+        now = time.time()
+        if isinstance(decoded, Update):
+            self.counters.bytes_up += len(message.payload)
+            self._on_update(envelope, decoded)
+        elif isinstance(decoded, Registration):
+            self._on_registration(decoded, now)
+        elif isinstance(decoded, Heartbeat):
+            if self.registry.heartbeat(decoded.device_id, decoded.session, now):
+                self._registry_updated()
+        elif isinstance(decoded, Status) and self.registry.status(
+            decoded.device_id, decoded.state == "online", decoded.session, now
+        ):
+            self._registry_updated()
+            if decoded.state == "offline" and self.current_round is not None:
+                self.current_round.fail(decoded.device_id, "offline", decoded.reason)
+                self.round_changed.set()
+
+    def _registry_updated(self) -> None:
+        self.registry_changed.set()
+        self.devices_changed.set()
+        self.spawn(self.publish_fleet(), "aggregator-fleet-metrics")
+
+    def _on_registration(self, registration: Registration, now: float) -> None:
+        verdict = self.registry.register(registration, now)
+        record = self.registry.get(registration.device_id)
+        if verdict.accepted:
+            logger.info("device %s registered (%d examples, %s)", registration.device_id,
+                        registration.num_examples, registration.platform or "unknown platform")
+            self._registry_updated()
+        else:
+            self.reject(verdict.reason, verdict.detail, registration.device_id)
+        reply = RegistrationReply(registration.device_id, verdict.accepted, self.session, verdict.reason,
+                                  verdict.detail, record.clock if record else 0)
+        self.spawn(self._send_to_device(registration.device_id, reply), "aggregator-registration-reply")
+        if verdict.accepted and self.current_round is not None:
+            self._resend_task(registration.device_id)
+
+    def _refuse_registration(self, device_id: str, error: CodecError) -> None:
+        if error.reason != "unsupported_schema":
+            return
+        reply = RegistrationReply(device_id, False, self.session, "schema_version",
+                                  f"the aggregator speaks schema {SCHEMA_VERSION}: {error.detail}")
+        self.spawn(self._send_to_device(device_id, reply), "aggregator-registration-reply")
+
+    def _resend_task(self, device_id: str) -> None:
+        """A device (re)joined mid-round while still assigned: give it its task again."""
+        current = self.current_round
+        if current is not None and device_id in current.pending:
+            self.driver.resend_task(device_id)
+
+    async def _send_to_device(self, device_id: str, message: Message) -> None:
+        size = await self.publish(topics.device_topic(self.job, device_id, Channel.TASKS), Channel.TASKS, message)
+        self.counters.bytes_down += size
+
+    def _ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "") -> None:
+        record = self.registry.get(update.device_id)
+        ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, record.clock if record else 0)
+        self.spawn(self._send_to_device(update.device_id, ack), "aggregator-ack")
+
+    def _on_update(self, envelope: Envelope, update: Update) -> None:
+        known = self.dedup.get(envelope.msg_id)
+        if known is not None:  # a redelivery or re-publication: same verdict, never applied twice
+            self.counters.rejected["duplicate"] += 1
+            self._ack(update, envelope.msg_id, known[0], known[1])
+            return
+        verdict = self._judge(update)
+        if verdict is not None:
+            reason, detail = verdict
+            self.reject(reason, detail, update.device_id)
+            self.dedup.remember(envelope.msg_id, False, reason)
+            self._ack(update, envelope.msg_id, False, reason)
+            return
+        current = self.current_round
+        assert current is not None
+        self.accumulator.add(ClientUpdate(update.device_id, update.num_examples, update.tensors, update.base_version,
+                                          update.train_loss, 0, update.metrics))
+        current.accept(update.device_id, envelope.msg_id)
+        record = self.registry.get(update.device_id)
+        if record is not None:
+            record.rounds_contributed += 1
+            record.last_train_loss = update.train_loss
+            record.clock += 1
+        self.dedup.remember(envelope.msg_id, True)
+        self._ack(update, envelope.msg_id, True)
+        self.round_changed.set()
+
+    def _judge(self, update: Update) -> tuple[str, str] | None:
+        """Why this update cannot be applied now, or ``None`` if it can."""
+        if update.device_id not in self.registry:
+            return "unregistered", "the device has not registered"
+        current = self.current_round
+        if current is None or current.task_of(update.device_id) != update.task_id:
+            return "unassigned", f"task {update.task_id!r} is not an open assignment of this device"
+        if update.device_id in current.accepted:
+            return "already_applied", "this device's update for the round was already applied"
+        if update.base_version != current.version:
+            return "stale_base", f"trained from version {update.base_version}, the round uses {current.version}"
+        if update.encoding != "delta":
+            return "bad_encoding", "synchronous rounds take deltas"
+        return check_tensors(update.tensors, self.params)
+
+    # ------------------------------------------------------------------ liveness
+
+    async def _liveness(self) -> None:
+        while True:
+            deadline = self.registry.next_expiry()
+            delay = None if deadline is None else max(0.0, deadline - time.time()) + 0.01
+            self.registry_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.registry_changed.wait()
+            expired = self.registry.expire(time.time())
+            for device_id in expired:
+                logger.warning("device %s missed its heartbeats for %.0f s: offline", device_id,
+                               self.registry.heartbeat_timeout)
+                if self.current_round is not None:
+                    self.current_round.fail(device_id, "offline", "heartbeat timeout")
+                    self.round_changed.set()
+            if expired:
+                self.spawn(self.publish_fleet(), "aggregator-fleet-metrics")
+
+
+_INBOUND = {Channel.STATUS, Channel.HEARTBEAT, Channel.REGISTER, Channel.UPDATE}
+
+
+def _clock_state(state: str) -> Any:
+    return state if state in ("waiting", "running", "finished", "failed") else "failed"

@@ -1,0 +1,79 @@
+"""Assembling an aggregator from a job configuration (shared by the CLI and the simulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unus_edge.aggregator._service import Aggregator, Evaluate, JobResult, RoundProgress
+from unus_edge.config import JobConfig
+from unus_edge.data import load_dataset
+from unus_edge.messages import RoundMetrics
+from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, read_parameters
+from unus_edge.strategies import Params, Strategy, load_strategy
+from unus_edge.transport import MqttTransport, Transport
+from unus_edge.zoo import resolve_model
+
+__all__ = ["JobParts", "prepare_job", "run_aggregator"]
+
+logger = logging.getLogger("unus_edge.aggregator")
+
+
+@dataclass(frozen=True)
+class JobParts:
+    model: OnnxModel
+    params: Params
+    fingerprint: str
+    strategy: Strategy
+    evaluate: Evaluate | None
+
+
+def central_evaluation(config: JobConfig, model: OnnxModel) -> Evaluate | None:
+    """Evaluation of global parameters on the configured test set (or ``None`` if disabled)."""
+    settings = config.evaluation
+    if settings.dataset == "none":
+        return None
+    test = load_dataset(settings.dataset, "test", data_dir=settings.data_dir or None, seed=config.job.seed,
+                        num_examples=settings.num_examples or None)
+    evaluator = Evaluator(model, backend=settings.backend)
+    logger.info("central evaluation on %d %s test examples (%s backend)", len(test), settings.dataset,
+                evaluator.backend)
+
+    def evaluate(params: Params) -> dict[str, float]:
+        result = evaluator.evaluate(params, test.x, test.y, batch_size=settings.batch_size)
+        return {"loss": float(result.loss), "accuracy": float(result.accuracy)}
+
+    return evaluate
+
+
+def prepare_job(config: JobConfig) -> JobParts:
+    """Load the model, its initial parameters, the strategy and the evaluation."""
+    model = resolve_model(config.model.source, seed=config.model.seed)
+    strategy = load_strategy(config.strategy.name, config.strategy.options)
+    return JobParts(model, read_parameters(model), fingerprint(model), strategy, central_evaluation(config, model))
+
+
+async def run_aggregator(
+    config: JobConfig,
+    *,
+    shutdown_trigger: asyncio.Event | None = None,
+    on_round: Callable[[RoundMetrics], None] | None = None,
+    on_progress: Callable[[RoundProgress], None] | None = None,
+    resume: bool = True,
+    transport: Transport | None = None,
+) -> JobResult:
+    """Run the job of ``config`` against its broker until it finishes, fails or is shut down."""
+    parts = prepare_job(config)
+    session = secrets.token_hex(8)
+    transport = transport or MqttTransport(Aggregator.connect_options(config, session))
+    aggregator = Aggregator(config, transport, params=parts.params, fingerprint=parts.fingerprint,
+                            strategy=parts.strategy, evaluate=parts.evaluate, session=session,
+                            shutdown_trigger=shutdown_trigger, on_round=on_round, on_progress=on_progress,
+                            resume=resume)
+    logger.info("aggregator for job %s (%s, %s) on %s", config.job.name, config.model.source,
+                type(parts.strategy).__name__, config.broker.url)
+    async with transport:
+        return await aggregator.run()

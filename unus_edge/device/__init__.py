@@ -1,0 +1,9 @@
+"""The device daemon (``unus-edge device --config device.toml``): core dependencies only."""
+
+from __future__ import annotations
+
+from unus_edge.device._daemon import Device
+from unus_edge.device._setup import run_device
+from unus_edge.device._training import Abandoned, LocalResult, StopHook, train_task
+
+__all__ = ["Abandoned", "Device", "LocalResult", "StopHook", "run_device", "train_task"]

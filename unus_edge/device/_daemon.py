@@ -1,0 +1,376 @@
+"""The device daemon: registers, trains on local data when asked, and reports.
+
+One :class:`asyncio.TaskGroup` spans the daemon's life, with named tasks:
+
+* ``device-receive``: tasks, acknowledgements, registration replies, the retained model, the
+  clock and the aggregator's presence;
+* ``device-heartbeat``: a heartbeat every ``heartbeat_interval`` seconds (QoS 0);
+* ``device-worker``: takes tasks one at a time, waits for the model version the task names,
+  trains in a worker thread, publishes the update and keeps it until it is acknowledged
+  (re-publishing it after a reconnection or an acknowledgement timeout).
+
+The daemon ends when its shutdown trigger is set (SIGTERM: it abandons the step in progress,
+publishes ``status: offline`` and disconnects gracefully), when the aggregator refuses it
+(:class:`~unus_edge.errors.RejectedError`), or, with ``exit_when_finished``, when the job ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from unus_edge import __version__, topics
+from unus_edge.codec import Limits, new_msg_id
+from unus_edge.config import DeviceConfig
+from unus_edge.data import Dataset
+from unus_edge.device._training import Abandoned, train_task
+from unus_edge.errors import ProtocolError, PublishError, RejectedError
+from unus_edge.messages import (
+    Ack,
+    Clock,
+    GlobalModel,
+    Heartbeat,
+    Message,
+    Registration,
+    RegistrationReply,
+    Status,
+    Task,
+    Update,
+    decode_message,
+    encode_message,
+)
+from unus_edge.nn import Graph
+from unus_edge.strategies import Params
+from unus_edge.topics import Channel
+from unus_edge.transport import ConnectOptions, Transport, Will
+
+__all__ = ["Device"]
+
+logger = logging.getLogger("unus_edge.device")
+
+DeviceState = Literal["idle", "training", "waiting", "uploading"]
+
+
+@dataclass
+class _Pending:
+    """An update published but not yet acknowledged."""
+
+    msg_id: str
+    task_id: str
+    payload: bytes
+
+
+class Device:
+    """One device of a federated job. Construct, connect the transport, then ``await run()``."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        transport: Transport,
+        *,
+        graph: Graph,
+        fingerprint: str,
+        dataset: Dataset,
+        session: str | None = None,
+        shutdown_trigger: asyncio.Event | None = None,
+        exit_when_finished: bool = False,
+    ) -> None:
+        self.settings = config.device
+        self.job = config.device.job
+        self.device_id = config.device.id
+        self.transport = transport
+        self.graph = graph
+        self.fingerprint = fingerprint
+        self.dataset = dataset
+        self.session = session or secrets.token_hex(8)
+        self.shutdown_trigger = shutdown_trigger or asyncio.Event()
+        self.exit_when_finished = exit_when_finished
+        self.template = graph.model.initializers
+        self.limits = Limits(max_payload_bytes=sum(v.nbytes for v in self.template.values()) * 21 // 20 + 65_536)
+        self.model: Params | None = None
+        self.model_version = -1
+        self.model_changed = asyncio.Event()
+        self.clock = 0
+        self.aggregator_session = ""
+        self.registered = asyncio.Event()
+        self.registration_wanted = asyncio.Event()
+        self.state: DeviceState = "idle"
+        self.tasks: asyncio.Queue[Task] = asyncio.Queue()
+        self.done_tasks: set[str] = set()
+        self.pending: _Pending | None = None
+        self.acked = asyncio.Event()
+        self.stop_training = threading.Event()
+        self.started = time.monotonic()
+        self.updates_sent = 0
+        self._group: asyncio.TaskGroup | None = None
+        transport.add_connection_listener(self._on_connect)
+
+    @staticmethod
+    def connect_options(config: DeviceConfig, session: str) -> ConnectOptions:
+        """A persistent session under a stable client id, with ``status: offline`` as last will."""
+        job, device_id = config.device.job, config.device.id
+        will = Will(topics.device_topic(job, device_id, Channel.STATUS),
+                    encode_message(Status(device_id, "offline", session, reason="will"), job, Channel.STATUS))
+        return config.broker.connect_options(client_id=f"unus-{job}-{device_id}", clean_session=False, will=will)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        await self._publish(Channel.STATUS, Status(self.device_id, "online", self.session,
+                                                   software_version=__version__))
+        await self.transport.subscribe(topics.device_topic(self.job, self.device_id, Channel.TASKS), qos=1)
+        for topic in (topics.model(self.job), topics.clock(self.job), topics.aggregator_status(self.job)):
+            await self.transport.subscribe(topic, qos=1)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                tasks = [
+                    group.create_task(self._receive(), name="device-receive"),
+                    group.create_task(self._registration(), name="device-registration"),
+                    group.create_task(self._heartbeat(), name="device-heartbeat"),
+                    group.create_task(self._work(), name="device-worker"),
+                ]
+                await self.shutdown_trigger.wait()
+                self.stop_training.set()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self._group = None
+            with contextlib.suppress(PublishError, TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._publish(Channel.STATUS, Status(self.device_id, "offline", self.session,
+                                                               reason="shutdown", software_version=__version__))
+            logger.info("device %s stopped after %d update(s)", self.device_id, self.updates_sent)
+
+    async def _registration(self) -> None:
+        """Register whenever an aggregator session appears; retry until it answers."""
+        while True:
+            await self.registration_wanted.wait()
+            self.registration_wanted.clear()
+            self.registered.clear()
+            while not self.registered.is_set() and not self.registration_wanted.is_set():
+                await self._register()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.registration_retry):
+                        await self.registered.wait()
+                if not self.registered.is_set():
+                    logger.warning("no answer to the registration within %.0f s: registering again",
+                                   self.settings.registration_retry)
+
+    async def _register(self) -> None:
+        capabilities = []
+        with contextlib.suppress(ImportError):
+            import onnxruntime  # noqa: F401
+
+            capabilities.append("onnxruntime")
+        registration = Registration(
+            self.device_id, self.session, len(self.dataset), self.fingerprint, __version__,
+            platform.platform(), platform.machine(), platform.python_version(), os.cpu_count() or 0,
+            _memory_bytes(), tuple(capabilities),
+        )
+        await self._publish(Channel.REGISTER, registration)
+        logger.info("device %s registering with %d examples", self.device_id, len(self.dataset))
+
+    def _on_connect(self, session_present: bool) -> None:
+        """After a reconnection: re-publish an unacknowledged update (same msg_id)."""
+        if self.pending is not None and self._group is not None:
+            logger.info("reconnected: re-publishing update %s", self.pending.msg_id)
+            self._group.create_task(self._republish(), name="device-republish")
+
+    # ------------------------------------------------------------------ sending
+
+    async def _publish(self, channel: Channel, message: Message, *, msg_id: str | None = None) -> bytes:
+        spec = topics.TOPIC_SPECS[channel]
+        payload = encode_message(message, self.job, channel, msg_id=msg_id)
+        await self.transport.publish(self._topic(channel), payload, qos=spec.qos, retain=spec.retain)
+        return payload
+
+    def _topic(self, channel: Channel) -> str:
+        return topics.device_topic(self.job, self.device_id, channel)
+
+    async def _republish(self) -> None:
+        pending = self.pending
+        if pending is not None:
+            await self.transport.publish(self._topic(Channel.UPDATE), pending.payload, qos=1)
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive(self) -> None:
+        async for message in self.transport.messages():
+            try:
+                parsed = topics.parse(message.topic)
+                if parsed.job != self.job or (parsed.device_id and parsed.device_id != self.device_id):
+                    continue  # not ours (brokers may leak retained topics: docs/brokers.md)
+                _, decoded = decode_message(message.payload, parsed.channel, limits=self.limits)
+            except ProtocolError as error:
+                logger.warning("ignoring a message on %s: %s", message.topic, error)
+                continue
+            self._dispatch(decoded)
+
+    def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Task):
+            if message.task_id in self.done_tasks or (self.pending and self.pending.task_id == message.task_id):
+                return  # a redelivery of a task we already did
+            self.tasks.put_nowait(message)
+        elif isinstance(message, Ack):
+            self._on_ack(message)
+        elif isinstance(message, GlobalModel):
+            self._on_model(message)
+        elif isinstance(message, RegistrationReply):
+            self._on_registration_reply(message)
+        elif isinstance(message, Clock):
+            self.clock = message.clocks.get(self.device_id, self.clock)
+            if message.state in ("finished", "failed") and self.exit_when_finished:
+                logger.info("job %s is %s: device %s exits", self.job, message.state, self.device_id)
+                self.shutdown_trigger.set()
+        elif isinstance(message, Status) and message.role == "aggregator":
+            if message.state == "online" and message.session != self.aggregator_session:
+                if self.aggregator_session:
+                    logger.info("the aggregator restarted (session %s): registering again", message.session)
+                self.aggregator_session = message.session
+                self.registration_wanted.set()
+            elif message.state == "offline":
+                logger.warning("the aggregator is offline (%s)", message.reason or "no reason given")
+
+    def _on_registration_reply(self, reply: RegistrationReply) -> None:
+        if not reply.accepted:
+            detail = f" ({reply.detail})" if reply.detail else ""
+            logger.error("device %s refused by the aggregator: %s%s", self.device_id, reply.reason, detail)
+            raise RejectedError(self.device_id, reply.reason, reply.detail)
+        self.aggregator_session = reply.aggregator_session
+        self.clock = reply.clock
+        if not self.registered.is_set():
+            logger.info("device %s registered with aggregator session %s", self.device_id, reply.aggregator_session)
+        self.registered.set()
+
+    def _on_ack(self, ack: Ack) -> None:
+        pending = self.pending
+        if pending is None or ack.update_msg_id != pending.msg_id:
+            return
+        self.pending = None
+        self.clock = ack.clock
+        if ack.accepted:
+            logger.info("update %s for %s applied (clock %d)", ack.update_msg_id[:8], ack.task_id, ack.clock)
+        else:
+            logger.warning("update for %s refused by the aggregator: %s", ack.task_id, ack.reason)
+        self.acked.set()
+
+    def _on_model(self, model: GlobalModel) -> None:
+        if model.fingerprint != self.fingerprint:
+            logger.error("the job's model %s is not the one this device runs (%s)", model.fingerprint,
+                         self.fingerprint)
+            return
+        if model.version <= self.model_version:
+            return
+        from unus_edge.aggregator import check_tensors
+
+        problem = check_tensors(model.tensors, self.template)
+        if problem is not None:
+            logger.error("ignoring global model version %d: %s (%s)", model.version, *problem)
+            return
+        dense = {name: value for name, value in model.tensors.items() if isinstance(value, np.ndarray)}
+        if len(dense) != len(model.tensors):
+            logger.error("ignoring global model version %d: it holds sparse tensors", model.version)
+            return
+        self.model = dense
+        self.model_version = model.version
+        self.model_changed.set()
+
+    # ------------------------------------------------------------------ working
+
+    async def _heartbeat(self) -> None:
+        sequence = 0
+        while True:
+            sequence += 1
+            uptime = time.monotonic() - self.started
+            heartbeat = Heartbeat(self.device_id, self.session, sequence, self.state, self.clock, uptime)
+            with contextlib.suppress(PublishError):  # QoS 0 while disconnected: skip this beat
+                await self._publish(Channel.HEARTBEAT, heartbeat)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _wait_for_model(self, version: int, budget: float) -> bool:
+        """Wait until the model of ``version`` (or newer) is here; re-subscribe if it is late."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + budget
+        while self.model_version < version:
+            remaining = end - loop.time()
+            if remaining <= 0:
+                return False
+            self.model_changed.clear()
+            try:
+                async with asyncio.timeout(min(remaining, self.settings.model_wait)):
+                    await self.model_changed.wait()
+            except TimeoutError:
+                logger.warning("model version %d has not arrived; fetching the retained copy again", version)
+                await self.transport.unsubscribe(topics.model(self.job))
+                await self.transport.subscribe(topics.model(self.job), qos=1)
+        return True
+
+    async def _work(self) -> None:
+        await self.registered.wait()
+        while True:
+            task = await self.tasks.get()
+            await self.registered.wait()
+            budget = task.deadline_seconds or 3600.0
+            if not await self._wait_for_model(task.model_version, budget):
+                logger.warning("task %s dropped: model version %d never arrived", task.task_id, task.model_version)
+                continue
+            if self.model_version != task.model_version or self.model is None:
+                logger.info("task %s is stale (model is at version %d)", task.task_id, self.model_version)
+                continue
+            await self._do_task(task, self.model)
+
+    async def _do_task(self, task: Task, base: Params) -> None:
+        self.state = "training"
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(train_task, self.graph, base, self.dataset, task, self.stop_training)
+        except Abandoned:
+            logger.info("training of %s abandoned for shutdown", task.task_id)
+            return
+        finally:
+            self.state = "idle"
+        if self.settings.slowdown > 1:  # simulated straggler: busy for longer, for real
+            self.state = "training"
+            await asyncio.sleep((self.settings.slowdown - 1) * (time.perf_counter() - started))
+        update = Update(self.device_id, self.session, task.task_id, task.server_round, task.model_version,
+                        result.num_examples, result.train_loss, result.delta, clock=self.clock,
+                        train_seconds=time.perf_counter() - started, metrics={"steps": result.steps})
+        msg_id = new_msg_id()
+        self.state = "uploading"
+        self.acked.clear()
+        payload = encode_message(update, self.job, Channel.UPDATE, msg_id=msg_id)
+        self.pending = _Pending(msg_id, task.task_id, payload)
+        self.done_tasks.add(task.task_id)
+        try:
+            await self.transport.publish(self._topic(Channel.UPDATE), payload, qos=1)
+            self.updates_sent += 1
+            attempts = 1
+            while self.pending is not None and self.pending.msg_id == msg_id:
+                try:
+                    async with asyncio.timeout(self.settings.ack_timeout):
+                        await self.acked.wait()
+                except TimeoutError:
+                    attempts += 1
+                    logger.warning("no acknowledgement for %s after %.0f s: re-publishing (attempt %d)",
+                                   task.task_id, self.settings.ack_timeout, attempts)
+                    await self._republish()
+        finally:
+            self.state = "idle"
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0

@@ -1,0 +1,37 @@
+"""Assembling a device daemon from its configuration (shared by the CLI and the simulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from unus_edge.config import DeviceConfig
+from unus_edge.data import Dataset, load_partition
+from unus_edge.device._daemon import Device
+from unus_edge.nn import Graph
+from unus_edge.onnx_io import fingerprint
+from unus_edge.transport import MqttTransport
+from unus_edge.zoo import resolve_model
+
+__all__ = ["run_device"]
+
+
+async def run_device(
+    config: DeviceConfig,
+    *,
+    dataset: Dataset | None = None,
+    shutdown_trigger: asyncio.Event | None = None,
+    exit_when_finished: bool = False,
+) -> Device:
+    """Run a device until shutdown (or the job's end with ``exit_when_finished``)."""
+    model = resolve_model(config.device.model, seed=config.device.model_seed)
+    graph = Graph(model)
+    data = dataset if dataset is not None else load_partition(config.device.data)
+    session = secrets.token_hex(8)
+    options = Device.connect_options(config, session)
+    transport = MqttTransport(options)
+    device = Device(config, transport, graph=graph, fingerprint=fingerprint(model), dataset=data, session=session,
+                    shutdown_trigger=shutdown_trigger, exit_when_finished=exit_when_finished)
+    async with transport:
+        await device.run()
+    return device

@@ -1,0 +1,67 @@
+"""Local training for one task: the bridge between a task message and the NumPy engine.
+
+Runs in a worker thread (``asyncio.to_thread``) so that the MQTT keepalive and heartbeats keep
+flowing while the CPU trains. A :class:`StopHook` lets the daemon abandon a step on shutdown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from unus_edge.data import Dataset
+from unus_edge.messages import Task
+from unus_edge.nn import Graph, TrainConfig, TrainHook, train
+from unus_edge.strategies import Params
+
+__all__ = ["Abandoned", "LocalResult", "StopHook", "train_task"]
+
+
+class Abandoned(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised inside training when the daemon is shutting down."""
+
+
+class StopHook(TrainHook):
+    """Abandons training between two steps once ``stop`` is set."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    def on_gradients(self, params: dict[str, np.ndarray[Any, Any]], grads: dict[str, np.ndarray[Any, Any]]) -> None:
+        if self.stop.is_set():
+            raise Abandoned
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    delta: Params
+    num_examples: int
+    train_loss: float
+    train_seconds: float
+    steps: int
+
+
+def _number(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def train_task(graph: Graph, base: Params, dataset: Dataset, task: Task, stop: threading.Event) -> LocalResult:
+    """Train from ``base`` as ``task`` says; return the delta ``w_local - base``."""
+    started = time.perf_counter()
+    config = TrainConfig(
+        epochs=task.epochs,
+        batch_size=min(task.batch_size, len(dataset)),
+        learning_rate=task.learning_rate,
+        momentum=_number(task.config, "momentum", 0.0),
+        weight_decay=_number(task.config, "weight_decay", 0.0),
+        seed=int(_number(task.config, "seed", 0)),
+    )
+    result = train(graph, base, dataset.x, dataset.y, config, hooks=(StopHook(stop),))
+    delta = {name: result.params[name] - base[name] for name in base}
+    return LocalResult(delta, result.num_examples, result.mean_loss, time.perf_counter() - started, result.steps)

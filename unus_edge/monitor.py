@@ -1,0 +1,117 @@
+"""``unus-edge monitor``: a live view of a job, built only from MQTT topics.
+
+It reads exactly what ``mosquitto_sub -t 'unus/v1/JOB/#' -v`` shows as JSON: the job, round and
+devices metrics published by the aggregator, and the devices' own status and heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from unus_edge import topics
+from unus_edge.errors import ProtocolError
+from unus_edge.messages import FleetMetrics, Heartbeat, JobMetrics, RoundMetrics, Status, decode_message
+from unus_edge.topics import Channel
+from unus_edge.transport import Transport
+
+__all__ = ["MonitorState", "monitor", "render"]
+
+
+@dataclass
+class MonitorState:
+    job: JobMetrics | None = None
+    last_round: RoundMetrics | None = None
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    activity: dict[str, str] = field(default_factory=dict)
+    updated: float = 0.0
+
+    def apply(self, topic: str, payload: bytes) -> bool:
+        """Fold one message into the state; returns whether it was understood."""
+        try:
+            parsed = topics.parse(topic)
+            _, message = decode_message(payload, parsed.channel)
+        except ProtocolError:
+            return False
+        if isinstance(message, JobMetrics):
+            self.job = message
+        elif isinstance(message, RoundMetrics):
+            self.last_round = message
+        elif isinstance(message, FleetMetrics):
+            for entry in message.devices:
+                self.devices.setdefault(str(entry["device_id"]), {}).update(entry)
+        elif isinstance(message, Heartbeat):
+            self.activity[message.device_id] = message.state
+            self.devices.setdefault(message.device_id, {"device_id": message.device_id})["last_seen"] = time.time()
+        elif isinstance(message, Status) and message.role == "device":
+            entry = self.devices.setdefault(message.device_id, {"device_id": message.device_id})
+            entry["online"] = message.state == "online"
+        else:
+            return False
+        self.updated = time.time()
+        return True
+
+
+def render(state: MonitorState, job: str, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = []
+    if state.job is None:
+        lines.append(f"job {job}: no metrics yet (is the aggregator running?)")
+    else:
+        j = state.job
+        accuracy = f"{j.eval_accuracy:.4f}" if j.eval_accuracy is not None else "-"
+        loss = f"{j.eval_loss:.4f}" if j.eval_loss is not None else "-"
+        lines.append(f"job {job}: {j.state}  strategy {j.strategy}  round {j.server_round}/{j.total_rounds}  "
+                     f"model v{j.version}  accuracy {accuracy}  loss {loss}")
+        if j.reason:
+            lines.append(f"  reason: {j.reason}")
+    if state.last_round is not None:
+        r = state.last_round
+        lines.append(f"last round {r.server_round}: {r.num_updates}/{r.num_selected} updates, "
+                     f"{r.num_failures} failed, {r.duration_seconds:.2f} s")
+    lines.append("")
+    lines.append(f"{'device':<20} {'state':<8} {'activity':<10} {'last seen':>10} {'rounds':>7} {'train loss':>11}")
+    for device_id in sorted(state.devices):
+        entry: dict[str, Any] = state.devices[device_id]
+        online = entry.get("online")
+        seen = entry.get("last_seen")
+        ago = f"{now - float(seen):.0f} s ago" if isinstance(seen, int | float) and seen else "-"
+        train_loss = entry.get("last_train_loss")
+        lines.append(f"{device_id:<20} {'online' if online else 'offline' if online is not None else '?':<8} "
+                     f"{state.activity.get(device_id, '-'):<10} {ago:>10} {entry.get('rounds_contributed', 0):>7} "
+                     f"{(f'{train_loss:.4f}' if isinstance(train_loss, int | float) else '-'):>11}")
+    return "\n".join(lines)
+
+
+async def monitor(transport: Transport, job: str, stream: TextIO, *, once_after: float | None = None,
+                  refresh: float = 1.0) -> MonitorState:
+    """Show the job until cancelled (or, with ``once_after``, print one snapshot after that many seconds)."""
+    state = MonitorState()
+    for topic_filter, qos in ((topics.metrics_filter(job), 1),
+                              (topics.device_filter(job, Channel.STATUS), 1),
+                              (topics.device_filter(job, Channel.HEARTBEAT), 0)):
+        await transport.subscribe(topic_filter, qos=qos)
+
+    async def consume() -> None:
+        async for message in transport.messages():
+            state.apply(message.topic, message.payload)
+
+    consumer = asyncio.create_task(consume(), name="monitor-receive")
+    try:
+        if once_after is not None:
+            await asyncio.sleep(once_after)
+            stream.write(render(state, job) + "\n")
+            return state
+        interactive = stream.isatty()
+        while True:
+            text = render(state, job)
+            stream.write(("\x1b[H\x1b[2J" + text + "\n") if interactive else text + "\n\n")
+            stream.flush()
+            await asyncio.sleep(refresh)
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer

@@ -1,0 +1,217 @@
+"""A whole federation on one machine: broker, aggregator and N devices (``unus-edge simulate``).
+
+Nothing is faked: the devices speak MQTT to a real broker (the embedded amqtt by default, or
+any ``mqtt://`` URL) exactly as Raspberry Pis would. By default the devices are asyncio tasks
+in this process; with ``processes=True`` each one is a real ``unus-edge device`` process that
+reads its partition from an ``.npz`` file.
+
+Outputs, in ``out_dir``: ``metrics.json`` and ``metrics.csv`` (one row per round),
+``metrics.png`` (accuracy and loss against round; needs matplotlib) and ``model.onnx`` (the
+final global model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from unus_edge.aggregator import JobResult, RoundProgress, run_aggregator
+from unus_edge.broker import EmbeddedBroker
+from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, JobConfig
+from unus_edge.data import Dataset, load_dataset, partition, save_partition
+from unus_edge.device import run_device
+from unus_edge.errors import ConfigError
+from unus_edge.messages import RoundMetrics
+from unus_edge.onnx_io import save_model
+from unus_edge.zoo import resolve_model
+
+__all__ = ["SimulationOptions", "SimulationReport", "simulate"]
+
+logger = logging.getLogger("unus_edge.simulation")
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    config: JobConfig
+    num_devices: int = 10
+    dataset: Literal["mnist", "synthetic"] = "mnist"
+    data_dir: str = ""
+    scheme: Literal["iid", "shards", "dirichlet"] = "iid"
+    alpha: float = 0.5
+    train_examples: int = 0
+    """Use only the first N training examples (0: all)."""
+    embedded_broker: bool = True
+    processes: bool = False
+    out_dir: Path | None = None
+    device_settings: DeviceSettings = field(default_factory=DeviceSettings)
+    slowdowns: dict[int, float] = field(default_factory=dict)
+    """Device index -> compute slowdown factor (stragglers)."""
+
+
+@dataclass(frozen=True)
+class SimulationReport:
+    result: JobResult
+    num_devices: int
+    out_dir: Path | None
+    plot: Path | None
+
+
+def _device_config(options: SimulationOptions, index: int, broker: BrokerSettings, data: str) -> DeviceConfig:
+    config = options.config
+    settings = replace(options.device_settings, id=f"device-{index:03d}", job=config.job.name, data=data,
+                       model=config.model.source, model_seed=config.model.seed,
+                       slowdown=options.slowdowns.get(index, 1.0))
+    return DeviceConfig(device=settings, broker=broker)
+
+
+def _write_device_files(options: SimulationOptions, shards: list[Dataset], broker: BrokerSettings) -> list[Path]:
+    assert options.out_dir is not None
+    configs = []
+    for index, shard in enumerate(shards):
+        data = options.out_dir / "partitions" / f"device_{index:03d}.npz"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        save_partition(data, shard)
+        device = _device_config(options, index, broker, str(data)).device
+        path = options.out_dir / "devices" / f"device_{index:03d}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["[device]"] + [f"{key} = {json.dumps(value)}" for key, value in vars(device).items()]
+        lines += ["", "[broker]", f"url = {json.dumps(broker.url)}"]
+        path.write_text("\n".join(lines) + "\n")
+        configs.append(path)
+    return configs
+
+
+async def _run_processes(configs: list[Path], out_dir: Path, finished: asyncio.Event) -> None:
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    processes = []
+    for config in configs:
+        # A small local log file per device, created before the process starts; closed below.
+        log = open(logs / f"{config.stem}.log", "wb")  # noqa: SIM115, ASYNC230
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "unus_edge.cli", "device", "--config", str(config), "--exit-when-finished",
+            stdout=log, stderr=subprocess.STDOUT, env=environment)
+        processes.append((process, log))
+    try:
+        await finished.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                await asyncio.gather(*(process.wait() for process, _ in processes))
+    finally:
+        for process, log in processes:
+            if process.returncode is None:
+                process.terminate()
+                await process.wait()
+            log.close()
+
+
+async def simulate(
+    options: SimulationOptions,
+    *,
+    on_round: Callable[[RoundMetrics], None] | None = None,
+    on_progress: Callable[[RoundProgress], None] | None = None,
+    shutdown_trigger: asyncio.Event | None = None,
+) -> SimulationReport:
+    """Run the federation described by ``options``; return the job's result."""
+    config = options.config
+    if options.num_devices < 1:
+        raise ConfigError("--devices", "must be at least 1")
+    if options.processes and options.out_dir is None:
+        raise ConfigError("--out", "is required with --processes (partition files live there)")
+    train = load_dataset(options.dataset, "train", data_dir=options.data_dir or None, seed=config.job.seed,
+                         num_examples=options.train_examples or None)
+    indices = partition(train.y, options.num_devices, options.scheme, seed=config.job.seed, alpha=options.alpha)
+    shards = [Dataset(train.x[i], train.y[i], train.num_classes) for i in indices]
+    del train
+    logger.info("%d devices, %s partition of %d %s examples", options.num_devices, options.scheme,
+                sum(len(s) for s in shards), options.dataset)
+    async with contextlib.AsyncExitStack() as stack:
+        if options.embedded_broker:
+            broker = await stack.enter_async_context(EmbeddedBroker("127.0.0.1", 0))
+            config = replace(config, broker=replace(config.broker, url=broker.url))
+        config = replace(config, job=replace(config.job, min_devices=max(config.job.min_devices,
+                                                                          options.num_devices)))
+        finished = asyncio.Event()
+        devices: list[asyncio.Task[object]] = []
+        if options.processes:
+            assert options.out_dir is not None
+            paths = _write_device_files(options, shards, config.broker)
+            devices.append(asyncio.create_task(_run_processes(paths, options.out_dir, finished),
+                                               name="simulation-device-processes"))
+        else:
+            for index, shard in enumerate(shards):
+                device_config = _device_config(options, index, config.broker, "memory")
+                devices.append(asyncio.create_task(
+                    run_device(device_config, dataset=shard, exit_when_finished=True, shutdown_trigger=finished),
+                    name=f"simulation-{device_config.device.id}"))
+        try:
+            result = await run_aggregator(config, on_round=on_round, on_progress=on_progress,
+                                          shutdown_trigger=shutdown_trigger, resume=False)
+        finally:
+            finished.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*devices, return_exceptions=True)
+            for task in devices:
+                task.cancel()
+    plot = _write_outputs(options.out_dir, config, result) if options.out_dir else None
+    return SimulationReport(result, options.num_devices, options.out_dir, plot)
+
+
+def _write_outputs(out_dir: Path, config: JobConfig, result: JobResult) -> Path | None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [dict(m.body()) for m in result.history]
+    summary = {
+        "job": result.job, "state": result.state, "rounds": result.rounds, "wall_seconds": result.wall_seconds,
+        "final_accuracy": result.final_accuracy, "final_loss": result.final_loss, "bytes_up": result.bytes_up,
+        "bytes_down": result.bytes_down, "rejected": result.rejected, "strategy": config.strategy.name,
+        "model": config.model.source,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary, "rounds": rows}, indent=2))
+    columns = ["server_round", "version", "num_selected", "num_updates", "num_failures", "num_examples",
+               "duration_seconds", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down"]
+    with open(out_dir / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    save_model(resolve_model(config.model.source, seed=config.model.seed), out_dir / "model.onnx", result.params)
+    return plot_history(result.history, out_dir / "metrics.png", title=f"{result.job}: {config.strategy.name}")
+
+
+def plot_history(history: list[RoundMetrics], path: Path, *, title: str = "") -> Path | None:
+    """Accuracy and loss against round, as a PNG; ``None`` when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no plot (pip install 'unus-edge[plot]')")
+        return None
+    rounds = [m.server_round for m in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(rounds, [m.eval_accuracy for m in history], marker="o")
+    left.set(xlabel="round", ylabel="test accuracy", title="accuracy")
+    left.grid(alpha=0.3)
+    right.plot(rounds, [m.eval_loss for m in history], marker="o", label="test")
+    right.plot(rounds, [m.train_loss for m in history], marker=".", label="train")
+    right.set(xlabel="round", ylabel="loss", title="loss")
+    right.legend()
+    right.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

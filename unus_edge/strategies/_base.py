@@ -1,0 +1,219 @@
+"""The strategy API: a small, pure, synchronous ABC.
+
+A strategy never does I/O and never sees MQTT. The aggregator engine calls it:
+
+1. :meth:`Strategy.configure_round` picks the devices of a round and what each one trains
+   with (:class:`Assignment`).
+2. :meth:`Strategy.new_accumulator` gives a streaming :class:`Accumulator`; the engine feeds it
+   each accepted :class:`ClientUpdate` as it arrives, so memory stays O(model) rather than
+   O(devices x model). The default, :class:`WeightedMean`, keeps ``sum(w_k * delta_k)`` and
+   ``sum(w_k)`` with ``w_k = n_k``.
+3. :meth:`Strategy.aggregate` turns the accumulator and the round's :class:`Failure` list into
+   the next global parameters (or ``None`` to keep the current ones).
+4. :meth:`Strategy.evaluate` decides what to evaluate after a round (by default: the engine's
+   central evaluation of the new parameters).
+
+Parameters are ``dict[str, np.ndarray]`` keyed by the ONNX initializer names (the wire keys).
+Updates carry *deltas*: ``delta_k = w_k - w_global`` (dense arrays or sparse tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from unus_edge.codec import SparseTensor, Tensor
+
+__all__ = [
+    "Accumulator",
+    "Assignment",
+    "ClientUpdate",
+    "DeviceInfo",
+    "Failure",
+    "Params",
+    "RoundContext",
+    "Scalar",
+    "Strategy",
+    "WeightedMean",
+    "add_scaled",
+]
+
+Params = dict[str, np.ndarray[Any, Any]]
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """A device available for selection."""
+
+    device_id: str
+    num_examples: int
+    platform: str = ""
+    rounds_contributed: int = 0
+    last_train_loss: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """What one selected device trains with this round."""
+
+    device_id: str
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    config: Mapping[str, Scalar] = field(default_factory=dict)
+    """Extra device-side settings, delivered in the task (e.g. ``proximal_mu``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundContext:
+    """What the engine tells ``configure_round``: the job's defaults and a seeded RNG."""
+
+    server_round: int
+    fraction: float
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    rng: np.random.Generator
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUpdate:
+    """An accepted update: a delta against ``base_version``, and how it was made."""
+
+    device_id: str
+    num_examples: int
+    delta: Mapping[str, Tensor]
+    base_version: int
+    train_loss: float
+    staleness: int = 0
+    """Global versions applied since ``base_version`` (0 in synchronous rounds)."""
+    metrics: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A selected device that did not contribute, and why (``timeout``, ``offline``, ``rejected``)."""
+
+    device_id: str
+    reason: str
+    detail: str = ""
+
+
+class Accumulator(Protocol):
+    """Receives accepted updates one at a time."""
+
+    count: int
+
+    def add(self, update: ClientUpdate) -> None: ...
+
+
+_CHUNK = 1 << 16
+"""Elements per step of :func:`add_scaled`: the float64 scratch (512 kB) stays in cache."""
+
+
+def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scratch: np.ndarray[Any, Any]) -> None:
+    """``target += scale * tensor`` in place, for a dense array or a sparse tensor.
+
+    ``target`` is a float64 accumulator and ``scratch`` a float64 buffer of at least
+    ``min(target.size, 65536)`` elements. Products of an integer weight (< 2**24) and a float32
+    value are exact in float64, so sums do not depend on the order updates arrive in.
+    """
+    flat = target.reshape(-1)
+    if isinstance(tensor, SparseTensor):
+        flat[tensor.indices] += scale * tensor.values.astype(np.float64)  # indices are unique
+        return
+    source = np.asarray(tensor).reshape(-1)
+    for start in range(0, flat.shape[0], _CHUNK):
+        stop = min(start + _CHUNK, flat.shape[0])
+        part = scratch[: stop - start]
+        np.multiply(source[start:stop], scale, out=part)
+        np.add(flat[start:stop], part, out=flat[start:stop])
+
+
+class WeightedMean:
+    """``sum_k w_k * delta_k / sum_k w_k`` in O(model) memory, independent of arrival order.
+
+    The sums are float64 (8 bytes per parameter) with one small shared scratch buffer; the mean
+    comes back in each parameter's own dtype. ``weight`` maps an update to its weight; the
+    default is ``num_examples`` (FedAvg's n_k).
+    """
+
+    def __init__(
+        self, template: Mapping[str, np.ndarray[Any, Any]], weight: Callable[[ClientUpdate], float] | None = None
+    ) -> None:
+        self.dtypes = {name: value.dtype for name, value in template.items()}
+        self.sums = {name: np.zeros(value.shape, dtype=np.float64) for name, value in template.items()}
+        largest = max((value.size for value in template.values()), default=1)
+        self._scratch = np.empty(min(largest, _CHUNK), dtype=np.float64)
+        self._weight = weight or (lambda update: float(update.num_examples))
+        self.total_weight = 0.0
+        self.count = 0
+        self.num_examples = 0
+        self.loss_sum = 0.0
+
+    def add(self, update: ClientUpdate) -> None:
+        weight = self._weight(update)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight {weight} of {update.device_id} is not a finite non-negative number")
+        for name, tensor in update.delta.items():
+            add_scaled(self.sums[name], tensor, weight, self._scratch)
+        self.total_weight += weight
+        self.count += 1
+        self.num_examples += update.num_examples
+        self.loss_sum += update.train_loss * update.num_examples
+
+    @property
+    def train_loss(self) -> float | None:
+        """Mean training loss over the examples of the accepted updates."""
+        return self.loss_sum / self.num_examples if self.num_examples else None
+
+    def mean(self) -> Params:
+        """The weighted mean delta in the parameters' dtypes (new arrays); zeros when empty."""
+        if self.total_weight == 0:
+            return {name: np.zeros(value.shape, dtype=self.dtypes[name]) for name, value in self.sums.items()}
+        inverse = 1.0 / self.total_weight
+        return {name: (value * inverse).astype(self.dtypes[name]) for name, value in self.sums.items()}
+
+
+class Strategy(ABC):
+    """Base of every aggregation strategy. Subclasses take their options as keyword arguments."""
+
+    name: ClassVar[str] = ""
+
+    def configure_round(self, context: RoundContext, devices: Sequence[DeviceInfo]) -> list[Assignment]:
+        """Select ``max(floor(C * K), 1)`` of the ``K`` available devices, uniformly at random.
+
+        Every selected device trains with the job's epochs, batch size and learning rate.
+        """
+        if not devices:
+            return []
+        ordered = sorted(devices, key=lambda device: device.device_id)
+        # m = max(C * K, 1), as in McMahan et al.; the epsilon absorbs 0.7 * 10 = 6.999...
+        count = min(len(ordered), max(1, int(context.fraction * len(ordered) + 1e-9)))
+        chosen = context.rng.choice(len(ordered), size=count, replace=False)
+        return [
+            Assignment(ordered[i].device_id, context.epochs, context.batch_size, context.learning_rate)
+            for i in sorted(chosen)
+        ]
+
+    def new_accumulator(self, server_round: int, global_params: Params) -> Accumulator:
+        """Where the round's updates go as they arrive. Default: :class:`WeightedMean` by n_k."""
+        return WeightedMean(global_params)
+
+    @abstractmethod
+    def aggregate(
+        self, server_round: int, global_params: Params, accumulator: Any, failures: Sequence[Failure]
+    ) -> Params | None:
+        """The next global parameters, or ``None`` to keep ``global_params`` unchanged."""
+
+    def evaluate(
+        self, server_round: int, params: Params, central: Callable[[Params], Mapping[str, float]]
+    ) -> Mapping[str, float]:
+        """Metrics of the new global model; default: the engine's central evaluation."""
+        return central(params)
