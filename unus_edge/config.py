@@ -98,6 +98,8 @@ class JobSettings:
     """A device without a heartbeat for this long is offline, whatever the broker says."""
     wait_for_devices: float = 600.0
     """Seconds to wait for ``min_devices`` before the job fails."""
+    max_update_norm: float = 0.0
+    """Reject updates whose L2 norm exceeds this (0: no bound)."""
 
 
 @dataclass(frozen=True)
@@ -228,10 +230,25 @@ def _coerce(key: str, value: Any, annotation: Any, *, from_text: bool) -> Any:
             raise ConfigError(key, "must be a table")
         return {str(k): _coerce(f"{key}.{k}", v, Scalar, from_text=from_text) for k, v in value.items()}
     if origin in (types.UnionType, typing.Union):
+        if from_text and isinstance(value, str):
+            return _parse_scalar(value)
         if isinstance(value, str | int | float | bool):
             return value
         raise ConfigError(key, f"must be a string, number or boolean, got {value!r}")
     raise TypeError(f"{key}: unsupported annotation {annotation!r}")
+
+
+def _parse_scalar(text: str) -> Scalar:
+    """Strategy options given as text (environment, flags) have no declared type: guess it."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _section(cls: type[T], name: str, table: Mapping[str, Any], *, from_text: bool = False) -> T:
@@ -339,6 +356,7 @@ def validate_job_config(config: JobConfig) -> None:
     _check(job.max_retries >= 0, "job.max_retries", "must be >= 0")
     _check(job.heartbeat_timeout > 0, "job.heartbeat_timeout", "must be positive (seconds)")
     _check(job.wait_for_devices > 0, "job.wait_for_devices", "must be positive (seconds)")
+    _check(job.max_update_norm >= 0, "job.max_update_norm", "must be >= 0 (0: no bound)")
     train = config.train
     _check(train.epochs >= 1, "train.epochs", "must be at least 1")
     _check(train.batch_size >= 1, "train.batch_size", "must be at least 1")

@@ -31,7 +31,7 @@ from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope, Limits
 from unus_edge.config import JobConfig
-from unus_edge.errors import CodecError, JobError, ProtocolError
+from unus_edge.errors import CodecError, JobError, ProtocolError, UnusError
 from unus_edge.messages import (
     Ack,
     Clock,
@@ -147,6 +147,7 @@ class Aggregator:
         self.devices_changed = asyncio.Event()
         """Set on membership/presence changes; consumed by the round driver."""
         self.state = "waiting"
+        self.failure: UnusError | None = None
         self.limits = self._limits()
         self._tasks: asyncio.TaskGroup | None = None
         from unus_edge.aggregator._driver import RoundDriver
@@ -232,7 +233,7 @@ class Aggregator:
             self._tasks = group
             receiver = group.create_task(self._receive(), name="aggregator-receive")
             liveness = group.create_task(self._liveness(), name="aggregator-liveness")
-            rounds = group.create_task(self.driver.run(), name="aggregator-rounds")
+            rounds = group.create_task(self._drive(), name="aggregator-rounds")
             stop = group.create_task(self.shutdown_trigger.wait(), name="aggregator-shutdown")
             await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
             for task in (receiver, liveness, stop):
@@ -241,15 +242,12 @@ class Aggregator:
                 rounds.cancel()
                 self.state = "stopped"
                 reason = "shut down before the last round"
-            elif rounds.exception() is None:
+            elif self.failure is None:
                 self.state = "finished"
             else:
-                error = rounds.exception()
                 self.state = "failed"
-                reason = str(error)
-                logger.error("job %s failed: %s", self.job, error)
-            with contextlib.suppress(asyncio.CancelledError, JobError):
-                await rounds
+                reason = str(self.failure)
+                logger.error("job %s failed: %s", self.job, self.failure)
         self._tasks = None
         await self.publish_state(reason=reason)
         await self.save_checkpoint()
@@ -258,6 +256,13 @@ class Aggregator:
         return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
                          time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
                          dict(self.counters.rejected), reason)
+
+    async def _drive(self) -> None:
+        """The round driver; a job-level failure is recorded, not raised into the task group."""
+        try:
+            await self.driver.run()
+        except UnusError as error:
+            self.failure = error
 
     def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         """Run a fire-and-forget publish inside the service's task group."""
@@ -429,7 +434,7 @@ class Aggregator:
             return "stale_base", f"trained from version {update.base_version}, the round uses {current.version}"
         if update.encoding != "delta":
             return "bad_encoding", "synchronous rounds take deltas"
-        return check_tensors(update.tensors, self.params)
+        return check_tensors(update.tensors, self.params, max_norm=self.config.job.max_update_norm)
 
     # ------------------------------------------------------------------ liveness
 

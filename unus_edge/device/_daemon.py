@@ -144,6 +144,12 @@ class Device:
                 self.stop_training.set()
                 for task in tasks:
                     task.cancel()
+        except BaseExceptionGroup as group:
+            # A refusal by the aggregator is this daemon's answer: raise it as itself.
+            matched, _ = group.split(RejectedError)
+            if matched is not None:
+                raise matched.exceptions[0] from None
+            raise
         finally:
             self._group = None
             with contextlib.suppress(PublishError, TimeoutError):

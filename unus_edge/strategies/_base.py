@@ -132,7 +132,7 @@ def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scrat
     for start in range(0, flat.shape[0], _CHUNK):
         stop = min(start + _CHUNK, flat.shape[0])
         part = scratch[: stop - start]
-        np.multiply(source[start:stop], scale, out=part)
+        np.multiply(source[start:stop], scale, out=part, dtype=np.float64)  # not float32 (NEP 50)
         np.add(flat[start:stop], part, out=flat[start:stop])
 
 

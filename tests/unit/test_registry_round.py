@@ -1,0 +1,117 @@
+"""The aggregator's pure logic: registry, presence, rounds, update checks, deduplication."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unus_edge.aggregator import DedupWindow, Registry, SyncRound, check_tensors
+from unus_edge.codec import SparseTensor
+from unus_edge.messages import Registration
+from unus_edge.strategies import Assignment
+
+
+def registration(device_id: str = "d1", fingerprint: str = "sha256:good", session: str = "s1") -> Registration:
+    return Registration(device_id, session, 600, fingerprint, "0.1.0", platform="Linux")
+
+
+def test_registration_checks_the_fingerprint() -> None:
+    registry = Registry("sha256:good", heartbeat_timeout=30)
+    refused = registry.register(registration(fingerprint="sha256:other"), now=0)
+    assert (refused.accepted, refused.reason) == (False, "fingerprint_mismatch")
+    assert "sha256:other" in refused.detail
+    assert "d1" not in registry
+    assert registry.register(registration(), now=0).accepted
+    assert [d.device_id for d in registry.online()] == ["d1"]
+
+
+def test_presence_from_status_wills_and_heartbeats() -> None:
+    registry = Registry("sha256:good", heartbeat_timeout=30)
+    registry.register(registration(session="s1"), now=0)
+    assert registry.status("d1", False, "s1", now=1)  # its last will
+    assert registry.online() == []
+    assert registry.heartbeat("d1", "s1", now=2)  # back
+    registry.register(registration(session="s2"), now=3)  # the device restarted
+    assert not registry.status("d1", False, "s1", now=4)  # the old process's late will is ignored
+    assert [d.device_id for d in registry.online()] == ["d1"]
+    assert not registry.heartbeat("d1", "s1", now=5)  # heartbeats of the old session do not count
+    assert registry.status("unknown", True, "x", now=5) is False
+
+
+def test_heartbeat_timeout_marks_silent_devices_offline() -> None:
+    registry = Registry("sha256:good", heartbeat_timeout=10)
+    registry.register(registration("a"), now=0)
+    registry.register(registration("b"), now=0)
+    registry.heartbeat("b", "s1", now=8)
+    assert registry.next_expiry() == 10
+    assert registry.expire(now=10.5) == ["a"]
+    assert [d.device_id for d in registry.online()] == ["b"]
+    assert registry.next_expiry() == 18
+    assert registry.expire(now=18.5) == ["b"]
+    assert registry.next_expiry() is None
+
+
+def test_reregistration_keeps_history() -> None:
+    registry = Registry("sha256:good", heartbeat_timeout=10)
+    registry.register(registration(), now=0)
+    record = registry.get("d1")
+    assert record is not None
+    record.rounds_contributed = 4
+    registry.register(registration(session="s2"), now=5)
+    assert registry.get("d1").rounds_contributed == 4  # type: ignore[union-attr]
+
+
+def test_sync_round_bookkeeping() -> None:
+    assignments = {d: Assignment(d, 1, 10, 0.1) for d in ("a", "b", "c")}
+    current = SyncRound(1, 0, 0, assignments, {d: f"t-{d}" for d in assignments}, deadline=10, started_at=0)
+    assert current.pending == {"a", "b", "c"}
+    current.accept("a", "m1")
+    current.fail("b", "offline")
+    current.fail("a", "offline")  # already answered: not a failure
+    current.fail("zz", "offline")  # not selected: ignored
+    assert not current.complete
+    failures = current.close()
+    assert [(f.device_id, f.reason) for f in failures] == [("b", "offline"), ("c", "timeout")]
+    assert current.complete
+    assert current.task_of("a") == "t-a"
+
+
+TEMPLATE = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+@pytest.mark.parametrize(
+    ("tensors", "reason"),
+    [
+        ({"w": np.zeros((2, 3), np.float32)}, "missing_tensor"),
+        ({**TEMPLATE, "extra": np.zeros(1, np.float32)}, "unknown_tensor"),
+        ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}, "shape_mismatch"),
+        ({"w": np.zeros((2, 3), np.float64), "b": np.zeros(3, np.float32)}, "dtype_mismatch"),
+        ({"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}, "not_finite"),
+        ({"w": np.zeros((2, 3), np.float32), "b": np.array([0, np.inf, 0], np.float32)}, "not_finite"),
+        ({"w": SparseTensor.from_dense(np.full((2, 3), np.nan, np.float32), np.array([4])),
+          "b": np.zeros(3, np.float32)}, "not_finite"),
+    ],
+)
+def test_check_tensors_reasons(tensors: dict[str, object], reason: str) -> None:
+    problem = check_tensors(tensors, TEMPLATE)  # type: ignore[arg-type]
+    assert problem is not None
+    assert problem[0] == reason
+
+
+def test_check_tensors_accepts_good_updates_and_bounds_the_norm() -> None:
+    good = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    assert check_tensors(good, TEMPLATE) is None
+    assert check_tensors(good, TEMPLATE, max_norm=3.0) is None  # norm is 3
+    problem = check_tensors(good, TEMPLATE, max_norm=2.9)
+    assert problem is not None
+    assert problem[0] == "norm_too_large"
+
+
+def test_dedup_window_remembers_verdicts_within_its_capacity() -> None:
+    window = DedupWindow(capacity=3)
+    for index in range(5):
+        window.remember(f"m{index}", index % 2 == 0, "" if index % 2 == 0 else "stale_base")
+    assert window.get("m0") is None  # evicted
+    assert window.get("m3") == (False, "stale_base")
+    assert window.get("m4") == (True, "")
+    assert [item[0] for item in window.items()] == ["m2", "m3", "m4"]

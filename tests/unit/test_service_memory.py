@@ -1,0 +1,290 @@
+"""The aggregator and device services end to end over the in-memory broker (no sockets).
+
+Covers a whole job, registration refusals, and every kind of hostile or broken input on the
+aggregator's inbound topics: each is rejected with its reason, counted, and nothing stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from unus_edge import topics
+from unus_edge.aggregator import Aggregator, JobResult, prepare_job
+from unus_edge.codec import Envelope, encode
+from unus_edge.config import DeviceConfig, DeviceSettings, JobConfig, load_job_config
+from unus_edge.data import Dataset, load_dataset, partition
+from unus_edge.device import Device
+from unus_edge.errors import RejectedError
+from unus_edge.messages import (
+    Ack,
+    Registration,
+    RegistrationReply,
+    Status,
+    Task,
+    Update,
+    decode_message,
+    encode_message,
+)
+from unus_edge.nn import Graph
+from unus_edge.topics import Channel
+from unus_edge.transport import ConnectOptions, MemoryBroker, MemoryTransport
+from unus_edge.zoo import resolve_model
+
+JOB = "memjob"
+
+
+def config(**extra: Any) -> JobConfig:
+    overrides = [f"job.name={JOB}", "job.rounds=2", "job.round_deadline=60", "job.wait_for_devices=60",
+                 "model.source=logreg", "evaluation.dataset=synthetic", "evaluation.num_examples=300",
+                 "train.learning_rate=0.1"]
+    overrides += [f"{key.replace('__', '.')}={value}" for key, value in extra.items()]
+    return load_job_config(environ={}, overrides=overrides)
+
+
+def run(factory: Callable[[], Any], timeout: float = 60) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout):
+            return await factory()
+
+    return asyncio.run(bounded())
+
+
+def make_aggregator(broker: MemoryBroker, job_config: JobConfig) -> Aggregator:
+    parts = prepare_job(job_config)
+    transport = MemoryTransport(broker, Aggregator.connect_options(job_config, "agg"))
+    return Aggregator(job_config, transport, params=parts.params, fingerprint=parts.fingerprint,
+                      strategy=parts.strategy, evaluate=parts.evaluate, session="agg", resume=False)
+
+
+def make_device(broker: MemoryBroker, device_id: str, data: Dataset, *, model: str = "logreg") -> Device:
+    device_config = DeviceConfig(device=DeviceSettings(id=device_id, job=JOB, data="-", model=model,
+                                                       heartbeat_interval=0.2))
+    onnx_model = resolve_model(model)
+    from unus_edge.onnx_io import fingerprint
+
+    transport = MemoryTransport(broker, Device.connect_options(device_config, f"session-{device_id}"))
+    return Device(device_config, transport, graph=Graph(onnx_model), fingerprint=fingerprint(onnx_model),
+                  dataset=data, session=f"session-{device_id}", exit_when_finished=True)
+
+
+def shards(count: int) -> list[Dataset]:
+    data = load_dataset("synthetic", "train", seed=0, num_examples=600)
+    return [Dataset(data.x[i], data.y[i], data.num_classes) for i in partition(data.y, count, "iid", seed=0)]
+
+
+async def run_device(device: Device) -> None:
+    async with device.transport:
+        await device.run()
+
+
+def test_a_whole_job_in_memory() -> None:
+    async def scenario() -> JobResult:
+        broker = MemoryBroker()
+        aggregator = make_aggregator(broker, config(job__min_devices=3))
+        devices = [make_device(broker, f"d{i}", shard) for i, shard in enumerate(shards(3))]
+        device_tasks = [asyncio.create_task(run_device(d)) for d in devices]
+        async with aggregator.transport:
+            result = await aggregator.run()
+        await asyncio.gather(*device_tasks)
+        assert all(d.updates_sent == 2 for d in devices)
+        return result
+
+    result = run(scenario)
+    assert result.state == "finished"
+    assert [m.num_updates for m in result.history] == [3, 3]
+    assert result.final_accuracy is not None
+    assert result.final_accuracy > 0.5  # synthetic data is easy; chance is 0.1
+    assert result.rejected == {}
+
+
+def test_a_device_running_another_model_is_refused_with_a_reason() -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        aggregator = make_aggregator(broker, config(job__min_devices=1, job__wait_for_devices=5))
+        intruder = make_device(broker, "wrong", shards(1)[0], model="mnist_2nn")
+        async with aggregator.transport:
+            job = asyncio.create_task(aggregator.run())
+            with pytest.raises(RejectedError) as caught:
+                await run_device(intruder)
+            assert caught.value.reason == "fingerprint_mismatch"
+            assert "sha256:" in caught.value.detail
+            aggregator.shutdown_trigger.set()
+            await job
+        assert aggregator.counters.rejected["fingerprint_mismatch"] == 1
+
+    run(scenario)
+
+
+# ------------------------------------------------------------------------------ hostile input
+
+
+@dataclass
+class Harness:
+    broker: MemoryBroker
+    aggregator: Aggregator
+    device: MemoryTransport
+    task: Task
+    rejections: asyncio.Queue[str]
+    replies: asyncio.Queue[Any]
+
+    def topic(self, channel: Channel, device_id: str = "d1") -> str:
+        return topics.device_topic(JOB, device_id, channel)
+
+    def update(self, **changes: Any) -> Update:
+        params = self.aggregator.params
+        base = Update("d1", "s1", self.task.task_id, self.task.server_round, self.task.model_version, 100, 0.3,
+                      {name: np.zeros_like(value) for name, value in params.items()})
+        return replace(base, **changes)
+
+    async def send(self, channel: Channel, payload: bytes, device_id: str = "d1") -> None:
+        await self.device.publish(self.topic(channel, device_id), payload, qos=1)
+
+    async def rejected(self) -> str:
+        return await self.rejections.get()
+
+
+async def aggregator_online(broker: MemoryBroker) -> None:
+    """Wait, as a real device does, for the aggregator's retained online status."""
+    async with MemoryTransport(broker) as watcher:
+        await watcher.subscribe(topics.aggregator_status(JOB))
+        async for message in watcher.messages():
+            if decode_message(message.payload, Channel.AGGREGATOR_STATUS)[1].state == "online":  # type: ignore[attr-defined]
+                return
+
+
+@asynccontextmanager
+async def harness(**extra: Any) -> AsyncIterator[Harness]:
+    broker = MemoryBroker()
+    aggregator = make_aggregator(broker, config(job__min_devices=1, job__rounds=1, evaluation__dataset="none",
+                                                **extra))
+    rejections: asyncio.Queue[str] = asyncio.Queue()
+    original = aggregator.reject
+
+    def counting(reason: str, detail: str, device_id: str = "") -> None:
+        original(reason, detail, device_id)
+        rejections.put_nowait(reason)
+
+    aggregator.reject = counting  # type: ignore[method-assign]
+    device = MemoryTransport(broker, ConnectOptions(client_id="fake-d1", clean_session=False))
+    replies: asyncio.Queue[Any] = asyncio.Queue()
+    async with aggregator.transport, device:
+        job = asyncio.create_task(aggregator.run())
+        await device.subscribe(topics.device_topic(JOB, "d1", Channel.TASKS))
+
+        async def listen() -> None:
+            async for message in device.messages():
+                replies.put_nowait(decode_message(message.payload, Channel.TASKS)[1])
+
+        listener = asyncio.create_task(listen())
+        await aggregator_online(broker)
+        await device.publish(topics.device_topic(JOB, "d1", Channel.STATUS),
+                             encode_message(Status("d1", "online", "s1"), JOB, Channel.STATUS), retain=True)
+        fingerprint = aggregator.fingerprint
+        await device.publish(topics.device_topic(JOB, "d1", Channel.REGISTER),
+                             encode_message(Registration("d1", "s1", 100, fingerprint, "test"), JOB, Channel.REGISTER))
+        reply = await replies.get()
+        assert isinstance(reply, RegistrationReply)
+        assert reply.accepted
+        task = await replies.get()
+        assert isinstance(task, Task)
+        yield Harness(broker, aggregator, device, task, rejections, replies)
+        listener.cancel()
+        aggregator.shutdown_trigger.set()
+        await job
+
+
+CBOR_CASES: list[tuple[str, Callable[[Harness], bytes], str]] = [
+    ("malformed CBOR", lambda h: b"\xa1\x61", "truncated"),
+    ("garbage bytes", lambda h: bytes(range(256)), "trailing_bytes"),
+    ("wrong schema version", lambda h: encode(Envelope("update", JOB, h.update().body(), schema=2)),
+     "unsupported_schema"),
+    ("wrong job", lambda h: encode_message(h.update(), "otherjob", Channel.UPDATE), "wrong_job"),
+    ("another device's topic", lambda h: encode_message(h.update(device_id="d2"), JOB, Channel.UPDATE),
+     "identity_mismatch"),
+    ("a missing field", lambda h: encode(Envelope("update", JOB, {"device_id": "d1"})), "missing_field"),
+    ("shape mismatch", lambda h: encode_message(h.update(tensors={
+        **{n: np.zeros_like(v) for n, v in h.aggregator.params.items()},
+        next(iter(h.aggregator.params)): np.zeros((3, 3), np.float32)}), JOB, Channel.UPDATE), "shape_mismatch"),
+    ("dtype mismatch", lambda h: encode_message(h.update(tensors={
+        n: np.zeros(v.shape, np.float16) for n, v in h.aggregator.params.items()}), JOB, Channel.UPDATE),
+     "dtype_mismatch"),
+    ("NaN", lambda h: encode_message(h.update(tensors={
+        n: np.full_like(v, np.nan) for n, v in h.aggregator.params.items()}), JOB, Channel.UPDATE), "not_finite"),
+    ("infinity", lambda h: encode_message(h.update(tensors={
+        n: np.full_like(v, np.inf) for n, v in h.aggregator.params.items()}), JOB, Channel.UPDATE), "not_finite"),
+    ("norm above the bound", lambda h: encode_message(h.update(tensors={
+        n: np.full_like(v, 10.0) for n, v in h.aggregator.params.items()}), JOB, Channel.UPDATE), "norm_too_large"),
+    ("oversized payload", lambda h: encode(Envelope("update", JOB, h.update().body(),
+                                                    {"huge": np.zeros(2_000_000, np.float32)})), "too_large"),
+    ("a round the device was not assigned", lambda h: encode_message(h.update(task_id="r9.0.d1"), JOB,
+                                                                      Channel.UPDATE), "unassigned"),
+    ("a stale base version", lambda h: encode_message(h.update(base_version=h.task.model_version + 5), JOB,
+                                                       Channel.UPDATE), "stale_base"),
+    ("weights instead of a delta", lambda h: encode_message(h.update(encoding="weights"), JOB, Channel.UPDATE),
+     "bad_encoding"),
+]
+
+
+@pytest.mark.parametrize(("case", "payload", "reason"), CBOR_CASES, ids=[c[0] for c in CBOR_CASES])
+def test_hostile_update_is_rejected_with_its_reason(case: str, payload: Callable[[Harness], bytes],
+                                                    reason: str) -> None:
+    async def scenario() -> None:
+        async with harness(job__max_update_norm=100.0) as h:
+            await h.send(Channel.UPDATE, payload(h))
+            assert await h.rejected() == reason
+            assert h.aggregator.counters.rejected[reason] == 1
+            # Nothing stalled: a good update from the same device is still applied.
+            await h.send(Channel.UPDATE, encode_message(h.update(), JOB, Channel.UPDATE))
+            while True:
+                ack = await h.replies.get()
+                if isinstance(ack, Ack) and ack.accepted:
+                    break
+            assert h.aggregator.state in ("running", "finished")
+
+    run(scenario)
+
+
+def test_unregistered_device_and_replayed_update_are_rejected() -> None:
+    async def scenario() -> None:
+        async with harness() as h:
+            stranger = h.update(device_id="stranger")
+            await h.send(Channel.UPDATE, encode_message(stranger, JOB, Channel.UPDATE), device_id="stranger")
+            assert await h.rejected() == "unregistered"
+            good = encode_message(h.update(), JOB, Channel.UPDATE, msg_id="once")
+            await h.send(Channel.UPDATE, good)
+            await h.send(Channel.UPDATE, good)  # a replay of the same msg_id
+            acks = [await h.replies.get(), await h.replies.get()]
+            assert [(a.update_msg_id, a.accepted) for a in acks] == [("once", True), ("once", True)]
+            assert h.aggregator.counters.rejected["duplicate"] == 1
+            assert h.aggregator.history[0].num_updates == 1 if h.aggregator.history else True
+
+    run(scenario)
+
+
+def test_hostile_input_on_the_other_inbound_topics() -> None:
+    async def scenario() -> None:
+        async with harness() as h:
+            await h.send(Channel.HEARTBEAT, b"{not json")
+            assert await h.rejected() == "bad_json"
+            await h.send(Channel.STATUS, json.dumps({"schema": 1, "kind": "status", "job": JOB, "msg_id": "x",
+                                                     "ts": 1, "body": {"device_id": "d1", "state": "maybe",
+                                                                       "session": "s"}}).encode())
+            assert await h.rejected() == "bad_field"
+            await h.send(Channel.REGISTER, encode(Envelope("register", JOB, {"device_id": "d1"}, schema=3)))
+            assert await h.rejected() == "unsupported_schema"
+            reply = await h.replies.get()
+            assert isinstance(reply, RegistrationReply)
+            assert (reply.accepted, reply.reason) == (False, "schema_version")
+            # Matches the aggregator's devices/+/update filter, but ".hidden" is not a valid device id.
+            await h.device.publish(f"unus/v1/{JOB}/devices/.hidden/update", b"x")
+            assert await h.rejected() == "bad_topic"
+
+    run(scenario)
