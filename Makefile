@@ -42,7 +42,7 @@ $(ORACLE): $(INSTALLED)
 	@touch $@
 
 lint: $(INSTALLED)
-	$(PY) -m ruff check unus_edge tests bench examples
+	$(PY) -m ruff check unus_edge tests bench $(wildcard examples)
 
 typecheck: $(INSTALLED)
 	$(PY) -m mypy --strict unus_edge
