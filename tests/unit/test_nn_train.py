@@ -273,3 +273,36 @@ def test_2nn_learns_mnist(mnist_dir: Path) -> None:
     result = onnx_io.Evaluator(model, backend="numpy").evaluate(params, test_set.x, test_set.y)
     assert result.num_examples == 1000
     assert result.accuracy >= 0.90, result
+
+
+def test_device_install_needs_no_onnx_onnxruntime_or_torch(tmp_path: Path) -> None:
+    """The core install has numpy only: load, train, evaluate and write with those imports blocked."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("onnx", "onnxruntime", "torch", "google"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from unus_edge import onnx_io, zoo
+from unus_edge.nn import Graph, TrainConfig, train
+model = zoo.resolve_model("mnist_cnn")
+params = onnx_io.read_parameters(model)
+x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+y = np.arange(8) % 10
+result = train(Graph(model), params, x, y, TrainConfig(epochs=1, batch_size=4, learning_rate=0.01))
+evaluator = onnx_io.Evaluator(model)
+assert evaluator.backend == "numpy", evaluator.backend
+print(evaluator.evaluate(result.params, x, y).num_examples)
+onnx_io.save_model(model, sys.argv[1], result.params)
+assert not any(m.split(".")[0] in ("onnx", "onnxruntime", "torch") for m in sys.modules)
+"""
+    path = tmp_path / "trained.onnx"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "8"
+    assert onnx_io.load_model(path).parameter_names == zoo.resolve_model("mnist_cnn").parameter_names
