@@ -219,6 +219,8 @@ def test_cnn_accepts_flat_rows(tmp_path: Path) -> None:
     x, y = _blobs(6)
     result = train(graph, onnx_io.read_parameters(model), x, y, TrainConfig(epochs=1, batch_size=3, learning_rate=0.01))
     assert result.steps == 2
+    value, grads = loss_and_grad(graph, result.params, x, y)
+    assert np.isfinite(value) and grads["conv1.weight"].shape == (32, 1, 5, 5)
 
 
 @pytest.mark.parametrize(

@@ -150,9 +150,23 @@ def loss_and_grad(
 ) -> tuple[float, dict[str, Array]]:
     """The mean loss of one batch and the gradients of the trainable parameters.
 
-    With ``training=True`` BatchNormalization running statistics in ``params`` are updated in
-    place (as a training step would) and dropout draws from ``rng``.
+    ``x`` is any array with n rows, reshaped to the model's input shape (float32). With
+    ``training=True`` BatchNormalization running statistics in ``params`` are updated in place
+    (as a training step would) and dropout draws from ``rng``.
     """
+    return _step(graph, params, prepare_input(graph.model, x), y, loss, training, rng)
+
+
+def _step(
+    graph: Graph,
+    params: Mapping[str, Array],
+    x: Array,
+    y: Array,
+    loss: str,
+    training: bool,
+    rng: np.random.Generator | None,
+) -> tuple[float, dict[str, Array]]:
+    """:func:`loss_and_grad` on a batch already in the model's input shape."""
     output, tape = graph.forward_with_tape(params, x, training=training, rng=rng)
     value, grad_output = loss_value_and_grad(output, y, loss)
     return value, graph.backward(tape, grad_output)
@@ -191,14 +205,14 @@ def train(
         order = shuffle_rng.permutation(num_examples)
         for start in range(0, num_examples, config.batch_size):
             index = order[start : start + config.batch_size]
-            value, grads = loss_and_grad(
+            value, grads = _step(
                 graph,
                 working,
                 np.take(inputs, index, axis=0),
                 np.take(targets, index, axis=0),
-                loss=config.loss,
-                training=True,
-                rng=dropout_rng,
+                config.loss,
+                True,
+                dropout_rng,
             )
             if not math.isfinite(value):
                 logger.warning("model %s: loss is %s at step %d", model.name, value, steps)
