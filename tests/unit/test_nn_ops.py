@@ -27,6 +27,7 @@ class Case:
     outputs: int = 1
     positive: Sequence[int] = ()  # inputs that must be positive (variances)
     training: bool = False  # also check the training-mode backward
+    float_output: bool = True  # False for Shape (int64)
 
     def __str__(self) -> str:
         attrs = ",".join(f"{k}={v}" for k, v in self.attrs.items())
@@ -72,6 +73,16 @@ CASES = [
     Case("Transpose", [(2, 3, 4)]),
     Case("Concat", [(2, 3), (2, 1), (2, 4)], {"axis": 1}),
     Case("Concat", [(1, 3), (2, 3)], {"axis": -2}),
+    Case("Gather", [(4, 5), (3,)], {"axis": 1}, constants={1: np.array([0, 4, 0], np.int64)}),
+    Case("Gather", [(4, 5), ()], constants={1: np.array(2, np.int64)}),
+    Case("Gather", [(3, 4, 2), (2, 2)], {"axis": -2}, constants={1: np.array([[0, -1], [1, 1]], np.int64)}),
+    Case("Unsqueeze", [(2, 3), (2,)], constants={1: np.array([0, -1], np.int64)}),
+    Case("Unsqueeze", [(2, 3)], {"axes": (1,)}, opset=11),
+    Case("Squeeze", [(2, 1, 3, 1), (1,)], constants={1: np.array([3], np.int64)}),
+    Case("Squeeze", [(2, 1, 3, 1)]),
+    Case("Squeeze", [(2, 1, 3, 1)], {"axes": (1,)}, opset=11),
+    Case("Shape", [(2, 3, 4)], float_output=False),
+    Case("Shape", [(2, 3, 4)], {"start": 1}, opset=15, float_output=False),
     Case("Conv", [(2, 3, 7, 6), (4, 3, 3, 3), (4,)]),
     Case("Conv", [(2, 3, 7, 6), (4, 3, 3, 2)], {"strides": (2, 2), "pads": (1, 0, 2, 1)}),
     Case("Conv", [(1, 2, 6, 6), (3, 2, 3, 3), (3,)], {"auto_pad": "SAME_UPPER", "strides": (2, 1)}),
@@ -132,7 +143,8 @@ def _model(case: Case) -> Any:
             initializers.append(onnx.numpy_helper.from_array(case.constants[index], name))
         elif shape is not None:
             inputs.append(helper.make_tensor_value_info(name, TP.FLOAT, list(shape)))
-    outputs = [helper.make_tensor_value_info("out0", TP.FLOAT, None)]
+    out_type = TP.FLOAT if case.float_output else TP.INT64
+    outputs = [helper.make_tensor_value_info("out0", out_type, None)]
     graph = helper.make_graph([node], "case", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)], ir_version=8)
 
@@ -146,7 +158,7 @@ def test_forward_matches_onnxruntime(case: Case) -> None:
     outputs, _ = _op(case).forward(values, Run(False, None, record=False))
     got = outputs[0]
     assert got.shape == expected.shape
-    assert got.dtype == np.float32
+    assert got.dtype == expected.dtype == (np.float32 if case.float_output else np.int64)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -198,7 +210,7 @@ def test_float32_stays_float32(case: Case) -> None:
     op = _op(case)
     values = _inputs(case, np.float32)
     outputs, cache = op.forward(values, Run(case.training, np.random.default_rng(0), record=True))
-    assert outputs[0].dtype == np.float32
+    assert outputs[0].dtype == (np.float32 if case.float_output else np.int64)
     needs = tuple(op.differentiable[i] and i not in case.constants and v is not None for i, v in enumerate(values))
     for grad in op.backward(np.ones_like(outputs[0]), cache, needs):
         assert grad is None or grad.dtype == np.float32

@@ -1,8 +1,9 @@
-"""Shape ops (Flatten, Reshape, Transpose, Concat) and Constant.
+"""Shape ops (Flatten, Reshape, Transpose, Concat, Shape, Gather, Unsqueeze, Squeeze) and Constant.
 
-Their backward passes only move gradients around (reshape back, inverse permutation, split).
-Reshape's target shape must be a constant (an int64 initializer or a Constant node), which is
-what exporters emit for static models; a shape computed at run time is rejected at build time.
+Their backward passes only move gradients around (reshape back, inverse permutation, split,
+scatter). Integer shape arithmetic (Shape -> Gather -> Unsqueeze -> Concat -> Reshape, as
+PyTorch exports ``x.view(x.size(0), -1)``) runs through the same ops on int64 arrays; ``Shape``
+carries no gradient, so none of that chain enters the backward plan.
 """
 
 from __future__ import annotations
@@ -39,27 +40,38 @@ class Flatten(Op):
 
 @register("Reshape")
 class Reshape(Op):
-    """ONNX Reshape: ``0`` copies the input dim (unless ``allowzero``), ``-1`` is inferred."""
+    """ONNX Reshape: ``0`` copies the input dim (unless ``allowzero``), ``-1`` is inferred.
+
+    The target shape is usually a constant (read once); a shape computed at run time (the
+    ``Shape -> Gather -> Unsqueeze -> Concat`` chain PyTorch exports for ``x.view(x.size(0), -1)``)
+    is read at every call.
+    """
 
     min_inputs, max_inputs = 2, 2
 
     def __init__(self, build: Build) -> None:
         super().__init__(build)
-        shape = self.constant_input(build, 1)
-        assert shape is not None
-        if shape.dtype.kind not in "iu" or shape.ndim != 1:
-            raise self.unsupported(f"shape must be a 1-D int64 tensor, got {shape.dtype} {shape.shape}")
-        self.shape = tuple(int(d) for d in shape)
+        name = self.node.inputs[1]
+        constant = build.constants.get(name)
+        self.shape = None if constant is None else self.checked(constant)
+        if constant is None and name in build.initializers:
+            raise self.unsupported(f"shape input {name!r} is a float initializer")
         self.allowzero = bool(self.attr_int("allowzero", 0))
-        if sum(d == -1 for d in self.shape) > 1 or any(d < -1 for d in self.shape):
-            raise self.unsupported(f"invalid target shape {self.shape}")
         self.differentiable = (True, False)
 
-    def target(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def checked(self, shape: Array) -> tuple[int, ...]:
+        if shape.dtype.kind not in "iu" or shape.ndim != 1:
+            raise self.unsupported(f"shape must be a 1-D int64 tensor, got {shape.dtype} {shape.shape}")
+        dims = tuple(int(d) for d in shape)
+        if sum(d == -1 for d in dims) > 1 or any(d < -1 for d in dims):
+            raise self.unsupported(f"invalid target shape {dims}")
+        return dims
+
+    def target(self, dims: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.allowzero:
-            return self.shape
+            return dims
         try:
-            return tuple(shape[i] if d == 0 else d for i, d in enumerate(self.shape))
+            return tuple(shape[i] if d == 0 else d for i, d in enumerate(dims))
         except IndexError as error:
             raise ModelError(
                 f"bad_shape: Reshape {self.node.name!r} copies a dim the input {shape} does not have",
@@ -67,19 +79,115 @@ class Reshape(Op):
             ) from error
 
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
-        x = inputs[0]
-        assert x is not None
+        x, shape = inputs
+        assert x is not None and shape is not None
+        dims = self.shape if self.shape is not None else self.checked(shape)
         try:
-            y = x.reshape(self.target(x.shape))
+            y = x.reshape(self.target(dims, x.shape))
         except ValueError as error:
             raise ModelError(
-                f"bad_shape: Reshape {self.node.name!r} cannot reshape {x.shape} to {self.shape}",
+                f"bad_shape: Reshape {self.node.name!r} cannot reshape {x.shape} to {dims}",
                 model=self.model,
             ) from error
         return (y,), x.shape
 
     def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
         return dy.reshape(cache), None
+
+
+@register("Shape")
+class Shape(Op):
+    """The input's shape as int64 (``start``/``end`` of opset 15). Carries no gradient."""
+
+    def __init__(self, build: Build) -> None:
+        super().__init__(build)
+        self.start = self.attr_int("start", 0)
+        self.end = self.attr_int("end", 1 << 62)
+        self.differentiable = (False,)
+
+    def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
+        x = inputs[0]
+        assert x is not None
+        return (np.array(x.shape[self.start : self.end], dtype=np.int64),), None
+
+    def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
+        return (None,)
+
+
+@register("Gather")
+class Gather(Op):
+    """``np.take(data, indices, axis)``; the gradient scatters back with ``np.add.at``."""
+
+    min_inputs, max_inputs = 2, 2
+
+    def __init__(self, build: Build) -> None:
+        super().__init__(build)
+        self.axis = self.attr_int("axis", 0)
+        self.differentiable = (True, False)
+
+    def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
+        data, indices = inputs
+        assert data is not None and indices is not None
+        if indices.dtype.kind not in "iu":
+            raise ModelError(f"bad_indices: Gather {self.node.name!r} got {indices.dtype} indices", model=self.model)
+        axis = normalize_axis(self, self.axis, data.ndim)
+        try:
+            y = np.take(data, indices, axis=axis)
+        except IndexError as error:
+            raise ModelError(f"bad_indices: Gather {self.node.name!r}: {error}", model=self.model) from error
+        return (y,), (data.shape, indices, axis)
+
+    def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
+        shape, indices, axis = cache
+        dx = np.zeros(shape, dtype=dy.dtype)
+        np.add.at(dx, (slice(None),) * axis + (indices,), dy)
+        return dx, None
+
+
+class _Axes(Op):
+    """Unsqueeze/Squeeze: ``axes`` is an attribute before opset 13 and a constant input after."""
+
+    max_inputs = 2
+
+    def __init__(self, build: Build) -> None:
+        super().__init__(build)
+        if self.opset < 13:
+            self.axes = self.attr_ints("axes", None)
+        else:
+            axes = self.constant_input(build, 1)
+            self.axes = None if axes is None else tuple(int(a) for a in axes.reshape(-1))
+        self.differentiable = (True, False)[: len(self.node.inputs)]
+
+    def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
+        return dy.reshape(cache), None
+
+
+@register("Unsqueeze")
+class Unsqueeze(_Axes):
+    def __init__(self, build: Build) -> None:
+        super().__init__(build)
+        if self.axes is None:
+            raise self.unsupported("axes are required")
+
+    def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
+        x = inputs[0]
+        assert x is not None and self.axes is not None
+        rank = x.ndim + len(self.axes)
+        axes = tuple(normalize_axis(self, a, rank) for a in self.axes)
+        return (np.expand_dims(x, axes),), x.shape
+
+
+@register("Squeeze")
+class Squeeze(_Axes):
+    def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
+        x = inputs[0]
+        assert x is not None
+        axes = None if self.axes is None else tuple(normalize_axis(self, a, x.ndim) for a in self.axes)
+        try:
+            y = np.squeeze(x, axis=axes)
+        except ValueError as error:
+            raise ModelError(f"bad_shape: Squeeze {self.node.name!r}: {error}", model=self.model) from error
+        return (y,), x.shape
 
 
 @register("Transpose")
