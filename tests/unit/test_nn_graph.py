@@ -315,3 +315,18 @@ def test_constants_are_folded_out_of_the_plan() -> None:
     planned = [op.node.op_type for op in graph.ops]
     assert "Constant" not in planned
     assert len(planned) == len(load_model(every_op_model()).nodes) - 1
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batchnorm_with_all_five_outputs_of_opset_9(training: bool) -> None:
+    """Opset 9-13 training graphs declare mean, var, saved_mean and saved_var outputs."""
+    node = helper.make_node(
+        "BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "m_out", "v_out", "saved_m", "saved_v"], name="bn"
+    )
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    data = _single(node, ["N", 3, 2, 2], {"s": ones, "b": zeros, "m": zeros, "v": ones}, opset=9)
+    model = load_model(data)
+    graph = Graph(model)
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    y = graph.forward(read_parameters(model), x, training=training)
+    assert y.shape == (4, 3, 2, 2)

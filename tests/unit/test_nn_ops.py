@@ -261,7 +261,7 @@ def test_batchnorm_training_updates_running_statistics_like_pytorch() -> None:
     np.testing.assert_allclose(var, 0.9 + 0.1 * x.var(axis=(0, 2, 3), ddof=1), rtol=1e-5)
     np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1.0, rtol=1e-3)
-    (y_eval, _, _), _ = op.forward([x, scale, bias, mean, var], Run(False, None, False))
+    (y_eval, *_), _ = op.forward([x, scale, bias, mean, var], Run(False, None, False))
     np.testing.assert_allclose(
         y_eval, (x - mean.reshape(1, 3, 1, 1)) / np.sqrt(var + 1e-5).reshape(1, 3, 1, 1), rtol=1e-5, atol=1e-6
     )

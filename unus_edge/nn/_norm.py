@@ -51,7 +51,7 @@ class BatchNormalization(Op):
             y = centered * (scale * inv).reshape(shape)
             y += bias.reshape(shape)
             cache = (centered, inv, scale, axes, shape, None) if run.record else None
-            return (y, running_mean, running_var), cache
+            return (y, running_mean, running_var, running_mean, running_var), cache
         count = x.size // x.shape[1]
         mean = x.mean(axis=axes)
         centered = x - mean.reshape(shape)
