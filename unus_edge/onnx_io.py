@@ -130,7 +130,16 @@ class EvalResult(NamedTuple):
 
 @dataclass(frozen=True, eq=False)
 class OnnxModel:
-    """A parsed, immutable ONNX model (arrays are read-only; copy them to change them)."""
+    """A parsed, immutable ONNX model (arrays are read-only; copy them to change them).
+
+    * ``name``: given to :func:`load_model`, else the file's stem, else the graph's name.
+    * ``opset``: the version of the default ONNX domain; ``opset_imports`` has every domain.
+    * ``nodes``: in file order; ``initializers``: every initializer by name, read-only.
+    * ``inputs``/``outputs``: the graph's inputs that are not initializers, and its outputs.
+    * ``parameter_names``: the floating-point initializers, in file order: trainable weights and
+      buffers (BatchNorm statistics), exchanged as the wire keys of updates.
+    * ``raw``: the bytes the model was parsed from (written back by :func:`model_bytes`).
+    """
 
     name: str
     opset: int
