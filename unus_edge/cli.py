@@ -99,7 +99,7 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
     from unus_edge._progress import RoundProgressBar, format_bytes
     from unus_edge.config import load_job_config
     from unus_edge.data import resolve_data_dir
-    from unus_edge.simulation import SimulationOptions, simulate
+    from unus_edge.simulation import SimulationOptions, simulate, stragglers
 
     dataset = args.dataset
     data_dir = resolve_data_dir(args.data_dir)
@@ -112,6 +112,8 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
     flags = dict(_JOB_FLAGS)
     flags.pop("data_dir")
     overrides = _overrides(args, flags)
+    if args.sync_bound is not None:
+        overrides += ["job.mode=ssp", f"job.staleness_bound={args.sync_bound}"]
     overrides.append(f"evaluation.dataset={dataset}")
     if data_dir is not None:
         overrides.append(f"evaluation.data_dir={data_dir}")
@@ -121,9 +123,10 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
         config=config, num_devices=args.devices, dataset=dataset, data_dir=str(data_dir or ""),
         scheme=args.scheme, alpha=args.alpha, train_examples=args.train_examples,
         embedded_broker=args.broker is None, processes=args.processes, out_dir=out_dir,
+        slowdowns=stragglers(args.stragglers, args.devices, config.job.seed) if args.stragglers else {},
     )
     print(f"simulating job {config.job.name}: {args.devices} devices ({'processes' if args.processes else 'tasks'}),"
-          f" {config.model.source}, {config.strategy.name}, {dataset} {args.scheme}, {config.job.rounds} rounds, "
+          f" {config.model.source}, {config.strategy.resolved(config.job.mode)}, {dataset} {args.scheme}, {config.job.rounds} rounds, "
           f"C={config.job.fraction} E={config.train.epochs} B={config.train.batch_size} "
           f"lr={config.train.learning_rate}", file=sys.stderr)
     bar = RoundProgressBar(sys.stderr, config.job.rounds)
@@ -194,7 +197,7 @@ def _job_flags(parser: argparse.ArgumentParser, *, simulate: bool) -> None:
     parser.add_argument("--job", help="job name")
     parser.add_argument("--rounds", type=int, help="number of rounds")
     parser.add_argument("--model", help="zoo model (logreg, mnist_2nn, mnist_cnn) or ONNX path")
-    parser.add_argument("--strategy", help="fedavg, fedsgd, or path/to/file.py:Class")
+    parser.add_argument("--strategy", help="fedavg, fedsgd, ssp, fedasync, fedbuff, or path/to/file.py:Class")
     parser.add_argument("--fraction", "-C", type=float, help="fraction of devices per round")
     parser.add_argument("--epochs", "-E", type=int, help="local epochs")
     parser.add_argument("--batch-size", "-B", type=int, help="local batch size")
@@ -247,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
         sim.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
         sim.add_argument("--processes", action="store_true", help="devices as separate OS processes")
+        sim.add_argument("--sync-bound", metavar="S", help="SSP with staleness bound S (an integer, or inf for "
+                         "fully asynchronous training); default: synchronous rounds")
+        sim.add_argument("--stragglers", metavar="FRAC:FACTOR", help="make a seeded FRAC of the devices FACTOR "
+                         "times slower, e.g. 0.2:5")
         sim.add_argument("--out", metavar="DIR", help="output folder (default: runs/<job>-<time>)")
         sim.set_defaults(handler=(lambda a: _cmd_simulate(a, demo=True)) if is_demo else _cmd_simulate)
         if is_demo:

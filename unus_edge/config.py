@@ -100,6 +100,26 @@ class JobSettings:
     """Seconds to wait for ``min_devices`` before the job fails."""
     max_update_norm: float = 0.0
     """Reject updates whose L2 norm exceeds this (0: no bound)."""
+    mode: Literal["sync", "ssp"] = "sync"
+    """``sync``: rounds (FedAvg...). ``ssp``: Stale Synchronous Parallel, no rounds."""
+    staleness_bound: int | str = 0
+    """SSP bound s: a device may start update c_i only when c_i <= c_min + s. ``"inf"``: fully asynchronous."""
+    max_staleness: int | str = "inf"
+    """SSP: reject updates whose base is more than this many versions old."""
+    max_updates: int = 0
+    """SSP: stop after this many accepted updates (0: no limit; the job ends when c_min reaches rounds)."""
+    time_budget: float = 0.0
+    """Stop after this many seconds (0: no limit)."""
+
+    @property
+    def bound(self) -> int | None:
+        """The SSP staleness bound s (``None`` is infinity)."""
+        return _bound(self.staleness_bound)
+
+    @property
+    def staleness_limit(self) -> int | None:
+        """``max_staleness`` as an integer (``None`` is infinity)."""
+        return _bound(self.max_staleness)
 
 
 @dataclass(frozen=True)
@@ -112,8 +132,12 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class StrategySettings:
-    name: str = "fedavg"
-    """``fedavg``, ``fedsgd``, or ``path/to/file.py:Class`` / ``package.module:Class``."""
+    name: str = ""
+    """``fedavg``, ``fedsgd``, ``ssp``, ``fedasync``, ``fedbuff``, ``path/to/file.py:Class`` or
+    ``package.module:Class``. Empty: ``fedavg`` for synchronous jobs, ``ssp`` in SSP mode."""
+
+    def resolved(self, mode: str) -> str:
+        return self.name or ("ssp" if mode == "ssp" else "fedavg")
     options: Mapping[str, Scalar] = field(default_factory=dict)
 
 
@@ -243,6 +267,8 @@ def _parse_scalar(text: str) -> Scalar:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
+    if lowered in ("inf", "infinity", "nan", "-inf"):
+        return lowered  # words, not floats: "inf" is the SSP bound's infinity
     for kind in (int, float):
         try:
             return kind(text)
@@ -357,6 +383,11 @@ def validate_job_config(config: JobConfig) -> None:
     _check(job.heartbeat_timeout > 0, "job.heartbeat_timeout", "must be positive (seconds)")
     _check(job.wait_for_devices > 0, "job.wait_for_devices", "must be positive (seconds)")
     _check(job.max_update_norm >= 0, "job.max_update_norm", "must be >= 0 (0: no bound)")
+    for key, value in (("job.staleness_bound", job.staleness_bound), ("job.max_staleness", job.max_staleness)):
+        valid = value in ("inf", "infinity") or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        _check(valid, key, f"must be a non-negative integer or \"inf\", got {value!r}")
+    _check(job.max_updates >= 0, "job.max_updates", "must be >= 0 (0: no limit)")
+    _check(job.time_budget >= 0, "job.time_budget", "must be >= 0 seconds (0: no limit)")
     train = config.train
     _check(train.epochs >= 1, "train.epochs", "must be at least 1")
     _check(train.batch_size >= 1, "train.batch_size", "must be at least 1")
@@ -397,6 +428,12 @@ def _check_broker(broker: BrokerSettings) -> None:
     options_from_url(broker.url)  # raises ConfigError("broker.url", ...)
     _check(broker.keepalive >= 1, "broker.keepalive", "must be at least 1 second")
     _check(not (broker.cert_file and not broker.key_file), "broker.key_file", "is required with broker.cert_file")
+
+
+def _bound(value: int | str) -> int | None:
+    if isinstance(value, str):
+        return None  # "inf", checked at load
+    return value
 
 
 def _check(condition: bool, key: str, reason: str) -> None:

@@ -311,6 +311,8 @@ class Ack(Message):
     reason: str = ""
     clock: int = 0
     """The device's clock c_i after this update."""
+    version: int = 0
+    """The global model version after this update (train from at least this version next)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +364,10 @@ class RoundMetrics(Message):
     bytes_up: int = 0
     bytes_down: int = 0
     rejected: Mapping[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    """Seconds since the job started."""
+    num_rejected: int = 0
+    """Updates refused in this round (SSP: since the previous report)."""
 
 
 @dataclass(frozen=True, slots=True)

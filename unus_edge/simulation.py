@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from unus_edge.aggregator import JobResult, RoundProgress, run_aggregator
 from unus_edge.broker import EmbeddedBroker
 from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, JobConfig
@@ -35,7 +37,7 @@ from unus_edge.messages import RoundMetrics
 from unus_edge.onnx_io import save_model
 from unus_edge.zoo import resolve_model
 
-__all__ = ["SimulationOptions", "SimulationReport", "simulate"]
+__all__ = ["SimulationOptions", "SimulationReport", "simulate", "stragglers"]
 
 logger = logging.getLogger("unus_edge.simulation")
 
@@ -64,6 +66,20 @@ class SimulationReport:
     num_devices: int
     out_dir: Path | None
     plot: Path | None
+
+
+def stragglers(spec: str, num_devices: int, seed: int) -> dict[int, float]:
+    """``"0.2:5"``: a seeded 20% of the devices (at least one) become 5 times slower."""
+    fraction_text, colon, factor_text = spec.partition(":")
+    try:
+        fraction, factor = float(fraction_text), float(factor_text)
+    except ValueError:
+        raise ConfigError("--stragglers", f"expected FRACTION:FACTOR such as 0.2:5, got {spec!r}") from None
+    if not colon or not 0 <= fraction <= 1 or factor < 1:
+        raise ConfigError("--stragglers", f"FRACTION in [0, 1] and FACTOR >= 1, got {spec!r}")
+    count = min(num_devices, max(1, round(fraction * num_devices))) if fraction > 0 else 0
+    chosen = np.random.default_rng([seed, 0x57A6]).choice(num_devices, size=count, replace=False)
+    return {int(index): factor for index in sorted(chosen)}
 
 
 def _device_config(options: SimulationOptions, index: int, broker: BrokerSettings, data: str) -> DeviceConfig:
@@ -175,7 +191,7 @@ def _write_outputs(out_dir: Path, config: JobConfig, result: JobResult) -> Path 
     summary = {
         "job": result.job, "state": result.state, "rounds": result.rounds, "wall_seconds": result.wall_seconds,
         "final_accuracy": result.final_accuracy, "final_loss": result.final_loss, "bytes_up": result.bytes_up,
-        "bytes_down": result.bytes_down, "rejected": result.rejected, "strategy": config.strategy.name,
+        "bytes_down": result.bytes_down, "rejected": result.rejected, "strategy": config.strategy.resolved(config.job.mode),
         "model": config.model.source,
     }
     (out_dir / "metrics.json").write_text(json.dumps({"summary": summary, "rounds": rows}, indent=2))
@@ -186,7 +202,7 @@ def _write_outputs(out_dir: Path, config: JobConfig, result: JobResult) -> Path 
         writer.writeheader()
         writer.writerows(rows)
     save_model(resolve_model(config.model.source, seed=config.model.seed), out_dir / "model.onnx", result.params)
-    return plot_history(result.history, out_dir / "metrics.png", title=f"{result.job}: {config.strategy.name}")
+    return plot_history(result.history, out_dir / "metrics.png", title=f"{result.job}: {config.strategy.resolved(config.job.mode)}")
 
 
 def plot_history(history: list[RoundMetrics], path: Path, *, title: str = "") -> Path | None:

@@ -19,30 +19,38 @@ import contextlib
 import logging
 import math
 import time
-import zlib
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from unus_edge import topics
 from unus_edge.aggregator._round import SyncRound
 from unus_edge.errors import JobError, StrategyError
-from unus_edge.messages import RoundMetrics, Task
-from unus_edge.strategies import Assignment, Params, RoundContext
+from unus_edge.messages import RoundMetrics, Task, Update
+from unus_edge.seeds import device_seed
+from unus_edge.strategies import Assignment, ClientUpdate, Params, RoundContext
 from unus_edge.topics import Channel
 
 if TYPE_CHECKING:
     from unus_edge.aggregator._service import Aggregator
 
-__all__ = ["RoundDriver", "device_seed"]
+__all__ = ["RoundDriver", "wait_for_devices"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
 
-def device_seed(job_seed: int, server_round: int, device_id: str) -> int:
-    """The training seed of one device in one round: deterministic, independent per device."""
-    sequence = np.random.SeedSequence([job_seed, server_round, zlib.crc32(device_id.encode())])
-    return int(sequence.generate_state(1)[0])
+async def wait_for_devices(service: Aggregator) -> None:
+    """Wait until ``job.min_devices`` devices are online; fail the job after ``job.wait_for_devices``."""
+    needed = service.config.job.min_devices
+    limit = service.config.job.wait_for_devices
+    if len(service.registry.online()) < needed:
+        logger.info("waiting for %d device(s) to be online (%d now)", needed, len(service.registry.online()))
+    try:
+        async with asyncio.timeout(limit):
+            while len(service.registry.online()) < needed:
+                service.devices_changed.clear()
+                await service.devices_changed.wait()
+    except TimeoutError:
+        raise JobError(service.job, f"only {len(service.registry.online())} of the {needed} devices needed "
+                                    f"(job.min_devices) came online within {limit:.0f} s") from None
 
 
 class RoundDriver:
@@ -50,27 +58,52 @@ class RoundDriver:
         self.service = service
         self._tasks: dict[str, Task] = {}
 
+    def judge(self, update: Update) -> tuple[str, str] | None:
+        """Why this update cannot go into the current round, or ``None`` if it can."""
+        current = self.service.current_round
+        if current is None or current.task_of(update.device_id) != update.task_id:
+            return "unassigned", f"task {update.task_id!r} is not an open assignment of this device"
+        if update.device_id in current.accepted:
+            return "already_applied", "this device's update for the round was already applied"
+        if update.base_version != current.version:
+            return "stale_base", f"trained from version {update.base_version}, the round uses {current.version}"
+        if update.encoding != "delta":
+            return "bad_encoding", "synchronous rounds take deltas"
+        return None
+
+    def apply(self, msg_id: str, update: Update) -> tuple[int, int]:
+        """Fold an accepted update into the round; returns the device's clock and the version."""
+        service = self.service
+        current = service.current_round
+        assert current is not None
+        service.accumulator.add(ClientUpdate(update.device_id, update.num_examples, update.tensors,
+                                             update.base_version, update.train_loss, 0, update.metrics))
+        current.accept(update.device_id, msg_id)
+        service.round_changed.set()
+        record = service.registry.get(update.device_id)
+        return (record.clock if record else 0), service.version
+
+    def device_offline(self, device_id: str, reason: str) -> None:
+        if self.service.current_round is not None:
+            self.service.current_round.fail(device_id, "offline", reason)
+            self.service.round_changed.set()
+
+    def device_joined(self, device_id: str) -> None:
+        """A device (re)joined mid-round while still assigned: give it its task again."""
+        current = self.service.current_round
+        if current is not None and device_id in current.pending:
+            self.resend_task(device_id)
+
     async def run(self) -> None:
         service = self.service
         while service.server_round < service.config.job.rounds:
-            await self._wait_for_devices()
+            await wait_for_devices(service)
             await self._run_round(service.server_round + 1)
         logger.info("job %s finished after %d rounds", service.job, service.server_round)
 
-    async def _wait_for_devices(self) -> None:
-        service = self.service
-        needed = service.config.job.min_devices
-        limit = service.config.job.wait_for_devices
-        if len(service.registry.online()) < needed:
-            logger.info("waiting for %d device(s) to be online (%d now)", needed, len(service.registry.online()))
-        try:
-            async with asyncio.timeout(limit):
-                while len(service.registry.online()) < needed:
-                    service.devices_changed.clear()
-                    await service.devices_changed.wait()
-        except TimeoutError:
-            raise JobError(service.job, f"only {len(service.registry.online())} of the {needed} devices needed "
-                                        f"(job.min_devices) came online within {limit:.0f} s") from None
+    def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
+        """Synchronous rounds as seen through the clock: every device is at the round, s = 0."""
+        return self.service.server_round, 0, {}
 
     def _context(self, server_round: int) -> RoundContext:
         config = self.service.config

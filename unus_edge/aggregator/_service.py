@@ -48,7 +48,7 @@ from unus_edge.messages import (
     decode_message,
     encode_message,
 )
-from unus_edge.strategies import ClientUpdate, Params, Strategy
+from unus_edge.strategies import Params, Strategy
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, ReceivedMessage, Transport, Will
 
@@ -99,6 +99,7 @@ class JobResult:
 class _Counters:
     bytes_up: int = 0
     bytes_down: int = 0
+    refused: int = 0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -151,8 +152,9 @@ class Aggregator:
         self.limits = self._limits()
         self._tasks: asyncio.TaskGroup | None = None
         from unus_edge.aggregator._driver import RoundDriver
+        from unus_edge.aggregator._ssp import SSPDriver
 
-        self.driver = RoundDriver(self)
+        self.driver: RoundDriver | SSPDriver = SSPDriver(self) if config.job.mode == "ssp" else RoundDriver(self)
         if resume and config.checkpoint.dir:
             self._resume()
 
@@ -264,7 +266,7 @@ class Aggregator:
         except UnusError as error:
             self.failure = error
 
-    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(self, coroutine: Coroutine[Any, Any, object], name: str) -> None:
         """Run a fire-and-forget publish inside the service's task group."""
         if self._tasks is None:
             coroutine.close()
@@ -287,12 +289,13 @@ class Aggregator:
 
     async def publish_state(self, reason: str = "") -> None:
         online = [r for r in self.registry if r.online]
-        clock = Clock(self.version, self.server_round, self.session, _clock_state(self.state), live_devices=len(online),
-                      clocks={r.device_id: r.clock for r in online})
+        c_min, bound, clocks = self.driver.clock_state()
+        clock = Clock(self.version, self.server_round, self.session, _clock_state(self.state), c_min, bound,
+                      len(online), clocks)
         await self.publish(topics.clock(self.job), Channel.CLOCK, clock)
         last = self.history[-1] if self.history else None
         job = JobMetrics(_clock_state(self.state), self.strategy.name or type(self.strategy).__name__,
-                         self.server_round, self.config.job.rounds, self.version, self.session,
+                         self.server_round, self.config.job.rounds, self.version, self.session, bound, c_min,
                          eval_accuracy=last.eval_accuracy if last else None,
                          eval_loss=last.eval_loss if last else None, reason=reason)
         await self.publish(topics.metrics(self.job, "job"), Channel.METRICS, job)
@@ -344,13 +347,13 @@ class Aggregator:
         elif isinstance(decoded, Heartbeat):
             if self.registry.heartbeat(decoded.device_id, decoded.session, now):
                 self._registry_updated()
+                self.driver.device_joined(decoded.device_id)
         elif isinstance(decoded, Status) and self.registry.status(
             decoded.device_id, decoded.state == "online", decoded.session, now
         ):
             self._registry_updated()
-            if decoded.state == "offline" and self.current_round is not None:
-                self.current_round.fail(decoded.device_id, "offline", decoded.reason)
-                self.round_changed.set()
+            if decoded.state == "offline":
+                self.driver.device_offline(decoded.device_id, decoded.reason or "offline")
 
     def _registry_updated(self) -> None:
         self.registry_changed.set()
@@ -359,18 +362,17 @@ class Aggregator:
 
     def _on_registration(self, registration: Registration, now: float) -> None:
         verdict = self.registry.register(registration, now)
-        record = self.registry.get(registration.device_id)
         if verdict.accepted:
             logger.info("device %s registered (%d examples, %s)", registration.device_id,
                         registration.num_examples, registration.platform or "unknown platform")
             self._registry_updated()
+            self.driver.device_joined(registration.device_id)  # may move its clock (SSP rejoin)
         else:
             self.reject(verdict.reason, verdict.detail, registration.device_id)
+        record = self.registry.get(registration.device_id)
         reply = RegistrationReply(registration.device_id, verdict.accepted, self.session, verdict.reason,
                                   verdict.detail, record.clock if record else 0)
         self.spawn(self._send_to_device(registration.device_id, reply), "aggregator-registration-reply")
-        if verdict.accepted and self.current_round is not None:
-            self._resend_task(registration.device_id)
 
     def _refuse_registration(self, device_id: str, error: CodecError) -> None:
         if error.reason != "unsupported_schema":
@@ -379,19 +381,17 @@ class Aggregator:
                                   f"the aggregator speaks schema {SCHEMA_VERSION}: {error.detail}")
         self.spawn(self._send_to_device(device_id, reply), "aggregator-registration-reply")
 
-    def _resend_task(self, device_id: str) -> None:
-        """A device (re)joined mid-round while still assigned: give it its task again."""
-        current = self.current_round
-        if current is not None and device_id in current.pending:
-            self.driver.resend_task(device_id)
-
     async def _send_to_device(self, device_id: str, message: Message) -> None:
         size = await self.publish(topics.device_topic(self.job, device_id, Channel.TASKS), Channel.TASKS, message)
         self.counters.bytes_down += size
 
-    def _ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "") -> None:
+    def _ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "", *, clock: int | None = None,
+             version: int | None = None) -> None:
         record = self.registry.get(update.device_id)
-        ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, record.clock if record else 0)
+        if clock is None:
+            clock = record.clock if record else 0
+        ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, clock,
+                  self.version if version is None else version)
         self.spawn(self._send_to_device(update.device_id, ack), "aggregator-ack")
 
     def _on_update(self, envelope: Envelope, update: Update) -> None:
@@ -400,41 +400,27 @@ class Aggregator:
             self.counters.rejected["duplicate"] += 1
             self._ack(update, envelope.msg_id, known[0], known[1])
             return
-        verdict = self._judge(update)
+        verdict: tuple[str, str] | None
+        if update.device_id not in self.registry:
+            verdict = "unregistered", "the device has not registered"
+        else:
+            verdict = self.driver.judge(update) or check_tensors(update.tensors, self.params,
+                                                                 max_norm=self.config.job.max_update_norm)
         if verdict is not None:
             reason, detail = verdict
             self.reject(reason, detail, update.device_id)
+            self.counters.refused += 1
             self.dedup.remember(envelope.msg_id, False, reason)
             self._ack(update, envelope.msg_id, False, reason)
             return
-        current = self.current_round
-        assert current is not None
-        self.accumulator.add(ClientUpdate(update.device_id, update.num_examples, update.tensors, update.base_version,
-                                          update.train_loss, 0, update.metrics))
-        current.accept(update.device_id, envelope.msg_id)
         record = self.registry.get(update.device_id)
-        if record is not None:
-            record.rounds_contributed += 1
-            record.last_train_loss = update.train_loss
-            record.clock += 1
+        assert record is not None
+        record.rounds_contributed += 1
+        record.last_train_loss = update.train_loss
+        record.clock += 1
+        clock, version = self.driver.apply(envelope.msg_id, update)
         self.dedup.remember(envelope.msg_id, True)
-        self._ack(update, envelope.msg_id, True)
-        self.round_changed.set()
-
-    def _judge(self, update: Update) -> tuple[str, str] | None:
-        """Why this update cannot be applied now, or ``None`` if it can."""
-        if update.device_id not in self.registry:
-            return "unregistered", "the device has not registered"
-        current = self.current_round
-        if current is None or current.task_of(update.device_id) != update.task_id:
-            return "unassigned", f"task {update.task_id!r} is not an open assignment of this device"
-        if update.device_id in current.accepted:
-            return "already_applied", "this device's update for the round was already applied"
-        if update.base_version != current.version:
-            return "stale_base", f"trained from version {update.base_version}, the round uses {current.version}"
-        if update.encoding != "delta":
-            return "bad_encoding", "synchronous rounds take deltas"
-        return check_tensors(update.tensors, self.params, max_norm=self.config.job.max_update_norm)
+        self._ack(update, envelope.msg_id, True, clock=clock, version=version)
 
     # ------------------------------------------------------------------ liveness
 
@@ -450,9 +436,7 @@ class Aggregator:
             for device_id in expired:
                 logger.warning("device %s missed its heartbeats for %.0f s: offline", device_id,
                                self.registry.heartbeat_timeout)
-                if self.current_round is not None:
-                    self.current_round.fail(device_id, "offline", "heartbeat timeout")
-                    self.round_changed.set()
+                self.driver.device_offline(device_id, "heartbeat timeout")
             if expired:
                 self.spawn(self.publish_fleet(), "aggregator-fleet-metrics")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from unus_edge.aggregator._service import Aggregator, Evaluate, JobResult, RoundProgress
 from unus_edge.config import JobConfig
 from unus_edge.data import load_dataset
+from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
 from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, read_parameters
 from unus_edge.strategies import Params, Strategy, load_strategy
@@ -52,7 +53,13 @@ def central_evaluation(config: JobConfig, model: OnnxModel) -> Evaluate | None:
 def prepare_job(config: JobConfig) -> JobParts:
     """Load the model, its initial parameters, the strategy and the evaluation."""
     model = resolve_model(config.model.source, seed=config.model.seed)
-    strategy = load_strategy(config.strategy.name, config.strategy.options)
+    name = config.strategy.resolved(config.job.mode)
+    strategy = load_strategy(name, config.strategy.options)
+    if config.job.mode == "ssp" and not strategy.asynchronous:
+        raise ConfigError("strategy.name", f"{name} has no SSP/asynchronous mode; with job.mode = "
+                                           "'ssp' use ssp, fedasync, fedbuff or another asynchronous strategy")
+    if config.job.mode == "sync" and strategy.asynchronous:
+        raise ConfigError("job.mode", f"{name} is asynchronous: set job.mode = 'ssp' (simulate: --sync-bound S)")
     return JobParts(model, read_parameters(model), fingerprint(model), strategy, central_evaluation(config, model))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -50,6 +51,7 @@ from unus_edge.messages import (
     encode_message,
 )
 from unus_edge.nn import Graph
+from unus_edge.seeds import device_seed
 from unus_edge.strategies import Params
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, Transport, Will
@@ -57,6 +59,7 @@ from unus_edge.transport import ConnectOptions, Transport, Will
 __all__ = ["Device"]
 
 logger = logging.getLogger("unus_edge.device")
+ssp_logger = logging.getLogger("unus_edge.device.ssp")
 
 DeviceState = Literal["idle", "training", "waiting", "uploading"]
 
@@ -109,6 +112,14 @@ class Device:
         self.done_tasks: set[str] = set()
         self.pending: _Pending | None = None
         self.acked = asyncio.Event()
+        # SSP state: the device's clock c_i is self.clock; c_min and s come from the retained clock.
+        self.c_min = 0
+        self.bound: int | None = 0
+        self.clock_version = 0
+        self.ack_version = 0
+        self.gate = asyncio.Event()
+        self.standing: Task | None = None
+        self.job_over = False
         self.stop_training = threading.Event()
         self.started = time.monotonic()
         self.updates_sent = 0
@@ -225,6 +236,13 @@ class Device:
 
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, Task):
+            if message.mode == "ssp":
+                running = self.standing is not None
+                self.standing = message  # a new aggregator session replaces the standing task
+                self.gate.set()
+                if not running:
+                    self.tasks.put_nowait(message)
+                return
             if message.task_id in self.done_tasks or (self.pending and self.pending.task_id == message.task_id):
                 return  # a redelivery of a task we already did
             self.tasks.put_nowait(message)
@@ -235,10 +253,15 @@ class Device:
         elif isinstance(message, RegistrationReply):
             self._on_registration_reply(message)
         elif isinstance(message, Clock):
-            self.clock = message.clocks.get(self.device_id, self.clock)
-            if message.state in ("finished", "failed") and self.exit_when_finished:
-                logger.info("job %s is %s: device %s exits", self.job, message.state, self.device_id)
-                self.shutdown_trigger.set()
+            self.c_min = message.c_min
+            self.bound = message.staleness_bound
+            self.clock_version = max(self.clock_version, message.version)
+            self.gate.set()
+            if message.state in ("finished", "failed"):
+                self.job_over = True
+                if self.exit_when_finished:
+                    logger.info("job %s is %s: device %s exits", self.job, message.state, self.device_id)
+                    self.shutdown_trigger.set()
         elif isinstance(message, Status) and message.role == "aggregator":
             if message.state == "online" and message.session != self.aggregator_session:
                 if self.aggregator_session:
@@ -255,6 +278,7 @@ class Device:
             raise RejectedError(self.device_id, reply.reason, reply.detail)
         self.aggregator_session = reply.aggregator_session
         self.clock = reply.clock
+        self.gate.set()
         if not self.registered.is_set():
             logger.info("device %s registered with aggregator session %s", self.device_id, reply.aggregator_session)
         self.registered.set()
@@ -265,6 +289,8 @@ class Device:
             return
         self.pending = None
         self.clock = ack.clock
+        self.ack_version = max(self.ack_version, ack.version)
+        self.gate.set()
         if ack.accepted:
             logger.info("update %s for %s applied (clock %d)", ack.update_msg_id[:8], ack.task_id, ack.clock)
         else:
@@ -327,6 +353,9 @@ class Device:
         while True:
             task = await self.tasks.get()
             await self.registered.wait()
+            if task.mode == "ssp":
+                await self._run_ssp()
+                continue
             budget = task.deadline_seconds or 3600.0
             if not await self._wait_for_model(task.model_version, budget):
                 logger.warning("task %s dropped: model version %d never arrived", task.task_id, task.model_version)
@@ -334,9 +363,39 @@ class Device:
             if self.model_version != task.model_version or self.model is None:
                 logger.info("task %s is stale (model is at version %d)", task.task_id, self.model_version)
                 continue
-            await self._do_task(task, self.model)
+            await self._do_task(task, self.model, task.model_version)
 
-    async def _do_task(self, task: Task, base: Params) -> None:
+    def _finished(self) -> bool:
+        return self.job_over
+
+    async def _wait_gate(self) -> None:
+        """Wait until the SSP rule lets this device start: c_i <= c_min + s (event-driven)."""
+        while not self.job_over and not (self.bound is None or self.clock <= self.c_min + self.bound):
+            self.state = "waiting"
+            self.gate.clear()
+            await self.gate.wait()
+
+    async def _run_ssp(self) -> None:
+        """SSP: update after update, each started only when the clock allows it."""
+        while not self.job_over and self.standing is not None:
+            await self._wait_gate()
+            if self._finished():
+                break
+            required = max(self.ack_version, self.clock_version)
+            if not await self._wait_for_model(required, 3600.0) or self.model is None:
+                continue
+            task, base, version, clock = self.standing, self.model, self.model_version, self.clock
+            # The SSP invariant, logged at every start (tests check it over whole runs).
+            ssp_logger.info("ssp start device=%s clock=%d c_min=%d bound=%s version=%d", self.device_id, clock,
+                            self.c_min, "inf" if self.bound is None else self.bound, version)
+            job_seed = int(task.config.get("job_seed", 0))
+            step = dataclasses.replace(task, server_round=clock + 1, model_version=version,
+                                       config={**task.config, "seed": device_seed(job_seed, clock + 1,
+                                                                                  self.device_id)})
+            await self._do_task(step, base, version, clock=clock)
+        self.state = "idle"
+
+    async def _do_task(self, task: Task, base: Params, base_version: int, *, clock: int | None = None) -> None:
         self.state = "training"
         started = time.perf_counter()
         try:
@@ -349,15 +408,18 @@ class Device:
         if self.settings.slowdown > 1:  # simulated straggler: busy for longer, for real
             self.state = "training"
             await asyncio.sleep((self.settings.slowdown - 1) * (time.perf_counter() - started))
-        update = Update(self.device_id, self.session, task.task_id, task.server_round, task.model_version,
-                        result.num_examples, result.train_loss, result.delta, clock=self.clock,
-                        train_seconds=time.perf_counter() - started, metrics={"steps": result.steps})
+        encoding: Literal["delta", "weights"] = "weights" if task.config.get("encoding") == "weights" else "delta"
+        update = Update(self.device_id, self.session, task.task_id, task.server_round, base_version,
+                        result.num_examples, result.train_loss, result.delta, encoding,
+                        self.clock if clock is None else clock, time.perf_counter() - started,
+                        {"steps": result.steps})
         msg_id = new_msg_id()
         self.state = "uploading"
         self.acked.clear()
         payload = encode_message(update, self.job, Channel.UPDATE, msg_id=msg_id)
         self.pending = _Pending(msg_id, task.task_id, payload)
-        self.done_tasks.add(task.task_id)
+        if task.mode == "sync":
+            self.done_tasks.add(task.task_id)
         try:
             await self.transport.publish(self._topic(Channel.UPDATE), payload, qos=1)
             self.updates_sent += 1

@@ -6,9 +6,11 @@ Write a new algorithm by subclassing :class:`Strategy` (or :class:`FedAvg`) and 
 
 from __future__ import annotations
 
+from unus_edge.strategies._async import STALENESS_FUNCTIONS, FedAsync, FedBuff, SSPAveraging, staleness_function
 from unus_edge.strategies._base import (
     Accumulator,
     Assignment,
+    AsyncContext,
     ClientUpdate,
     DeviceInfo,
     Failure,
@@ -18,6 +20,7 @@ from unus_edge.strategies._base import (
     Strategy,
     WeightedMean,
     add_scaled,
+    fold,
 )
 from unus_edge.strategies._fedavg import FULL_BATCH, FedAvg, FedSGD
 from unus_edge.strategies._loader import BUILTIN_STRATEGIES, load_strategy, strategy_class
@@ -25,19 +28,26 @@ from unus_edge.strategies._loader import BUILTIN_STRATEGIES, load_strategy, stra
 __all__ = [
     "BUILTIN_STRATEGIES",
     "FULL_BATCH",
+    "STALENESS_FUNCTIONS",
     "Accumulator",
     "Assignment",
+    "AsyncContext",
     "ClientUpdate",
     "DeviceInfo",
     "Failure",
+    "FedAsync",
     "FedAvg",
+    "FedBuff",
     "FedSGD",
     "Params",
     "RoundContext",
+    "SSPAveraging",
     "Scalar",
     "Strategy",
     "WeightedMean",
     "add_scaled",
+    "fold",
     "load_strategy",
+    "staleness_function",
     "strategy_class",
 ]

@@ -28,10 +28,12 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from unus_edge.codec import SparseTensor, Tensor
+from unus_edge.errors import StrategyError
 
 __all__ = [
     "Accumulator",
     "Assignment",
+    "AsyncContext",
     "ClientUpdate",
     "DeviceInfo",
     "Failure",
@@ -41,6 +43,7 @@ __all__ = [
     "Strategy",
     "WeightedMean",
     "add_scaled",
+    "fold",
 ]
 
 Params = dict[str, np.ndarray[Any, Any]]
@@ -80,6 +83,17 @@ class RoundContext:
     batch_size: int
     learning_rate: float
     rng: np.random.Generator
+
+
+@dataclass(slots=True)
+class AsyncContext:
+    """What the engine tells asynchronous strategies."""
+
+    version: int
+    """The current global model version."""
+    total_examples: int
+    """n: the examples of all participating devices (SSP averaging weighs by n_k / n)."""
+    staleness_bound: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +150,15 @@ def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scrat
         np.add(flat[start:stop], part, out=flat[start:stop])
 
 
+def fold(base: Mapping[str, np.ndarray[Any, Any]], sums: Mapping[str, np.ndarray[Any, Any]], scale: float) -> Params:
+    """``base + scale * sums`` computed in float64 and rounded once to each parameter's dtype.
+
+    FedAvg and SSP delta averaging both fold through here, so that with the same sums they
+    produce bit-identical models.
+    """
+    return {name: (base[name].astype(np.float64) + sums[name] * scale).astype(base[name].dtype) for name in base}
+
+
 class WeightedMean:
     """``sum_k w_k * delta_k / sum_k w_k`` in O(model) memory, independent of arrival order.
 
@@ -172,6 +195,10 @@ class WeightedMean:
     def train_loss(self) -> float | None:
         """Mean training loss over the examples of the accepted updates."""
         return self.loss_sum / self.num_examples if self.num_examples else None
+
+    def apply_to(self, global_params: Params, scale: float = 1.0) -> Params:
+        """``global + scale * mean``, rounded once to the parameters' dtypes (new arrays)."""
+        return fold(global_params, self.sums, scale / self.total_weight if self.total_weight else 0.0)
 
     def mean(self) -> Params:
         """The weighted mean delta in the parameters' dtypes (new arrays); zeros when empty."""
@@ -217,3 +244,28 @@ class Strategy(ABC):
     ) -> Mapping[str, float]:
         """Metrics of the new global model; default: the engine's central evaluation."""
         return central(params)
+
+    # ---------------------------------------------------------------- SSP / asynchronous hooks
+    #
+    # In SSP mode (``job.mode = "ssp"``) there are no rounds: every accepted update goes to
+    # ``on_update`` at once, and the engine asks ``global_params`` whenever it publishes or
+    # evaluates the model. Strategies that only make sense with rounds keep these defaults.
+
+    asynchronous: ClassVar[bool] = False
+    """Whether the strategy implements the three hooks below (SSP / asynchronous training)."""
+
+    def device_config(self) -> Mapping[str, Scalar]:
+        """Settings sent to every device in its task (e.g. ``{"encoding": "weights"}``)."""
+        return {}
+
+    def start_async(self, params: Params, context: AsyncContext) -> None:
+        """Begin asynchronous training from ``params``."""
+        raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
+
+    def on_update(self, update: ClientUpdate, context: AsyncContext) -> bool:
+        """Fold one accepted update in; return whether the global model changed (version + 1)."""
+        raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
+
+    def global_params(self, context: AsyncContext) -> Params:
+        """The current global model (new arrays the engine may keep)."""
+        raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)

@@ -37,12 +37,7 @@ class FedAvg(Strategy):
                                 strategy=self.name)
         if accumulator.count == 0:
             return None
-        mean = accumulator.mean()
-        eta = self.server_learning_rate
-        if eta == 1.0:
-            return {name: (global_params[name] + mean[name]) for name in global_params}
-        return {name: (global_params[name] + eta * mean[name]).astype(global_params[name].dtype)
-                for name in global_params}
+        return accumulator.apply_to(global_params, self.server_learning_rate)
 
 
 class FedSGD(FedAvg):

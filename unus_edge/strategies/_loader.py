@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from unus_edge.errors import StrategyError
+from unus_edge.strategies._async import FedAsync, FedBuff, SSPAveraging
 from unus_edge.strategies._base import Strategy
 from unus_edge.strategies._fedavg import FedAvg, FedSGD
 
 __all__ = ["BUILTIN_STRATEGIES", "load_strategy", "strategy_class"]
 
-BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedSGD)}
+BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedSGD, SSPAveraging, FedAsync, FedBuff)
+}
 
 
 def strategy_class(spec: str) -> type[Strategy]:

@@ -1,0 +1,266 @@
+"""Stale Synchronous Parallel (Ho et al., NIPS 2013): one staleness bound from FedAvg to async.
+
+Semantics (``docs/synchronization.md``):
+
+* each participating device i has a clock c_i, the number of its updates accepted so far;
+  ``c_min`` is the minimum over the *live* participants (a device declared dead leaves it at
+  once, so nobody waits for it; a device that rejoins starts at the current ``c_min``);
+* a device may start its next update only when ``c_i <= c_min + s``; it waits for the retained
+  clock otherwise. ``s = 0`` is synchronous, ``s = None`` (infinity) never blocks;
+* updates are deltas against ``base_version`` and are applied as they arrive through the
+  strategy's ``on_update``; the version advances on each apply (or buffer flush);
+* the retained clock ``{version, c_min, s, clocks, ...}`` is published whenever they change;
+  the model is published when some device becomes allowed to start (with ``s = 0`` once per
+  clock, as in FedAvg), so devices always start from the freshest model;
+* the job ends when ``c_min`` reaches ``job.rounds``, after ``job.max_updates`` updates, or
+  after ``job.time_budget`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from unus_edge import topics
+from unus_edge.messages import RoundMetrics, Task, Update
+from unus_edge.strategies import AsyncContext, ClientUpdate
+from unus_edge.topics import Channel
+
+if TYPE_CHECKING:
+    from unus_edge.aggregator._service import Aggregator
+
+__all__ = ["SSPDriver"]
+
+logger = logging.getLogger("unus_edge.aggregator")
+
+
+class SSPDriver:
+    def __init__(self, service: Aggregator) -> None:
+        self.service = service
+        self.bound = service.config.job.bound
+        self.max_staleness = service.config.job.staleness_limit
+        self.participants: set[str] = set()
+        self.examples: dict[str, int] = {}
+        self.c_min = 0
+        self.updates = 0
+        self.started = False
+        self.done = asyncio.Event()
+        self.context = AsyncContext(service.version, 1, self.bound)
+        self._evaluated_at = 0
+        self._evaluating = False
+        self._tasks: dict[str, Task] = {}
+        self._clock_started = time.perf_counter()
+
+    # ------------------------------------------------------------------ membership
+
+    def _clock(self, device_id: str) -> int:
+        record = self.service.registry.get(device_id)
+        return record.clock if record else 0
+
+    def _live(self) -> list[str]:
+        online = {info.device_id for info in self.service.registry.online()}
+        return sorted(self.participants & online)
+
+    def allowed(self, device_id: str) -> bool:
+        return self.bound is None or self._clock(device_id) <= self.c_min + self.bound
+
+    def _recompute(self) -> bool:
+        """Recompute c_min over the live participants; returns whether it rose."""
+        live = self._live()
+        if not live:
+            return False
+        value = min(self._clock(device_id) for device_id in live)
+        risen = value > self.c_min
+        self.c_min = max(self.c_min, value)
+        return risen
+
+    def device_joined(self, device_id: str) -> None:
+        if not self.started:
+            return
+        record = self.service.registry.get(device_id)
+        if record is None:
+            return
+        if record.clock < self.c_min:
+            logger.info("device %s rejoins at c_min = %d (its clock was %d)", device_id, self.c_min, record.clock)
+            record.clock = self.c_min
+        self.participants.add(device_id)
+        self.examples[device_id] = record.num_examples
+        self.context.total_examples = sum(self.examples.values())
+        self._send_task(device_id)
+        self.service.spawn(self._publish(model=True), "aggregator-ssp-publish")
+
+    def device_offline(self, device_id: str, reason: str) -> None:
+        if device_id in self.participants and self.started:
+            logger.info("device %s left the SSP computation (%s)", device_id, reason)
+            if self._recompute():
+                self.service.spawn(self._publish(model=True), "aggregator-ssp-publish")
+                self._check_done()
+
+    def _send_task(self, device_id: str) -> None:
+        service = self.service
+        train = service.config.train
+        config = {"job_seed": service.config.job.seed, "momentum": train.momentum,
+                  "weight_decay": train.weight_decay, **service.strategy.device_config()}
+        task = Task(device_id, f"ssp.{service.session}.{device_id}", 0, service.version, train.epochs,
+                    train.batch_size, train.learning_rate, mode="ssp", config=config)
+        self._tasks[device_id] = task
+        service.spawn(service._send_to_device(device_id, task), "aggregator-ssp-task")
+
+    # ------------------------------------------------------------------ updates
+
+    def judge(self, update: Update) -> tuple[str, str] | None:
+        if not self.started or self.done.is_set():
+            return "not_running", "the SSP computation is not running"
+        task = self._tasks.get(update.device_id)
+        if update.device_id not in self.participants or task is None or task.task_id != update.task_id:
+            return "unassigned", f"task {update.task_id!r} is not this device's standing task"
+        clock = self._clock(update.device_id)
+        if update.clock < clock:
+            return "already_applied", f"clock {update.clock} was already applied (the device is at {clock})"
+        if update.clock > clock:
+            return "bad_clock", f"clock {update.clock} is ahead of the device's {clock}"
+        if update.base_version > self.service.version:
+            return "bad_base", f"base version {update.base_version} is newer than the model ({self.service.version})"
+        staleness = self.service.version - update.base_version
+        if self.max_staleness is not None and staleness > self.max_staleness:
+            return "too_stale", f"staleness {staleness} > job.max_staleness {self.max_staleness}"
+        wanted = "weights" if self.service.strategy.device_config().get("encoding") == "weights" else "delta"
+        if update.encoding != wanted:
+            return "bad_encoding", f"{self.service.strategy.name} takes {wanted}"
+        return None
+
+    def apply(self, msg_id: str, update: Update) -> tuple[int, int]:
+        service = self.service
+        staleness = service.version - update.base_version
+        self.context.version = service.version
+        changed = service.strategy.on_update(
+            ClientUpdate(update.device_id, update.num_examples, update.tensors, update.base_version,
+                         update.train_loss, staleness, update.metrics), self.context)
+        if changed:
+            service.version += 1
+            self.context.version = service.version
+        self.updates += 1
+        self._train_loss_sum += update.train_loss * update.num_examples
+        self._examples_sum += update.num_examples
+        self._staleness_sum += staleness
+        risen = self._recompute()
+        clock = self._clock(update.device_id)
+        # Finished shows in the same clock message that lets the devices go, so none starts a
+        # clock the job will not take.
+        self._check_done()
+        # Publish the model only when someone may start from it: the device that just
+        # reported (if it is within the bound), or everybody waiting when c_min rose.
+        publish_model = changed and (risen or self.allowed(update.device_id)) and not self.done.is_set()
+        service.spawn(self._publish(model=publish_model), "aggregator-ssp-publish")
+        if self.updates - self._evaluated_at >= max(1, len(self._live())) and not self.done.is_set():
+            self._evaluate()
+        return clock, service.version
+
+    _train_loss_sum = 0.0
+    _examples_sum = 0
+    _staleness_sum = 0
+    _recorded_version = -1
+    _recorded_updates = 0
+
+    @property
+    def mean_staleness(self) -> float:
+        return self._staleness_sum / self.updates if self.updates else 0.0
+
+    def _check_done(self) -> None:
+        job = self.service.config.job
+        if self.c_min >= job.rounds or (job.max_updates and self.updates >= job.max_updates):
+            self.done.set()
+            self.service.state = "finished"
+
+    # ------------------------------------------------------------------ publishing, evaluation
+
+    async def _publish(self, *, model: bool) -> None:
+        service = self.service
+        if model:
+            service.params = service.strategy.global_params(self.context)
+            await service.publish_model()
+        await service.publish_state()
+
+    def _evaluate(self) -> None:
+        if self._evaluating or self.service.evaluate_fn is None:
+            return
+        self._evaluating = True
+        self._evaluated_at = self.updates
+        self.service.spawn(self._evaluation(), "aggregator-ssp-evaluation")
+
+    async def _evaluation(self) -> None:
+        service = self.service
+        try:
+            params = service.strategy.global_params(self.context)
+            version, updates = service.version, self.updates
+            assert service.evaluate_fn is not None
+            metrics = await asyncio.to_thread(service.evaluate_fn, params)
+            self._record(version, updates, metrics)
+        finally:
+            self._evaluating = False
+
+    def _record(self, version: int, updates: int, evaluation: dict[str, float]) -> None:
+        service = self.service
+        if version == self._recorded_version:
+            return
+        self._recorded_version = version
+        live = max(1, len(self.participants))  # devices may already have left at the end
+        since, self._recorded_updates = updates - self._recorded_updates, updates
+        metrics = RoundMetrics(
+            updates // live, version, live, since, 0, self._examples_sum, time.perf_counter() - self._clock_started,
+            (self._train_loss_sum / self._examples_sum) if self._examples_sum else None, evaluation.get("loss"),
+            evaluation.get("accuracy"), service.counters.bytes_up, service.counters.bytes_down,
+            dict(service.counters.rejected), time.perf_counter() - self._clock_started, service.counters.refused,
+        )
+        service.history.append(metrics)
+        service.server_round = self.c_min
+        service.spawn(service.publish(topics.metrics(service.job, "round"), Channel.METRICS, metrics),
+                      "aggregator-ssp-metrics")
+        logger.info("ssp: %d updates, version %d, c_min %d, mean staleness %.2f%s", updates, version, self.c_min,
+                    self.mean_staleness,
+                    f", accuracy {metrics.eval_accuracy:.4f}" if metrics.eval_accuracy is not None else "")
+        if service.on_round is not None:
+            service.on_round(metrics)
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def run(self) -> None:
+        from unus_edge.aggregator._driver import wait_for_devices
+
+        service = self.service
+        await wait_for_devices(service)
+        self._clock_started = time.perf_counter()
+        service.state = "running"
+        self.started = True
+        online = [info.device_id for info in service.registry.online()]
+        for device_id in online:
+            record = service.registry.get(device_id)
+            assert record is not None
+            self.participants.add(device_id)
+            self.examples[device_id] = record.num_examples
+        self.context = AsyncContext(service.version, sum(self.examples.values()), self.bound)
+        service.strategy.start_async(service.params, self.context)
+        self._recompute()
+        await service.publish_state()
+        for device_id in online:
+            self._send_task(device_id)
+        logger.info("ssp: %d devices, s = %s, until c_min = %d", len(online),
+                    "inf" if self.bound is None else self.bound, service.config.job.rounds)
+        budget = service.config.job.time_budget or None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget):
+                await self.done.wait()
+        self.done.set()
+        service.params = service.strategy.global_params(self.context)
+        if service.evaluate_fn is not None:
+            evaluation = await asyncio.to_thread(service.evaluate_fn, service.params)
+            self._record(service.version, self.updates, evaluation)
+        service.server_round = self.c_min
+        logger.info("ssp finished: %d updates, c_min %d, version %d, mean staleness %.2f", self.updates, self.c_min,
+                    service.version, self.mean_staleness)
+
+    def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
+        return self.c_min, self.bound, {device_id: self._clock(device_id) for device_id in self._live()}

@@ -1,0 +1,207 @@
+"""Strategies for SSP and fully asynchronous training: SSP delta averaging, FedAsync, FedBuff.
+
+They run on the SSP engine (``job.mode = "ssp"``), which hands every accepted update to
+``on_update`` as it arrives and asks ``global_params`` whenever it publishes or evaluates.
+``staleness`` is the number of global versions applied since the update's base version.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from unus_edge.errors import StrategyError
+from unus_edge.strategies._base import (
+    AsyncContext,
+    ClientUpdate,
+    Failure,
+    Params,
+    Scalar,
+    Strategy,
+    add_scaled,
+    fold,
+)
+
+__all__ = ["STALENESS_FUNCTIONS", "FedAsync", "FedBuff", "SSPAveraging", "staleness_function"]
+
+StalenessFunction = Callable[[int], float]
+
+
+def staleness_function(kind: str, *, a: float = 0.5, b: float = 4.0) -> StalenessFunction:
+    """Weights of stale updates, by staleness ``t - tau`` (Xie et al. 2019; Nguyen et al. 2022).
+
+    * ``constant``: 1;
+    * ``polynomial``: ``(t - tau + 1) ** -a``;
+    * ``hinge``: 1 if ``t - tau <= b``, else ``1 / (a * (t - tau - b) + 1)``;
+    * ``sqrt``: ``1 / sqrt(1 + t - tau)`` (FedBuff's default).
+    """
+    if kind == "constant":
+        return lambda staleness: 1.0
+    if kind == "polynomial":
+        return lambda staleness: float((staleness + 1) ** -a)
+    if kind == "hinge":
+        return lambda staleness: 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
+    if kind == "sqrt":
+        return lambda staleness: 1.0 / math.sqrt(1.0 + staleness)
+    raise StrategyError(f"unknown staleness function {kind!r}; use one of {', '.join(STALENESS_FUNCTIONS)}")
+
+
+STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge", "sqrt")
+
+
+class _AsyncOnly(Strategy):
+    """Asynchronous strategies have no rounds to aggregate."""
+
+    asynchronous: ClassVar[bool] = True
+
+    def aggregate(
+        self, server_round: int, global_params: Params, accumulator: Any, failures: Sequence[Failure]
+    ) -> Params | None:
+        raise StrategyError("an asynchronous strategy runs with job.mode = 'ssp'", strategy=self.name)
+
+
+class SSPAveraging(_AsyncOnly):
+    """Additive delta averaging: ``w <- w + (n_k / n) * delta_k`` for each update as it arrives.
+
+    The sum of pending deltas is kept exactly (float64) and folded into the float32 model when
+    the engine needs the model. With ``s = 0`` and full participation the engine needs it once
+    per clock, after every device's update of that clock: the result is then FedAvg, bit for
+    bit (same fold as :class:`~unus_edge.strategies.FedAvg`).
+    """
+
+    name: ClassVar[str] = "ssp"
+
+    def __init__(self) -> None:
+        self._base: Params = {}
+        self._pending: dict[str, np.ndarray[Any, Any]] = {}
+        self._scratch = np.empty(0)
+        self._dirty = False
+
+    def start_async(self, params: Params, context: AsyncContext) -> None:
+        self._base = {name: value.copy() for name, value in params.items()}
+        self._pending = {name: np.zeros(value.shape, np.float64) for name, value in params.items()}
+        self._scratch = np.empty(min(max((v.size for v in params.values()), default=1), 1 << 16))
+        self._dirty = False
+
+    def on_update(self, update: ClientUpdate, context: AsyncContext) -> bool:
+        for name, tensor in update.delta.items():
+            add_scaled(self._pending[name], tensor, float(update.num_examples), self._scratch)
+        self._dirty = True
+        return True
+
+    def global_params(self, context: AsyncContext) -> Params:
+        if self._dirty:
+            self._base = fold(self._base, self._pending, 1.0 / context.total_examples)
+            for value in self._pending.values():
+                value.fill(0.0)
+            self._dirty = False
+        return {name: value.copy() for name, value in self._base.items()}
+
+
+class FedAsync(_AsyncOnly):
+    """FedAsync (Xie et al. 2019): ``x <- (1 - a_t) x + a_t x_new`` with ``a_t = alpha * s(t - tau)``.
+
+    Devices send their trained weights (``encoding = "weights"``). ``rho`` > 0 adds the
+    proximal term ``rho / 2 * ||x - x_tau||^2`` to the devices' local objective.
+    """
+
+    name: ClassVar[str] = "fedasync"
+
+    def __init__(self, alpha: float = 0.6, staleness: str = "polynomial", a: float = 0.5, b: float = 4.0,
+                 rho: float = 0.0) -> None:
+        if not 0 < alpha <= 1:
+            raise StrategyError("alpha must lie in (0, 1]", strategy=self.name)
+        if rho < 0:
+            raise StrategyError("rho must be >= 0", strategy=self.name)
+        self.alpha = alpha
+        self.weight = staleness_function(staleness, a=a, b=b)
+        self.rho = rho
+        self._params: Params = {}
+
+    def device_config(self) -> Mapping[str, Scalar]:
+        config: dict[str, Scalar] = {"encoding": "weights"}
+        if self.rho > 0:
+            config["proximal_mu"] = self.rho
+        return config
+
+    def mixing(self, staleness: int) -> float:
+        return self.alpha * self.weight(staleness)
+
+    def start_async(self, params: Params, context: AsyncContext) -> None:
+        self._params = {name: value.copy() for name, value in params.items()}
+
+    def on_update(self, update: ClientUpdate, context: AsyncContext) -> bool:
+        mix = self.mixing(update.staleness)
+        new: Params = {}
+        for name, value in self._params.items():
+            local = update.delta[name]
+            dense = local if isinstance(local, np.ndarray) else local.to_dense()
+            new[name] = ((1.0 - mix) * value.astype(np.float64) + mix * dense).astype(value.dtype)
+        self._params = new
+        return True
+
+    def global_params(self, context: AsyncContext) -> Params:
+        return {name: value.copy() for name, value in self._params.items()}
+
+
+class FedBuff(_AsyncOnly):
+    """FedBuff (Nguyen et al. 2022): buffer K updates, then ``w <- w + eta_g * sum s(tau_i) delta_i / K``.
+
+    A buffer holds at most one update per device; a device's next update waits (held, at most
+    one per device) for the next buffer. The model version advances on each flush.
+    """
+
+    name: ClassVar[str] = "fedbuff"
+
+    def __init__(self, buffer_size: int = 10, server_learning_rate: float = 1.0, staleness: str = "sqrt",
+                 a: float = 0.5, b: float = 4.0) -> None:
+        if buffer_size < 1:
+            raise StrategyError("buffer_size must be at least 1", strategy=self.name)
+        if server_learning_rate <= 0:
+            raise StrategyError("server_learning_rate must be positive", strategy=self.name)
+        self.buffer_size = buffer_size
+        self.server_learning_rate = server_learning_rate
+        self.weight = staleness_function(staleness, a=a, b=b)
+        self._params: Params = {}
+        self._sums: dict[str, np.ndarray[Any, Any]] = {}
+        self._scratch = np.empty(0)
+        self._in_buffer: set[str] = set()
+        self._held: dict[str, ClientUpdate] = {}
+        self.flushes = 0
+
+    def start_async(self, params: Params, context: AsyncContext) -> None:
+        self._params = {name: value.copy() for name, value in params.items()}
+        self._sums = {name: np.zeros(value.shape, np.float64) for name, value in params.items()}
+        self._scratch = np.empty(min(max((v.size for v in params.values()), default=1), 1 << 16))
+
+    def _buffer(self, update: ClientUpdate) -> None:
+        for name, tensor in update.delta.items():
+            add_scaled(self._sums[name], tensor, self.weight(update.staleness), self._scratch)
+        self._in_buffer.add(update.device_id)
+
+    def on_update(self, update: ClientUpdate, context: AsyncContext) -> bool:
+        if update.device_id in self._in_buffer:
+            # Copies: the update's arrays are views of a received payload.
+            self._held[update.device_id] = ClientUpdate(
+                update.device_id, update.num_examples,
+                {n: np.array(t) if isinstance(t, np.ndarray) else t for n, t in update.delta.items()},
+                update.base_version, update.train_loss, update.staleness, update.metrics)
+            return False
+        self._buffer(update)
+        if len(self._in_buffer) < self.buffer_size:
+            return False
+        self._params = fold(self._params, self._sums, self.server_learning_rate / self.buffer_size)
+        for value in self._sums.values():
+            value.fill(0.0)
+        self._in_buffer.clear()
+        self.flushes += 1
+        held, self._held = self._held, {}
+        for item in held.values():  # at most one per device: each goes into the new buffer
+            self._buffer(item)
+        return True
+
+    def global_params(self, context: AsyncContext) -> Params:
+        return {name: value.copy() for name, value in self._params.items()}
