@@ -126,7 +126,8 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
         slowdowns=stragglers(args.stragglers, args.devices, config.job.seed) if args.stragglers else {},
     )
     print(f"simulating job {config.job.name}: {args.devices} devices ({'processes' if args.processes else 'tasks'}),"
-          f" {config.model.source}, {config.strategy.resolved(config.job.mode)}, {dataset} {args.scheme}, {config.job.rounds} rounds, "
+          f" {config.model.source}, {config.strategy.resolved(config.job.mode)}, {dataset} {args.scheme}, "
+          f"{config.job.rounds} rounds, "
           f"C={config.job.fraction} E={config.train.epochs} B={config.train.batch_size} "
           f"lr={config.train.learning_rate}", file=sys.stderr)
     bar = RoundProgressBar(sys.stderr, config.job.rounds)

@@ -191,7 +191,8 @@ def _write_outputs(out_dir: Path, config: JobConfig, result: JobResult) -> Path 
     summary = {
         "job": result.job, "state": result.state, "rounds": result.rounds, "wall_seconds": result.wall_seconds,
         "final_accuracy": result.final_accuracy, "final_loss": result.final_loss, "bytes_up": result.bytes_up,
-        "bytes_down": result.bytes_down, "rejected": result.rejected, "strategy": config.strategy.resolved(config.job.mode),
+        "bytes_down": result.bytes_down, "rejected": result.rejected,
+        "strategy": config.strategy.resolved(config.job.mode),
         "model": config.model.source,
     }
     (out_dir / "metrics.json").write_text(json.dumps({"summary": summary, "rounds": rows}, indent=2))
@@ -202,7 +203,8 @@ def _write_outputs(out_dir: Path, config: JobConfig, result: JobResult) -> Path 
         writer.writeheader()
         writer.writerows(rows)
     save_model(resolve_model(config.model.source, seed=config.model.seed), out_dir / "model.onnx", result.params)
-    return plot_history(result.history, out_dir / "metrics.png", title=f"{result.job}: {config.strategy.resolved(config.job.mode)}")
+    title = f"{result.job}: {config.strategy.resolved(config.job.mode)}"
+    return plot_history(result.history, out_dir / "metrics.png", title=title)
 
 
 def plot_history(history: list[RoundMetrics], path: Path, *, title: str = "") -> Path | None:

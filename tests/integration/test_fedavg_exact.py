@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from tests.brokers import MosquittoBroker
-from unus_edge.seeds import device_seed
 from unus_edge.config import JobConfig, load_job_config
 from unus_edge.data import Dataset, load_dataset, partition
 from unus_edge.nn import Graph, TrainConfig, train
 from unus_edge.onnx_io import read_parameters
+from unus_edge.seeds import device_seed
 from unus_edge.simulation import SimulationOptions, simulate
 from unus_edge.zoo import resolve_model
 
