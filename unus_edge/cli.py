@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -96,6 +97,10 @@ def _cmd_device(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
+    # Many devices train in one process: one BLAS thread each, or they fight over the cores.
+    # (Set before numpy is first imported; an explicit setting wins.)
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
     from unus_edge._progress import RoundProgressBar, format_bytes
     from unus_edge.config import load_job_config
     from unus_edge.data import resolve_data_dir

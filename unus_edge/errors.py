@@ -14,7 +14,7 @@ not only in their message, so that callers can log, count and react without pars
     │   ├── PublishError ....... a publish was refused or lost           (topic, reason)
     │   └── SubscribeError ..... a subscription was refused              (topic_filter, reason)
     ├── BrokerError ............ the embedded broker could not start     (host, port, reason)
-    ├── ModelError ............. an ONNX model is unusable               (model, reason)
+    ├── ModelError ............. an ONNX model is unusable               (model, reason, detail)
     │   ├── UnsupportedOpError . the engine cannot run a node            (op_type, node_name)
     │   └── ParameterError ..... parameters disagree with the model      (name, reason)
     ├── DataError .............. a dataset or partition file is unusable (path, reason, detail)
@@ -30,6 +30,8 @@ Timeouts are not part of the tree: they are set at the call site with
 """
 
 from __future__ import annotations
+
+import re
 
 __all__ = [
     "BrokerError",
@@ -50,6 +52,9 @@ __all__ = [
     "UnsupportedOpError",
     "UnusError",
 ]
+
+
+_CODE = re.compile(r"[a-z][a-z0-9_]*")
 
 
 class UnusError(Exception):
@@ -141,11 +146,20 @@ class BrokerError(UnusError):
 
 
 class ModelError(UnusError):
-    """An ONNX model cannot be read, run or trained."""
+    """An ONNX model cannot be read, run or trained.
 
-    def __init__(self, reason: str, *, model: str = "") -> None:
-        super().__init__(f"model {model}: {reason}" if model else reason)
+    ``reason`` is a short code (``truncated``, ``bad_shape``...) and ``detail`` the explanation;
+    ``ModelError("truncated: 12 bytes missing")`` is read as that code and that detail.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, model: str = "") -> None:
+        code, separator, rest = reason.partition(": ")
+        if not detail and separator and _CODE.fullmatch(code):
+            reason, detail = code, rest
+        text = f"{reason}: {detail}" if detail else reason
+        super().__init__(f"model {model}: {text}" if model else text)
         self.reason = reason
+        self.detail = detail
         self.model = model
 
 
@@ -154,7 +168,7 @@ class UnsupportedOpError(ModelError):
 
     def __init__(self, op_type: str, node_name: str, *, model: str = "", detail: str = "") -> None:
         text = f"unsupported op {op_type!r} at node {node_name!r}"
-        super().__init__(f"{text} ({detail})" if detail else text, model=model)
+        super().__init__("unsupported_op", f"{text} ({detail})" if detail else text, model=model)
         self.op_type = op_type
         self.node_name = node_name
 
@@ -163,7 +177,10 @@ class ParameterError(ModelError):
     """A parameter dict disagrees with the model (missing/extra name, shape, dtype)."""
 
     def __init__(self, name: str, reason: str, *, model: str = "") -> None:
-        super().__init__(f"parameter {name!r}: {reason}", model=model)
+        code, separator, _ = reason.partition(": ")
+        if not (separator and _CODE.fullmatch(code)):
+            code = "bad_parameter"
+        super().__init__(code, f"parameter {name!r}: {reason}", model=model)
         self.name = name
 
 

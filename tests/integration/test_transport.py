@@ -232,3 +232,24 @@ def test_connect_to_closed_port_raises_connect_error() -> None:
         assert caught.value.port > 0
 
     run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_byte_bound_of_the_receive_queue_pauses_reading(
+    kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            bounded = options(broker, max_queued_bytes=50_000)
+            async with MqttTransport(bounded) as subscriber, MqttTransport(options(broker)) as publisher:
+                await subscriber.subscribe("test/big", qos=1)
+                for index in range(40):
+                    await publisher.publish("test/big", index.to_bytes(2, "big") + b"\0" * 10_000, qos=1)
+                received = await receive(subscriber, 40)
+                assert subscriber._queued_bytes == 0
+        assert [int.from_bytes(m.payload[:2], "big") for m in received] == list(range(40))
+
+    with caplog.at_level(logging.WARNING, logger="unus_edge.transport"):
+        run(scenario)
+    assert any("receive queue full" in record.getMessage() and "bytes" in record.getMessage()
+               for record in caplog.records)

@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -161,15 +161,20 @@ class Aggregator:
     # ------------------------------------------------------------------ construction helpers
 
     @staticmethod
-    def connect_options(config: JobConfig, session: str) -> ConnectOptions:
-        """Transport options for the aggregator: persistent session, offline status as last will."""
+    def connect_options(config: JobConfig, session: str, *, model_bytes: int = 0) -> ConnectOptions:
+        """Transport options for the aggregator: persistent session, offline status as last will.
+
+        The receive queue holds at most three updates' worth of bytes (at least 32 MiB), so a
+        burst of updates from a large fleet waits in the broker, not in the aggregator's memory.
+        """
         will = Will(
             topics.aggregator_status(config.job.name),
             encode_message(Status("aggregator", "offline", session, role="aggregator", reason="will"),
                            config.job.name, Channel.AGGREGATOR_STATUS),
         )
         client_id = f"unus-aggregator-{config.job.name}"
-        return config.broker.connect_options(client_id=client_id, clean_session=False, will=will)
+        options = config.broker.connect_options(client_id=client_id, clean_session=False, will=will)
+        return replace(options, max_queued_bytes=max(32 << 20, 3 * model_bytes))
 
     def _limits(self) -> Limits:
         """Decoding limits derived from the model: nothing larger than an update can be."""
@@ -221,19 +226,21 @@ class Aggregator:
         """Run the job to completion (or failure, or shutdown). The transport must be connected."""
         started = time.perf_counter()
         reason = ""
-        # Subscribe, publish the model and clock, and only then announce ourselves: devices
-        # register when they see this online status, so nothing they send can arrive unheard.
-        for channel, qos in ((Channel.STATUS, 1), (Channel.HEARTBEAT, 0), (Channel.REGISTER, 1),
-                             (Channel.UPDATE, 1)):
-            await self.transport.subscribe(topics.device_filter(self.job, channel), qos=qos)
-        await self.publish_model()
-        await self.publish_state()
-        await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
-                           Status("aggregator", "online", self.session, role="aggregator",
-                                  software_version=__version__))
         async with asyncio.TaskGroup() as group:
             self._tasks = group
+            # Consume before subscribing: retained statuses of a large fleet must not fill the
+            # receive queue while nobody drains it (reads would pause, and the SUBACKs with them).
             receiver = group.create_task(self._receive(), name="aggregator-receive")
+            # Subscribe, publish the model and clock, and only then announce ourselves: devices
+            # register when they see this online status, so nothing they send arrives unheard.
+            for channel, qos in ((Channel.STATUS, 1), (Channel.HEARTBEAT, 0), (Channel.REGISTER, 1),
+                                 (Channel.UPDATE, 1)):
+                await self.transport.subscribe(topics.device_filter(self.job, channel), qos=qos)
+            await self.publish_model()
+            await self.publish_state()
+            await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
+                               Status("aggregator", "online", self.session, role="aggregator",
+                                      software_version=__version__))
             liveness = group.create_task(self._liveness(), name="aggregator-liveness")
             rounds = group.create_task(self._drive(), name="aggregator-rounds")
             stop = group.create_task(self.shutdown_trigger.wait(), name="aggregator-shutdown")

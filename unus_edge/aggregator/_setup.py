@@ -75,7 +75,8 @@ async def run_aggregator(
     """Run the job of ``config`` against its broker until it finishes, fails or is shut down."""
     parts = prepare_job(config)
     session = secrets.token_hex(8)
-    transport = transport or MqttTransport(Aggregator.connect_options(config, session))
+    model_bytes = sum(int(value.nbytes) for value in parts.params.values())
+    transport = transport or MqttTransport(Aggregator.connect_options(config, session, model_bytes=model_bytes))
     aggregator = Aggregator(config, transport, params=parts.params, fingerprint=parts.fingerprint,
                             strategy=parts.strategy, evaluate=parts.evaluate, session=session,
                             shutdown_trigger=shutdown_trigger, on_round=on_round, on_progress=on_progress,

@@ -139,14 +139,14 @@ class Device:
     async def run(self) -> None:
         await self._publish(Channel.STATUS, Status(self.device_id, "online", self.session,
                                                    software_version=__version__))
-        await self.transport.subscribe(topics.device_topic(self.job, self.device_id, Channel.TASKS), qos=1)
-        for topic in (topics.model(self.job), topics.clock(self.job), topics.aggregator_status(self.job)):
-            await self.transport.subscribe(topic, qos=1)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                tasks = [
-                    group.create_task(self._receive(), name="device-receive"),
+                tasks = [group.create_task(self._receive(), name="device-receive")]
+                await self.transport.subscribe(topics.device_topic(self.job, self.device_id, Channel.TASKS), qos=1)
+                for topic in (topics.model(self.job), topics.clock(self.job), topics.aggregator_status(self.job)):
+                    await self.transport.subscribe(topic, qos=1)
+                tasks += [
                     group.create_task(self._registration(), name="device-registration"),
                     group.create_task(self._heartbeat(), name="device-heartbeat"),
                     group.create_task(self._work(), name="device-worker"),

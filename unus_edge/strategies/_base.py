@@ -136,7 +136,9 @@ def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scrat
 
     ``target`` is a float64 accumulator and ``scratch`` a float64 buffer of at least
     ``min(target.size, 65536)`` elements. Products of an integer weight (< 2**24) and a float32
-    value are exact in float64, so sums do not depend on the order updates arrive in.
+    value are exact in float64; their sums round only in the last of 53 bits, which the final
+    rounding to float32 (24 bits) almost never sees. So the aggregate does not depend on the
+    order updates arrive in, in practice: float64 addition is not associative in general.
     """
     flat = target.reshape(-1)
     if isinstance(tensor, SparseTensor):

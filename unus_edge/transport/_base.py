@@ -80,8 +80,11 @@ class ConnectOptions:
     tls: TLSOptions | None = None
     will: Will | None = None
     max_queued_messages: int = 10_000
-    """Bound of the receive queue. When full, the transport stops reading the socket (TCP
-    backpressure to the broker) and logs it; nothing is dropped."""
+    """Bound of the receive queue in messages. When it (or ``max_queued_bytes``) is reached,
+    the transport stops reading the socket (TCP backpressure to the broker) and logs it;
+    nothing is dropped. Reading resumes when the queue is down to half of both bounds."""
+    max_queued_bytes: int = 64 * 1024 * 1024
+    """Bound of the receive queue in payload bytes (see ``max_queued_messages``)."""
     max_inflight: int = 100
     """Outgoing QoS 1/2 messages in flight before paho queues further ones locally."""
     reconnect_min_delay: float = 0.5
@@ -98,6 +101,8 @@ class ConnectOptions:
             raise ConfigError("broker.keepalive", "must be at least 1 second")
         if self.max_queued_messages < 1:
             raise ConfigError("broker.max_queued_messages", "must be at least 1")
+        if self.max_queued_bytes < 1:
+            raise ConfigError("broker.max_queued_bytes", "must be at least 1")
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
             raise ConfigError("broker.reconnect_min_delay", "must be positive and <= reconnect_max_delay")
 

@@ -15,9 +15,11 @@ Design (after aiomqtt v2):
   jittered exponential backoff, reconnects, and re-subscribes every filter. QoS 1/2 messages
   published while the connection is down stay in paho's store and are sent after the
   reconnection; their ``publish`` calls complete then.
-* The receive queue is bounded. When it fills up the transport stops reading the socket (TCP
-  backpressure pushes the flow control to the broker) and logs it; it resumes at half-full.
-  No message is dropped.
+* The receive queue is bounded in messages and in bytes. When either bound is reached the
+  transport stops reading the socket (TCP backpressure pushes the flow control to the broker)
+  and logs it; it resumes at half of both. No message is dropped. The overshoot is what one
+  ``loop_read`` takes from the kernel's socket buffer. A consumer must keep draining the
+  queue: while reads are paused, acknowledgements and PINGRESPs wait too.
 * A graceful ``close`` sends DISCONNECT, so the broker discards the last will; a process that
   dies (or a connection that goes silent past 1.5 keepalives on a broker that enforces it)
   triggers the will.
@@ -70,6 +72,7 @@ class MqttTransport(Transport):
         self._unsubscribe_waiters: dict[int, asyncio.Future[None]] = {}
         self._pending_publishes: dict[int, tuple[int, asyncio.Future[None]]] = {}
         self._queue: collections.deque[ReceivedMessage] = collections.deque()
+        self._queued_bytes = 0
         self._queue_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._reader_fd = -1
@@ -315,9 +318,15 @@ class MqttTransport(Transport):
                 finally:
                     self._queue_waiter = None
             message = self._queue.popleft()
-            if self._reading_paused and len(self._queue) <= self.options.max_queued_messages // 2:
+            self._queued_bytes -= len(message.payload)
+            if self._reading_paused and self._below_resume_mark():
                 self._resume_reading()
             yield message
+
+    def _below_resume_mark(self) -> bool:
+        options = self.options
+        return (len(self._queue) <= options.max_queued_messages // 2
+                and self._queued_bytes <= options.max_queued_bytes // 2)
 
     def _wake_reader(self) -> None:
         if self._queue_waiter is not None and not self._queue_waiter.done():
@@ -329,8 +338,8 @@ class MqttTransport(Transport):
         self._reading_paused = True
         self._loop.remove_reader(self._reader_fd)
         logger.warning(
-            "%s: receive queue full (%d messages); pausing socket reads until the consumer catches up",
-            self.client_id, len(self._queue),
+            "%s: receive queue full (%d messages, %d bytes); pausing socket reads until the consumer catches up",
+            self.client_id, len(self._queue), self._queued_bytes,
         )
 
     def _resume_reading(self) -> None:
@@ -397,9 +406,12 @@ class MqttTransport(Transport):
         except UnicodeDecodeError:
             logger.warning("%s: discarding a message whose topic is not UTF-8: %r", self.client_id, message._topic)
             return
-        self._queue.append(ReceivedMessage(topic, bytes(message.payload), message.qos, bool(message.retain)))
+        payload = bytes(message.payload)
+        self._queue.append(ReceivedMessage(topic, payload, message.qos, bool(message.retain)))
+        self._queued_bytes += len(payload)
         self._wake_reader()
-        if len(self._queue) >= self.options.max_queued_messages:
+        options = self.options
+        if len(self._queue) >= options.max_queued_messages or self._queued_bytes >= options.max_queued_bytes:
             self._pause_reading()
 
     def _on_publish(
