@@ -22,6 +22,8 @@ def update(device_id: str, n: int, staleness: int = 0, *values: float) -> Client
 def test_staleness_functions() -> None:
     assert staleness_function("constant")(7) == 1.0
     assert staleness_function("polynomial", a=0.5)(3) == pytest.approx(0.5)  # (3 + 1) ** -0.5
+    assert staleness_function("polynomial")(3) == pytest.approx(0.5)
+    assert staleness_function("hinge")(5) == pytest.approx(1 / 11)  # defaults a = 10, b = 4
     hinge = staleness_function("hinge", a=10, b=4)
     assert hinge(4) == 1.0
     assert hinge(5) == pytest.approx(1 / 11)  # 1 / (10 * (5 - 4) + 1)

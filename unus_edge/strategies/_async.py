@@ -30,20 +30,22 @@ __all__ = ["STALENESS_FUNCTIONS", "FedAsync", "FedBuff", "SSPAveraging", "stalen
 StalenessFunction = Callable[[int], float]
 
 
-def staleness_function(kind: str, *, a: float = 0.5, b: float = 4.0) -> StalenessFunction:
+def staleness_function(kind: str, *, a: float | None = None, b: float = 4.0) -> StalenessFunction:
     """Weights of stale updates, by staleness ``t - tau`` (Xie et al. 2019; Nguyen et al. 2022).
 
     * ``constant``: 1;
-    * ``polynomial``: ``(t - tau + 1) ** -a``;
-    * ``hinge``: 1 if ``t - tau <= b``, else ``1 / (a * (t - tau - b) + 1)``;
+    * ``polynomial``: ``(t - tau + 1) ** -a`` (``a`` defaults to 0.5);
+    * ``hinge``: 1 if ``t - tau <= b``, else ``1 / (a * (t - tau - b) + 1)`` (``a`` = 10, ``b`` = 4);
     * ``sqrt``: ``1 / sqrt(1 + t - tau)`` (FedBuff's default).
     """
     if kind == "constant":
         return lambda staleness: 1.0
     if kind == "polynomial":
-        return lambda staleness: float((staleness + 1) ** -a)
+        exponent = 0.5 if a is None else a
+        return lambda staleness: float((staleness + 1) ** -exponent)
     if kind == "hinge":
-        return lambda staleness: 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
+        slope = 10.0 if a is None else a
+        return lambda staleness: 1.0 if staleness <= b else 1.0 / (slope * (staleness - b) + 1.0)
     if kind == "sqrt":
         return lambda staleness: 1.0 / math.sqrt(1.0 + staleness)
     raise StrategyError(f"unknown staleness function {kind!r}; use one of {', '.join(STALENESS_FUNCTIONS)}")
@@ -110,7 +112,7 @@ class FedAsync(_AsyncOnly):
 
     name: ClassVar[str] = "fedasync"
 
-    def __init__(self, alpha: float = 0.6, staleness: str = "polynomial", a: float = 0.5, b: float = 4.0,
+    def __init__(self, alpha: float = 0.6, staleness: str = "polynomial", a: float | None = None, b: float = 4.0,
                  rho: float = 0.0) -> None:
         if not 0 < alpha <= 1:
             raise StrategyError("alpha must lie in (0, 1]", strategy=self.name)
@@ -157,7 +159,7 @@ class FedBuff(_AsyncOnly):
     name: ClassVar[str] = "fedbuff"
 
     def __init__(self, buffer_size: int = 10, server_learning_rate: float = 1.0, staleness: str = "sqrt",
-                 a: float = 0.5, b: float = 4.0) -> None:
+                 a: float | None = None, b: float = 4.0) -> None:
         if buffer_size < 1:
             raise StrategyError("buffer_size must be at least 1", strategy=self.name)
         if server_learning_rate <= 0:
