@@ -177,6 +177,12 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from unus_edge.provision import run
+
+    return run(args)
+
+
 def _cmd_data_split(args: argparse.Namespace) -> int:
     from unus_edge.data import load_dataset, resolve_data_dir, split_to_directory
 
@@ -277,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="models", metavar="DIR")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(handler=_cmd_models_build)
+
+    from unus_edge.provision import add_arguments as provision_arguments
+
+    provision = commands.add_parser("provision", help="certificates, credentials, ACL and device configs for a job",
+                                    description="Generate what a fleet needs: a CA and server certificate (or use "
+                                    "given ones), per-device Mosquitto credentials, ACL entries, one device.toml "
+                                    "per device. Secrets are written with mode 0600 and never logged.")
+    provision_arguments(provision)
+    provision.set_defaults(handler=_cmd_provision)
 
     data = commands.add_parser("data", help="datasets and partitions").add_subparsers(dest="data_command",
                                                                                      required=True, metavar="ACTION")

@@ -7,6 +7,7 @@ P-256 (fast on a Pi), written with mode 0600.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from unus_edge.errors import ConfigError
 
-__all__ = ["CertificatePair", "make_ca", "make_certificate", "write_secret"]
+__all__ = ["CertificatePair", "add_arguments", "make_ca", "make_certificate", "run", "write_secret"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +96,14 @@ def make_certificate(
     pair.key_file.chmod(0o600)
     logger.info("made certificate %s for %s", pair.cert_file, ", ".join(hosts) or name)
     return pair
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``unus-edge provision`` flags (to be completed with the provisioning itself)."""
+    parser.add_argument("--job", required=True, help="job name")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``unus-edge provision`` (not implemented yet)."""
+    raise ConfigError("provision", "not implemented yet")
