@@ -240,6 +240,8 @@ class RegistrationReply(Message):
     detail: str = ""
     clock: int = 0
     """The device's clock c_i as the aggregator knows it (a rejoining device starts here)."""
+    session: str = ""
+    """The device session whose registration this answers (devices ignore answers to others)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,11 +57,11 @@ def run(factory: Callable[[], Any], timeout: float = 60) -> Any:
     return asyncio.run(bounded())
 
 
-def make_aggregator(broker: MemoryBroker, job_config: JobConfig) -> Aggregator:
+def make_aggregator(broker: MemoryBroker, job_config: JobConfig, *, resume: bool = False) -> Aggregator:
     parts = prepare_job(job_config)
     transport = MemoryTransport(broker, Aggregator.connect_options(job_config, "agg"))
     return Aggregator(job_config, transport, params=parts.params, fingerprint=parts.fingerprint,
-                      strategy=parts.strategy, evaluate=parts.evaluate, session="agg", resume=False)
+                      strategy=parts.strategy, evaluate=parts.evaluate, session="agg", resume=resume)
 
 
 def make_device(broker: MemoryBroker, device_id: str, data: Dataset, *, model: str = "logreg") -> Device:

@@ -9,7 +9,10 @@ Per round:
 5. below quorum (``job.min_fraction`` of the selected devices), retry with newly selected
    devices, at most ``job.max_retries`` times, then fail the job with a clear error;
 6. let the strategy aggregate (with the failures), publish the new model and clock,
-   evaluate, publish the metrics, and checkpoint.
+   evaluate, publish the metrics, and commit (checkpoint).
+
+The round in progress, with its accumulator, is part of every checkpoint: an aggregator that
+restarts mid-round continues that round with the updates it had already acknowledged.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from unus_edge import topics
 from unus_edge.aggregator._round import SyncRound
 from unus_edge.errors import JobError, StrategyError
 from unus_edge.messages import RoundMetrics, Task, Update
 from unus_edge.seeds import device_seed
-from unus_edge.strategies import Assignment, ClientUpdate, Params, RoundContext
+from unus_edge.strategies import Assignment, ClientUpdate, Failure, Params, RoundContext
 from unus_edge.topics import Channel
 
 if TYPE_CHECKING:
@@ -57,6 +60,11 @@ class RoundDriver:
     def __init__(self, service: Aggregator) -> None:
         self.service = service
         self._tasks: dict[str, Task] = {}
+        self._planned = 0
+        self._started = 0.0
+        self._resumed = False
+
+    # ------------------------------------------------------------------ updates and presence
 
     def judge(self, update: Update) -> tuple[str, str] | None:
         """Why this update cannot go into the current round, or ``None`` if it can."""
@@ -94,16 +102,69 @@ class RoundDriver:
         if current is not None and device_id in current.pending:
             self.resend_task(device_id)
 
-    async def run(self) -> None:
-        service = self.service
-        while service.server_round < service.config.job.rounds:
-            await wait_for_devices(service)
-            await self._run_round(service.server_round + 1)
-        logger.info("job %s finished after %d rounds", service.job, service.server_round)
-
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         """Synchronous rounds as seen through the clock: every device is at the round, s = 0."""
         return self.service.server_round, 0, {}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The round in progress and its accumulator, for the checkpoint."""
+        current = self.service.current_round
+        if current is None:
+            return {"mode": "sync"}, {}
+        round_state: dict[str, Any] = {
+            "server_round": current.server_round, "version": current.version, "attempt": current.attempt,
+            "planned": self._planned, "task_ids": current.task_ids, "accepted": current.accepted,
+            "failures": {d: [f.reason, f.detail] for d, f in current.failures.items()},
+            "assignments": {d: [a.epochs, a.batch_size, a.learning_rate, dict(a.config)]
+                            for d, a in current.assignments.items()},
+        }
+        accumulator = self.service.accumulator
+        if not hasattr(accumulator, "state_dict"):
+            return {"mode": "sync"}, {}  # an accumulator that cannot be saved: the round restarts
+        tensors, scalars = accumulator.state_dict()
+        round_state["accumulator"] = scalars
+        return {"mode": "sync", "round": round_state}, {f"accumulator/{n}": v for n, v in tensors.items()}
+
+    def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        """Put back the round in progress, at once: updates may arrive before ``run`` starts."""
+        saved = state.get("round")
+        service = self.service
+        if not saved or saved["version"] != service.version:
+            return
+        assignments = {device: Assignment(device, int(e), int(b), float(lr), c)
+                       for device, (e, b, lr, c) in saved["assignments"].items()}
+        current = SyncRound(saved["server_round"], saved["version"], saved["attempt"], assignments,
+                            dict(saved["task_ids"]), math.inf, 0.0, dict(saved["accepted"]),
+                            {d: Failure(d, r, t) for d, (r, t) in saved["failures"].items()})
+        accumulator = service.strategy.new_accumulator(current.server_round, service.params)
+        accumulator.load_state_dict({n[len("accumulator/"):]: v for n, v in tensors.items()},  # type: ignore[attr-defined]
+                                    saved["accumulator"])
+        service.accumulator = accumulator
+        service.current_round = current
+        self._planned = int(saved["planned"])
+        for device_id, assignment in assignments.items():
+            self._tasks[device_id] = self._task(assignment, current.server_round, current.attempt)
+        self._resumed = True
+        logger.info("resuming round %d: %d of %d updates already applied", current.server_round,
+                    len(current.accepted), len(assignments))
+
+    # ------------------------------------------------------------------ rounds
+
+    async def run(self) -> None:
+        service = self.service
+        if self._resumed and service.current_round is not None:
+            self._resumed = False
+            current = service.current_round
+            current.deadline = asyncio.get_running_loop().time() + service.config.job.round_deadline
+            self._started = time.perf_counter()
+            await self._finish_round(current)
+        while service.server_round < service.config.job.rounds:
+            await wait_for_devices(service)
+            current = await self._start_round(service.server_round + 1)
+            await self._finish_round(current)
+        logger.info("job %s finished after %d rounds", service.job, service.server_round)
 
     def _context(self, server_round: int) -> RoundContext:
         config = self.service.config
@@ -120,9 +181,13 @@ class RoundDriver:
                     service.version, assignment.epochs, assignment.batch_size, assignment.learning_rate,
                     deadline_seconds=service.config.job.round_deadline, config=config)
 
-    async def _send(self, task: Task) -> None:
-        self._tasks[task.device_id] = task
-        await self.service._send_to_device(task.device_id, task)
+    async def _assign(self, current: SyncRound, assignments: list[Assignment]) -> None:
+        tasks = [self._task(a, current.server_round, current.attempt) for a in assignments]
+        for assignment, task in zip(assignments, tasks, strict=True):
+            current.assignments[assignment.device_id] = assignment
+            current.task_ids[assignment.device_id] = task.task_id
+            self._tasks[task.device_id] = task
+        await asyncio.gather(*(self.service._send_to_device(task.device_id, task) for task in tasks))
 
     def resend_task(self, device_id: str) -> None:
         task = self._tasks.get(device_id)
@@ -151,72 +216,80 @@ class RoundDriver:
                     await service.round_changed.wait()
             self._progress(current)
 
-    async def _run_round(self, server_round: int) -> None:
+    async def _start_round(self, server_round: int) -> SyncRound:
+        service = self.service
+        loop = asyncio.get_running_loop()
+        self._started = time.perf_counter()
+        service.state = "running"
+        assignments = service.strategy.configure_round(self._context(server_round), service.registry.online())
+        if not assignments:
+            raise StrategyError(f"selected no device for round {server_round}", strategy=service.strategy.name)
+        self._planned = len(assignments)
+        service.accumulator = service.strategy.new_accumulator(server_round, service.params)
+        current = SyncRound(server_round, service.version, 0, {}, {}, loop.time() + service.config.job.round_deadline,
+                            loop.time())
+        service.current_round = current
+        self._tasks.clear()
+        await self._assign(current, assignments)
+        return current
+
+    async def _finish_round(self, current: SyncRound) -> None:
         service = self.service
         job = service.config.job
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        service.state = "running"
-        context = self._context(server_round)
-        assignments = service.strategy.configure_round(context, service.registry.online())
-        if not assignments:
-            raise StrategyError(f"selected no device for round {server_round}", strategy=service.strategy.name)
-        planned = len(assignments)
-        quorum = math.ceil(job.min_fraction * planned)
-        service.accumulator = service.strategy.new_accumulator(server_round, service.params)
-        current = SyncRound(server_round, service.version, 0, {}, {}, loop.time() + job.round_deadline, loop.time())
-        service.current_round = current
-        self._tasks.clear()
-        for attempt in range(job.max_retries + 1):
-            tasks = [self._task(a, server_round, attempt) for a in assignments]
-            for assignment, task in zip(assignments, tasks, strict=True):
-                current.assignments[assignment.device_id] = assignment
-                current.task_ids[assignment.device_id] = task.task_id
-            current.deadline = loop.time() + job.round_deadline
-            await asyncio.gather(*(self._send(task) for task in tasks))
+        quorum = math.ceil(job.min_fraction * self._planned)
+        while True:
             self._progress(current)
             await self._collect(current)
             current.close()
             if len(current.accepted) >= quorum:
                 break
-            if attempt == job.max_retries:
+            if current.attempt >= job.max_retries:
                 service.current_round = None
-                raise JobError(service.job, f"round {server_round}: {len(current.accepted)} of {planned} selected "
-                                            f"devices answered, below the quorum of {quorum} (job.min_fraction); "
-                                            f"gave up after {job.max_retries} retries")
+                raise JobError(service.job, f"round {current.server_round}: {len(current.accepted)} of "
+                                            f"{self._planned} selected devices answered, below the quorum of "
+                                            f"{quorum} (job.min_fraction); gave up after {job.max_retries} retries")
+            current.attempt += 1
             candidates = [d for d in service.registry.online() if d.device_id not in current.assignments]
-            missing = planned - len(current.accepted)
-            assignments = service.strategy.configure_round(context, candidates)[:missing]
+            missing = self._planned - len(current.accepted)
+            extra = service.strategy.configure_round(self._context(current.server_round), candidates)[:missing]
             logger.warning("round %d: %d of %d answered (quorum %d); retry %d with %d new device(s)",
-                           server_round, len(current.accepted), planned, quorum, attempt + 1, len(assignments))
+                           current.server_round, len(current.accepted), self._planned, quorum, current.attempt,
+                           len(extra))
+            current.deadline = loop.time() + job.round_deadline
+            await self._assign(current, extra)
+        await self._aggregate(current)
+
+    async def _aggregate(self, current: SyncRound) -> None:
+        service = self.service
         failures = current.close()
-        service.current_round = None
-        new_params = service.strategy.aggregate(server_round, service.params, service.accumulator, failures)
+        new_params = service.strategy.aggregate(current.server_round, service.params, service.accumulator, failures)
         if new_params is not None:
             _check_shapes(new_params, service.params, service.strategy.name)
             service.params = new_params
             service.version += 1
-        service.server_round = server_round
+        service.server_round = current.server_round
+        service.current_round = None
         await service.publish_model()
         evaluation: dict[str, float] = {}
         if service.evaluate_fn is not None:
-            evaluate = service.evaluate_fn
-            evaluation = dict(await asyncio.to_thread(service.strategy.evaluate, server_round, service.params,
-                                                      evaluate))
+            evaluation = dict(await asyncio.to_thread(service.strategy.evaluate, current.server_round,
+                                                      service.params, service.evaluate_fn))
+        elapsed = time.perf_counter() - self._started
         metrics = RoundMetrics(
-            server_round, service.version, len(current.assignments), len(current.accepted), len(failures),
-            getattr(service.accumulator, "num_examples", 0), time.perf_counter() - started,
+            current.server_round, service.version, len(current.assignments), len(current.accepted), len(failures),
+            getattr(service.accumulator, "num_examples", 0), elapsed,
             getattr(service.accumulator, "train_loss", None), evaluation.get("loss"), evaluation.get("accuracy"),
             service.counters.bytes_up, service.counters.bytes_down, dict(service.counters.rejected),
+            service.wall_seconds(), service.counters.refused,
         )
         service.history.append(metrics)
         await service.publish(topics.metrics(service.job, "round"), Channel.METRICS, metrics)
         await service.publish_state()
-        await service.save_checkpoint()
-        logger.info("round %d/%d: %d/%d updates, %s%.2f s", server_round, job.rounds, len(current.accepted),
-                    len(current.assignments),
-                    f"accuracy {metrics.eval_accuracy:.4f}, " if metrics.eval_accuracy is not None else "",
-                    metrics.duration_seconds)
+        await service.commit()
+        logger.info("round %d/%d: %d/%d updates, %s%.2f s", current.server_round, service.config.job.rounds,
+                    len(current.accepted), len(current.assignments),
+                    f"accuracy {metrics.eval_accuracy:.4f}, " if metrics.eval_accuracy is not None else "", elapsed)
         if service.on_round is not None:
             service.on_round(metrics)
 

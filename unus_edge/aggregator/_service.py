@@ -21,12 +21,19 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from unus_edge import __version__, topics
-from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from unus_edge.aggregator._checkpoint import (
+    Checkpoint,
+    append_audit,
+    encode_checkpoint,
+    load_checkpoint,
+    write_checkpoint,
+)
 from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope, Limits
@@ -97,9 +104,17 @@ class JobResult:
 
 @dataclass
 class _Counters:
+    """Every inbound message ends up in exactly one of ``accepted``, ``ignored`` or ``rejected``."""
+
     bytes_up: int = 0
     bytes_down: int = 0
     refused: int = 0
+    """Updates refused (a subset of ``rejected``)."""
+    inbound: int = 0
+    accepted: int = 0
+    """Messages acted upon: registrations, presence, heartbeats and updates of registered devices."""
+    ignored: int = 0
+    """Valid messages of no concern: other jobs, unknown devices' presence, stale sessions."""
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -151,6 +166,16 @@ class Aggregator:
         self.failure: UnusError | None = None
         self.limits = self._limits()
         self._tasks: asyncio.TaskGroup | None = None
+        # Group commit: accepted updates are acknowledged only once a checkpoint holds them.
+        self._unacked: list[Ack] = []
+        self._pending_ids: set[str] = set()
+        self._audit_pending: list[dict[str, Any]] = []
+        self.audit_count = 0
+        self._commit_wanted = asyncio.Event()
+        self._commit_progress = asyncio.Event()
+        self._commit_requested = 0
+        self._commit_done = 0
+        self._run_started = time.perf_counter()
         from unus_edge.aggregator._driver import RoundDriver
         from unus_edge.aggregator._ssp import SSPDriver
 
@@ -187,8 +212,6 @@ class Aggregator:
         )
 
     def _resume(self) -> None:
-        from pathlib import Path
-
         checkpoint = load_checkpoint(Path(self.config.checkpoint.dir))
         if checkpoint is None:
             return
@@ -204,27 +227,67 @@ class Aggregator:
         self.history = [RoundMetrics(**entry) for entry in checkpoint.history]
         for msg_id, accepted, reason in checkpoint.dedup:
             self.dedup.remember(msg_id, accepted, reason)
+        self.audit_count = checkpoint.audit_count
+        self.driver.restore(checkpoint.driver, checkpoint.tensors)
         logger.info("resuming job %s after round %d (model version %d)", self.job, self.server_round, self.version)
 
-    def checkpoint(self) -> Checkpoint:
+    def checkpoint(self, pending_audit: list[dict[str, Any]] | None = None) -> Checkpoint:
+        driver, tensors = self.driver.state()
         return Checkpoint(
             job=self.job, fingerprint=self.fingerprint, server_round=self.server_round, version=self.version,
             params=self.params, rng_state=dict(self.rng.bit_generator.state),
             devices=list(self.registry), history=[dict(m.body()) for m in self.history],
-            dedup=self.dedup.items(), finished=self.state == "finished",
+            dedup=self.dedup.items(), finished=self.state == "finished", driver=driver, tensors=tensors,
+            audit_count=self.audit_count, pending_audit=pending_audit or [],
         )
 
-    async def save_checkpoint(self) -> None:
-        if self.config.checkpoint.dir:
-            from pathlib import Path
+    # ------------------------------------------------------------------ durability (group commit)
 
-            await asyncio.to_thread(save_checkpoint, Path(self.config.checkpoint.dir), self.checkpoint())
+    def request_commit(self) -> int:
+        self._commit_requested += 1
+        self._commit_wanted.set()
+        return self._commit_requested
+
+    async def commit(self) -> None:
+        """Checkpoint everything applied so far, then send the acknowledgements that waited for it."""
+        target = self.request_commit()
+        if self._tasks is None:  # no committer task running: do it here
+            await self._commit_once()
+            return
+        while self._commit_done < target:
+            self._commit_progress.clear()
+            await self._commit_progress.wait()
+
+    async def _committer(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            await self._commit_once()
+
+    async def _commit_once(self) -> None:
+        target = self._commit_requested
+        acks, self._unacked = self._unacked, []
+        audit, self._audit_pending = self._audit_pending, []
+        if self.config.checkpoint.dir:
+            directory = Path(self.config.checkpoint.dir)
+            self.audit_count += len(audit)
+            payload = encode_checkpoint(self.checkpoint(audit))  # a consistent snapshot, taken in the loop
+            await asyncio.to_thread(write_checkpoint, directory, payload)
+            await asyncio.to_thread(append_audit, directory, audit)
+        for ack in acks:
+            self._pending_ids.discard(ack.update_msg_id)
+            if self._tasks is not None:
+                self.spawn(self._send_to_device(ack.device_id, ack), "aggregator-ack")
+            else:
+                await self._send_to_device(ack.device_id, ack)
+        self._commit_done = max(self._commit_done, target)
+        self._commit_progress.set()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> JobResult:
         """Run the job to completion (or failure, or shutdown). The transport must be connected."""
-        started = time.perf_counter()
+        started = self._run_started = time.perf_counter()
         reason = ""
         async with asyncio.TaskGroup() as group:
             self._tasks = group
@@ -241,11 +304,12 @@ class Aggregator:
             await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
                                Status("aggregator", "online", self.session, role="aggregator",
                                       software_version=__version__))
+            committer = group.create_task(self._committer(), name="aggregator-commit")
             liveness = group.create_task(self._liveness(), name="aggregator-liveness")
             rounds = group.create_task(self._drive(), name="aggregator-rounds")
             stop = group.create_task(self.shutdown_trigger.wait(), name="aggregator-shutdown")
             await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (receiver, liveness, stop):
+            for task in (receiver, liveness, stop, committer):
                 task.cancel()
             if not rounds.done():
                 rounds.cancel()
@@ -259,12 +323,16 @@ class Aggregator:
                 logger.error("job %s failed: %s", self.job, self.failure)
         self._tasks = None
         await self.publish_state(reason=reason)
-        await self.save_checkpoint()
+        await self.commit()
         await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
                            Status("aggregator", "offline", self.session, role="aggregator", reason="shutdown"))
         return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
                          time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
                          dict(self.counters.rejected), reason)
+
+    def wall_seconds(self) -> float:
+        """Seconds since this aggregator started running the job."""
+        return time.perf_counter() - self._run_started
 
     async def _drive(self) -> None:
         """The round driver; a job-level failure is recorded, not raised into the task group."""
@@ -313,20 +381,26 @@ class Aggregator:
         await self.publish(topics.metrics(self.job, "devices"), Channel.METRICS, fleet)
 
     def reject(self, reason: str, detail: str, device_id: str = "") -> None:
+        """Count a refused message; log the first ten of each reason, then every thousandth."""
         self.counters.rejected[reason] += 1
-        logger.warning("rejected message%s: %s (%s)", f" from {device_id}" if device_id else "", reason, detail)
+        count = self.counters.rejected[reason]
+        if count <= 10 or count % 1000 == 0:
+            logger.warning("rejected message%s: %s (%s)%s", f" from {device_id}" if device_id else "", reason,
+                           detail, f" [{count} so far]" if count > 10 else "")
 
     # ------------------------------------------------------------------ receiving
 
     async def _receive(self) -> None:
         async for message in self.transport.messages():
+            self.counters.inbound += 1
             try:
                 parsed = topics.parse(message.topic)
             except ProtocolError as error:
                 self.reject("bad_topic", error.detail)
                 continue
             if parsed.job != self.job or parsed.channel not in _INBOUND:
-                continue  # not ours (a broker may leak other retained topics: docs/brokers.md)
+                self.counters.ignored += 1  # not ours (a broker may leak retained topics: docs/brokers.md)
+                continue
             try:
                 envelope, decoded = decode_message(message.payload, parsed.channel, limits=self.limits)
             except ProtocolError as error:
@@ -346,12 +420,20 @@ class Aggregator:
 
     def _dispatch(self, message: ReceivedMessage, envelope: Envelope, decoded: Message) -> None:
         now = time.time()
+        counters = self.counters
         if isinstance(decoded, Update):
-            self.counters.bytes_up += len(message.payload)
+            counters.bytes_up += len(message.payload)
             self._on_update(envelope, decoded)
-        elif isinstance(decoded, Registration):
+            return
+        if isinstance(decoded, Registration):
             self._on_registration(decoded, now)
-        elif isinstance(decoded, Heartbeat):
+            return
+        record = self.registry.get(getattr(decoded, "device_id", ""))
+        if record is None or getattr(decoded, "session", None) != record.session:
+            counters.ignored += 1  # presence of a device we do not know, or of an older process of it
+            return
+        counters.accepted += 1
+        if isinstance(decoded, Heartbeat):
             if self.registry.heartbeat(decoded.device_id, decoded.session, now):
                 self._registry_updated()
                 self.driver.device_joined(decoded.device_id)
@@ -370,6 +452,7 @@ class Aggregator:
     def _on_registration(self, registration: Registration, now: float) -> None:
         verdict = self.registry.register(registration, now)
         if verdict.accepted:
+            self.counters.accepted += 1
             logger.info("device %s registered (%d examples, %s)", registration.device_id,
                         registration.num_examples, registration.platform or "unknown platform")
             self._registry_updated()
@@ -378,7 +461,7 @@ class Aggregator:
             self.reject(verdict.reason, verdict.detail, registration.device_id)
         record = self.registry.get(registration.device_id)
         reply = RegistrationReply(registration.device_id, verdict.accepted, self.session, verdict.reason,
-                                  verdict.detail, record.clock if record else 0)
+                                  verdict.detail, record.clock if record else 0, registration.session)
         self.spawn(self._send_to_device(registration.device_id, reply), "aggregator-registration-reply")
 
     def _refuse_registration(self, device_id: str, error: CodecError) -> None:
@@ -405,7 +488,8 @@ class Aggregator:
         known = self.dedup.get(envelope.msg_id)
         if known is not None:  # a redelivery or re-publication: same verdict, never applied twice
             self.counters.rejected["duplicate"] += 1
-            self._ack(update, envelope.msg_id, known[0], known[1])
+            if envelope.msg_id not in self._pending_ids:  # else its acknowledgement follows its commit
+                self._ack(update, envelope.msg_id, known[0], known[1])
             return
         verdict: tuple[str, str] | None
         if update.device_id not in self.registry:
@@ -425,9 +509,18 @@ class Aggregator:
         record.rounds_contributed += 1
         record.last_train_loss = update.train_loss
         record.clock += 1
+        self.counters.accepted += 1
+        step = self.server_round + 1 if self.config.job.mode == "sync" else update.clock
         clock, version = self.driver.apply(envelope.msg_id, update)
         self.dedup.remember(envelope.msg_id, True)
-        self._ack(update, envelope.msg_id, True, clock=clock, version=version)
+        # Acknowledged once durable: the next commit writes a checkpoint holding this update.
+        self._unacked.append(Ack(update.device_id, envelope.msg_id, update.task_id, True, "", clock, version))
+        self._pending_ids.add(envelope.msg_id)
+        self._audit_pending.append({
+            "msg_id": envelope.msg_id, "device_id": update.device_id, "task_id": update.task_id, "step": step,
+            "base_version": update.base_version, "version": version, "session": self.session,
+        })
+        self.request_commit()
 
     # ------------------------------------------------------------------ liveness
 

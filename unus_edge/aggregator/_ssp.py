@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from unus_edge import topics
 from unus_edge.messages import RoundMetrics, Task, Update
@@ -114,8 +114,10 @@ class SSPDriver:
     def judge(self, update: Update) -> tuple[str, str] | None:
         if not self.started or self.done.is_set():
             return "not_running", "the SSP computation is not running"
-        task = self._tasks.get(update.device_id)
-        if update.device_id not in self.participants or task is None or task.task_id != update.task_id:
+        # The standing task of this or an earlier aggregator session (a device's unacknowledged
+        # update survives an aggregator restart; its clock decides whether it still counts).
+        standing = update.task_id.startswith("ssp.") and update.task_id.endswith(f".{update.device_id}")
+        if update.device_id not in self.participants or not standing:
             return "unassigned", f"task {update.task_id!r} is not this device's standing task"
         clock = self._clock(update.device_id)
         if update.clock < clock:
@@ -231,21 +233,25 @@ class SSPDriver:
         from unus_edge.aggregator._driver import wait_for_devices
 
         service = self.service
-        await wait_for_devices(service)
-        self._clock_started = time.perf_counter()
+        resumed = self._resume()
+        if not resumed:
+            await wait_for_devices(service)
+            self._clock_started = time.perf_counter()
         service.state = "running"
         self.started = True
         online = [info.device_id for info in service.registry.online()]
-        for device_id in online:
-            record = service.registry.get(device_id)
-            assert record is not None
-            self.participants.add(device_id)
-            self.examples[device_id] = record.num_examples
-        self.context = AsyncContext(service.version, sum(self.examples.values()), self.bound)
-        service.strategy.start_async(service.params, self.context)
+        if not resumed:
+            for device_id in online:
+                record = service.registry.get(device_id)
+                assert record is not None
+                self.participants.add(device_id)
+                self.examples[device_id] = record.num_examples
+            self.context = AsyncContext(service.version, sum(self.examples.values()), self.bound)
+            service.strategy.start_async(service.params, self.context)
         self._recompute()
+        self._check_done()
         await service.publish_state()
-        for device_id in online:
+        for device_id in online:  # after a restart, devices that re-register get theirs in device_joined
             self._send_task(device_id)
         logger.info("ssp: %d devices, s = %s, until c_min = %d", len(online),
                     "inf" if self.bound is None else self.bound, service.config.job.rounds)
@@ -261,6 +267,48 @@ class SSPDriver:
         service.server_round = self.c_min
         logger.info("ssp finished: %d updates, c_min %d, version %d, mean staleness %.2f", self.updates, self.c_min,
                     service.version, self.mean_staleness)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if not self.started:
+            return {"mode": "ssp"}, {}
+        tensors, scalars = self.service.strategy.state_dict()
+        state = {
+            "mode": "ssp", "started": True, "c_min": self.c_min, "participants": sorted(self.participants),
+            "examples": self.examples, "updates": self.updates, "train_loss_sum": self._train_loss_sum,
+            "examples_sum": self._examples_sum, "staleness_sum": self._staleness_sum, "strategy": scalars,
+            "elapsed": time.perf_counter() - self._clock_started,
+        }
+        return state, {f"strategy/{name}": value for name, value in tensors.items()}
+
+    def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
+        if state.get("mode") == "ssp" and state.get("started"):
+            self._restored = (state, tensors)
+
+    _restored: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def _resume(self) -> bool:
+        if self._restored is None:
+            return False
+        state, tensors = self._restored
+        self._restored = None
+        service = self.service
+        self.c_min = int(state["c_min"])
+        self.participants = set(state["participants"])
+        self.examples = {k: int(v) for k, v in state["examples"].items()}
+        self.updates = int(state["updates"])
+        self._train_loss_sum = float(state["train_loss_sum"])
+        self._examples_sum = int(state["examples_sum"])
+        self._staleness_sum = int(state["staleness_sum"])
+        self._clock_started = time.perf_counter() - float(state["elapsed"])
+        self._evaluated_at = self.updates
+        self.context = AsyncContext(service.version, max(1, sum(self.examples.values())), self.bound)
+        service.strategy.start_async(service.params, self.context)
+        service.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()}, state["strategy"])
+        logger.info("resuming SSP at c_min %d after %d updates (version %d)", self.c_min, self.updates,
+                    service.version)
+        return True
 
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         return self.c_min, self.bound, {device_id: self._clock(device_id) for device_id in self._live()}

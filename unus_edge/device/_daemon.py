@@ -103,6 +103,8 @@ class Device:
         self.model: Params | None = None
         self.model_version = -1
         self.model_changed = asyncio.Event()
+        self._latest_model: GlobalModel | None = None
+        self._latest_clock: Clock | None = None
         self.clock = 0
         self.aggregator_session = ""
         self.registered = asyncio.Event()
@@ -249,34 +251,40 @@ class Device:
         elif isinstance(message, Ack):
             self._on_ack(message)
         elif isinstance(message, GlobalModel):
-            self._on_model(message)
+            self._latest_model = message
+            self._apply_model()
         elif isinstance(message, RegistrationReply):
             self._on_registration_reply(message)
         elif isinstance(message, Clock):
-            self.c_min = message.c_min
-            self.bound = message.staleness_bound
-            self.clock_version = max(self.clock_version, message.version)
-            self.gate.set()
-            if message.state in ("finished", "failed"):
-                self.job_over = True
-                if self.exit_when_finished:
-                    logger.info("job %s is %s: device %s exits", self.job, message.state, self.device_id)
-                    self.shutdown_trigger.set()
+            self._latest_clock = message
+            self._apply_clock()
         elif isinstance(message, Status) and message.role == "aggregator":
             if message.state == "online" and message.session != self.aggregator_session:
                 if self.aggregator_session:
                     logger.info("the aggregator restarted (session %s): registering again", message.session)
-                self.aggregator_session = message.session
+                    if self.pending is not None and self._group is not None:
+                        # It resumes from its checkpoint: the update may have to be applied there.
+                        self._group.create_task(self._republish(), name="device-republish")
+                self._set_session(message.session)
                 self.registration_wanted.set()
             elif message.state == "offline":
                 logger.warning("the aggregator is offline (%s)", message.reason or "no reason given")
 
     def _on_registration_reply(self, reply: RegistrationReply) -> None:
+        if reply.session and reply.session != self.session:
+            logger.debug("ignoring an answer to another registration (session %s)", reply.session)
+            return
+        if not reply.accepted and reply.session != self.session:
+            # A refusal that names no session cannot be about our registration: an aggregator
+            # refuses by schema only what it cannot decode, and then we could not decode its
+            # answer either. Someone else's registration on our topic must not stop us.
+            logger.warning("ignoring a refusal (%s) that is not addressed to this device's session", reply.reason)
+            return
         if not reply.accepted:
             detail = f" ({reply.detail})" if reply.detail else ""
             logger.error("device %s refused by the aggregator: %s%s", self.device_id, reply.reason, detail)
             raise RejectedError(self.device_id, reply.reason, reply.detail)
-        self.aggregator_session = reply.aggregator_session
+        self._set_session(reply.aggregator_session)
         self.clock = reply.clock
         self.gate.set()
         if not self.registered.is_set():
@@ -292,12 +300,41 @@ class Device:
         self.ack_version = max(self.ack_version, ack.version)
         self.gate.set()
         if ack.accepted:
-            logger.info("update %s for %s applied (clock %d)", ack.update_msg_id[:8], ack.task_id, ack.clock)
+            logger.info("update %s for %s applied (clock %d)", ack.update_msg_id, ack.task_id, ack.clock)
         else:
             logger.warning("update for %s refused by the aggregator: %s", ack.task_id, ack.reason)
         self.acked.set()
 
-    def _on_model(self, model: GlobalModel) -> None:
+    def _set_session(self, session: str) -> None:
+        """Follow an aggregator session. Model versions and clocks of another session (a retained
+        leftover of an earlier job, or of the aggregator before a restart) do not count."""
+        if session == self.aggregator_session:
+            return
+        self.aggregator_session = session
+        self.model_version = -1
+        self.clock_version = 0
+        self.ack_version = 0
+        self._apply_model()
+        self._apply_clock()
+
+    def _apply_clock(self) -> None:
+        message = self._latest_clock
+        if message is None or message.aggregator_session != self.aggregator_session:
+            return
+        self.c_min = message.c_min
+        self.bound = message.staleness_bound
+        self.clock_version = max(self.clock_version, message.version)
+        self.gate.set()
+        if message.state in ("finished", "failed"):
+            self.job_over = True
+            if self.exit_when_finished:
+                logger.info("job %s is %s: device %s exits", self.job, message.state, self.device_id)
+                self.shutdown_trigger.set()
+
+    def _apply_model(self) -> None:
+        model = self._latest_model
+        if model is None or model.aggregator_session != self.aggregator_session:
+            return
         if model.fingerprint != self.fingerprint:
             logger.error("the job's model %s is not the one this device runs (%s)", model.fingerprint,
                          self.fingerprint)

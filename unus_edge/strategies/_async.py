@@ -94,6 +94,17 @@ class SSPAveraging(_AsyncOnly):
         self._dirty = True
         return True
 
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        tensors = {f"base/{n}": v for n, v in self._base.items()}
+        tensors.update({f"pending/{n}": v for n, v in self._pending.items()})
+        return tensors, {"dirty": self._dirty}
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
+        for name in self._base:
+            self._base[name] = np.array(tensors[f"base/{name}"])
+            self._pending[name][...] = tensors[f"pending/{name}"]
+        self._dirty = bool(scalars["dirty"])
+
     def global_params(self, context: AsyncContext) -> Params:
         if self._dirty:
             self._base = fold(self._base, self._pending, 1.0 / context.total_examples)
@@ -147,6 +158,12 @@ class FedAsync(_AsyncOnly):
 
     def global_params(self, context: AsyncContext) -> Params:
         return {name: value.copy() for name, value in self._params.items()}
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        return {f"params/{n}": v for n, v in self._params.items()}, {}
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
+        self._params = {name: np.array(tensors[f"params/{name}"]) for name in self._params}
 
 
 class FedBuff(_AsyncOnly):
@@ -207,3 +224,24 @@ class FedBuff(_AsyncOnly):
 
     def global_params(self, context: AsyncContext) -> Params:
         return {name: value.copy() for name, value in self._params.items()}
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        tensors = {f"params/{n}": v for n, v in self._params.items()} | {f"sums/{n}": v for n, v in self._sums.items()}
+        held: dict[str, Any] = {}
+        for device_id, item in self._held.items():
+            held[device_id] = [item.num_examples, item.base_version, item.train_loss, item.staleness]
+            for name, tensor in item.delta.items():
+                tensors[f"held/{device_id}/{name}"] = tensor if isinstance(tensor, np.ndarray) else tensor.to_dense()
+        return tensors, {"in_buffer": sorted(self._in_buffer), "flushes": self.flushes, "held": held}
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
+        self._params = {name: np.array(tensors[f"params/{name}"]) for name in self._params}
+        for name in self._sums:
+            self._sums[name][...] = tensors[f"sums/{name}"]
+        self._in_buffer = set(scalars["in_buffer"])
+        self.flushes = int(scalars["flushes"])
+        self._held = {
+            device_id: ClientUpdate(device_id, int(n), {name: np.array(tensors[f"held/{device_id}/{name}"])
+                                                         for name in self._params}, int(base), float(loss), int(stale))
+            for device_id, (n, base, loss, stale) in scalars["held"].items()
+        }

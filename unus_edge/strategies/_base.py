@@ -193,6 +193,20 @@ class WeightedMean:
         self.num_examples += update.num_examples
         self.loss_sum += update.train_loss * update.num_examples
 
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        """Tensors and scalars to checkpoint a round in progress."""
+        scalars = {"total_weight": self.total_weight, "count": self.count, "num_examples": self.num_examples,
+                   "loss_sum": self.loss_sum}
+        return dict(self.sums), scalars
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
+        for name in self.sums:
+            self.sums[name][...] = tensors[name]
+        self.total_weight = float(scalars["total_weight"])
+        self.count = int(scalars["count"])
+        self.num_examples = int(scalars["num_examples"])
+        self.loss_sum = float(scalars["loss_sum"])
+
     @property
     def train_loss(self) -> float | None:
         """Mean training loss over the examples of the accepted updates."""
@@ -271,3 +285,13 @@ class Strategy(ABC):
     def global_params(self, context: AsyncContext) -> Params:
         """The current global model (new arrays the engine may keep)."""
         raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        """The strategy's own state (server optimiser moments, buffers...) as tensors and
+        JSON-able scalars, for the aggregator's checkpoint. Default: stateless."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:  # noqa: B027
+        """Restore what :meth:`state_dict` returned (default: nothing to restore)."""
