@@ -177,6 +177,23 @@ def _cmd_models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    import json
+
+    from unus_edge.chaos import ChaosOptions, run_chaos
+
+    options = ChaosOptions(
+        out_dir=Path(args.out), devices=args.devices, rounds=args.rounds, mode="ssp" if args.sync_bound else "sync",
+        staleness_bound=args.sync_bound or 0, dataset=args.dataset, data_dir=args.data_dir or "",
+        train_examples=args.train_examples, faults=not args.no_faults, cut_interval=args.cut_interval,
+        device_kill_fraction=args.kill_devices, aggregator_kills=args.kill_aggregator,
+        broker_restarts=args.restart_broker, seed=args.seed,
+    )
+    report = asyncio.run(run_chaos(options))
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.passed else 1
+
+
 def _cmd_provision(args: argparse.Namespace) -> int:
     from unus_edge.provision import run
 
@@ -283,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="models", metavar="DIR")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(handler=_cmd_models_build)
+
+    chaos = commands.add_parser("chaos", help="run a job under faults and audit it (needs mosquitto)",
+                                description="Mosquitto, a fault proxy, an aggregator and N device processes; "
+                                "connections cut at random, devices and the aggregator killed and restarted, "
+                                "the broker restarted. Then every applied update is checked to be unique and "
+                                "every acknowledged update to be applied.")
+    chaos.add_argument("--out", required=True, metavar="DIR", help="an empty folder for logs and the report")
+    chaos.add_argument("--devices", "-N", type=int, default=20)
+    chaos.add_argument("--rounds", type=int, default=30)
+    chaos.add_argument("--sync-bound", metavar="S", help="SSP with bound S instead of synchronous rounds")
+    chaos.add_argument("--dataset", choices=["mnist", "synthetic"], default="synthetic")
+    chaos.add_argument("--data-dir", help="MNIST folder (default: $UNUS_DATA_DIR)")
+    chaos.add_argument("--train-examples", type=int, default=0)
+    chaos.add_argument("--cut-interval", type=float, default=2.0, help="mean seconds between connection faults")
+    chaos.add_argument("--kill-devices", type=float, default=0.2, help="fraction of devices killed and restarted")
+    chaos.add_argument("--kill-aggregator", type=int, default=2, help="aggregator kills")
+    chaos.add_argument("--restart-broker", type=int, default=1, help="broker restarts")
+    chaos.add_argument("--seed", type=int, default=0)
+    chaos.add_argument("--no-faults", action="store_true", help="the same run without faults (the reference)")
+    chaos.set_defaults(handler=_cmd_chaos)
 
     from unus_edge.provision import add_arguments as provision_arguments
 

@@ -134,7 +134,9 @@ class Device:
         job, device_id = config.device.job, config.device.id
         will = Will(topics.device_topic(job, device_id, Channel.STATUS),
                     encode_message(Status(device_id, "offline", session, reason="will"), job, Channel.STATUS))
-        return config.broker.connect_options(client_id=f"unus-{job}-{device_id}", clean_session=False, will=will)
+        options = config.broker.connect_options(client_id=f"unus-{job}-{device_id}", clean_session=False, will=will)
+        # A daemon waits for its broker; a refusal (credentials) still fails at once.
+        return dataclasses.replace(options, retry_first_connect=True)
 
     # ------------------------------------------------------------------ lifecycle
 

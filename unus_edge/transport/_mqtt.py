@@ -103,7 +103,7 @@ class MqttTransport(Transport):
                 await self._open()
                 break
             except ConnectError as error:
-                if not self.options.retry_first_connect or self._closing:
+                if not self.options.retry_first_connect or self._closing or error.refused:
                     await self._teardown()
                     raise
                 delay = backoff.next_delay()
@@ -356,7 +356,7 @@ class MqttTransport(Transport):
         attempt, self._attempt = self._attempt, None
         if reason_code.is_failure:
             host, port = self.options.host, self.options.port
-            error = ConnectError(f"refused by the broker: {reason_code}", host=host, port=port)
+            error = ConnectError(f"refused by the broker: {reason_code}", host=host, port=port, refused=True)
             if attempt is not None and not attempt.done():
                 attempt.set_exception(error)
             return
