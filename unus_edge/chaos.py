@@ -131,7 +131,7 @@ class _Mosquitto:
         launcher = [stdbuf, "-oL"] if stdbuf else []
         self.process = await asyncio.create_subprocess_exec(
             *launcher, self.binary, "-c", str(self.config), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
+            stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
         assert self.process.stdout is not None
         log = open(self.workdir / "mosquitto.log", "ab")  # noqa: SIM115, ASYNC230 (closed by the drain task)
         running = False
@@ -162,6 +162,15 @@ async def _drain(stream: asyncio.StreamReader, log: Any) -> None:
             log.write(line)
     finally:
         log.close()
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: the kernel kills it if the harness dies (Linux), so that a killed
+    harness leaves no devices or broker behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -221,7 +230,7 @@ class _Fleet:
     def _spawn(self, arguments: list[str], log: str) -> subprocess.Popen[bytes]:
         with open(self.logs / log, "ab") as handle:
             return subprocess.Popen([sys.executable, "-m", "unus_edge.cli", *arguments], stdout=handle,
-                                    stderr=subprocess.STDOUT, env=self.environment)
+                                    stderr=subprocess.STDOUT, env=self.environment, preexec_fn=_die_with_parent)
 
     def start_aggregator(self) -> None:
         self.aggregator = self._spawn(["aggregator", "--config", str(self.out / "job.toml")], "aggregator.log")
