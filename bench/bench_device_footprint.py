@@ -211,6 +211,26 @@ class DeviceProcess:
         return time.perf_counter() - started
 
 
+def wait_until_training(port: int, password: str) -> None:
+    """As the monitor identity, wait for the device's heartbeat to say it is training."""
+    import asyncio
+    import json
+
+    from unus_edge import topics
+    from unus_edge.topics import Channel
+    from unus_edge.transport import ConnectOptions, MqttTransport
+
+    async def watch() -> None:
+        options = ConnectOptions(port=port, username="monitor", password=password)
+        async with asyncio.timeout(120), MqttTransport(options) as monitor:
+            await monitor.subscribe(topics.device_topic(JOB, DEVICE, Channel.HEARTBEAT))
+            async for message in monitor.messages():
+                if json.loads(message.payload)["body"]["state"] == "training":
+                    return
+
+    asyncio.run(watch())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser)
@@ -302,6 +322,18 @@ def main() -> int:
                 figures[f"train_{model}_seconds"] = elapsed
                 say(f"RSS while training {model} (E=1, B=10, 600 examples, {args.rounds} round(s)): "
                     f"peak {max(peak, hwm) / MB:.1f} MB; job took {elapsed:.1f} s")
+            # ---- SIGTERM in the middle of a CNN training task (many epochs: it would take minutes)
+            job = Aggregator(fleet, plain, workdir, "--model", "mnist_cnn", "--rounds", "1", "--epochs", "100",
+                             "--deadline", "3600", "--set", "job.min_devices=1")
+            try:
+                device = DeviceProcess(prefix, etc, tls, workdir, "--set", "device.model=mnist_cnn",
+                                       "--set", "device.heartbeat_interval=0.5")
+                wait_until_training(plain, (fleet / "gateway" / "monitor.password").read_text().strip())
+                figures["sigterm_training_stop_seconds"] = device.stop()
+            finally:
+                job.stop()
+            say(f"SIGTERM to exit while training the CNN: {figures['sigterm_training_stop_seconds']:.2f} s "
+                "(the step is abandoned; TimeoutStopSec is 30 s)")
     emit(figures)
     return 0
 

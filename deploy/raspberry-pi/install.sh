@@ -94,6 +94,9 @@ else
 fi
 ROOT=0
 if [ "$(id -u)" -eq 0 ]; then ROOT=1; fi
+DATA=""
+BROKER_BEFORE=""
+BROKER_AFTER=""
 
 # ------------------------------------------------------------------------------ checks
 if [ -r /etc/os-release ]; then
@@ -238,9 +241,12 @@ if [ "$ROLE" = device ]; then
     place "$WORK/device.toml" "$ETC/device.toml" 0640 "$SERVICE_GROUP" "$WORK/device.toml.template"
     render "$HERE/device.env.example" >"$WORK/device.env"
     place "$WORK/device.env" "$ETC/device.env" 0640 "$SERVICE_GROUP"
+    DATA=$(sed -n 's/^data *= *"\([^"]*\)".*/\1/p' "$ETC/device.toml" | head -n 1)
     UNITS=(unus-device.service)
 else
     render "$HERE/job.toml.example" >"$WORK/job.toml.template"
+    BROKER_BEFORE=$( { cat "$ETC"/broker/{ca.crt,server.crt,server.key,mosquitto.passwd,mosquitto.acl} \
+        "$CONF_D/unus-edge.conf" 2>/dev/null || true; } | cksum)
     MOSQUITTO_GROUP=root
     if getent group mosquitto >/dev/null 2>&1; then MOSQUITTO_GROUP=mosquitto; fi
     if [ -n "$BUNDLE" ]; then
@@ -276,11 +282,19 @@ else
     place "$WORK/job.toml" "$ETC/job.toml" 0640 "$SERVICE_GROUP" "$WORK/job.toml.template"
     render "$HERE/aggregator.env.example" >"$WORK/aggregator.env"
     place "$WORK/aggregator.env" "$ETC/aggregator.env" 0640 "$SERVICE_GROUP"
-    if [ -d "$CONF_D" ]; then
+    # The drop-in names the provisioned files: without them Mosquitto would not start.
+    BROKER_FILES=()
+    for name in ca.crt server.crt server.key mosquitto.passwd mosquitto.acl; do
+        BROKER_FILES+=("$ETC/broker/$name")
+    done
+    if [ ! -d "$CONF_D" ]; then
+        warn "$CONF_D does not exist: Mosquitto's drop-in is in $SHARE/mosquitto-unus-edge.conf"
+    elif ls "${BROKER_FILES[@]}" >/dev/null 2>&1; then
         place "$SHARE/mosquitto-unus-edge.conf" "$CONF_D/unus-edge.conf" 0644
     else
-        warn "$CONF_D does not exist: Mosquitto's drop-in is in $SHARE/mosquitto-unus-edge.conf"
+        warn "Mosquitto's drop-in is not installed yet: it needs the provisioned files (--bundle fleet/gateway)"
     fi
+    BROKER_AFTER=$( { cat "${BROKER_FILES[@]}" "$CONF_D/unus-edge.conf" 2>/dev/null || true; } | cksum)
     UNITS=(unus-aggregator.service)
 fi
 
@@ -297,11 +311,12 @@ if [ "$SYSTEMD" = 1 ]; then
     done
     systemctl daemon-reload
     systemctl enable "${UNITS[@]}" >/dev/null 2>&1
-    if [ "$ROLE" = gateway ] && systemctl list-unit-files mosquitto.service >/dev/null 2>&1; then
+    if [ "$ROLE" = gateway ] && [ "$BROKER_BEFORE" != "$BROKER_AFTER" ] \
+            && systemctl list-unit-files mosquitto.service >/dev/null 2>&1; then
         systemctl enable mosquitto.service >/dev/null 2>&1 || true
         systemctl restart mosquitto.service || warn "mosquitto did not restart: journalctl -u mosquitto"
     fi
-    if [ "$ROLE" = device ] && [ -n "$BUNDLE" ]; then
+    if [ "$ROLE" = device ] && [ -n "$BUNDLE" ] && [ -f "$DATA" ]; then
         systemctl restart unus-device.service || warn "unus-device did not start: journalctl -u unus-device"
     fi
 fi
@@ -311,9 +326,11 @@ say "done: $ROLE, $VERSION, configuration in $ETC, state in $STATE"
 for file in "${NEW_FILES[@]}"; do
     say "kept your $(basename "${file%.new}"); the new version is $file (compare and merge)"
 done
-if [ "$ROLE" = device ]; then
-    say "next: put this device's partition at $STATE/data.npz, check $ETC/device.toml, then"
-    say "      systemctl start unus-device && journalctl -u unus-device -f"
+if [ "$ROLE" = device ] && [ -f "$DATA" ] && [ "$SYSTEMD" = 1 ] && [ -n "$BUNDLE" ]; then
+    say "started: journalctl -u unus-device -f"
+elif [ "$ROLE" = device ]; then
+    say "next: put this device's partition at ${DATA:-the path device.data names}, check $ETC/device.toml, then"
+    say "      systemctl restart unus-device && journalctl -u unus-device -f"
 else
     say "next: complete $ETC/job.toml, then systemctl start unus-aggregator && journalctl -u unus-aggregator -f"
 fi

@@ -245,8 +245,10 @@ def test_gateway_install_places_broker_files_and_the_drop_in(installed: Installe
         assert result.returncode == 0, result.stdout + result.stderr
         return result
 
-    install()
+    bare = install()
     assert 'username = "aggregator-mnist"' in (etc / "job.toml").read_text()  # the template
+    # No drop-in before the files it names exist: Mosquitto would not start.
+    assert not (conf_d / "unus-edge.conf").exists() and "drop-in is not installed yet" in bare.stderr
     install("--bundle", str(bundle))  # one job in the bundle: no --job needed
     # The untouched template is replaced by the provisioned configuration, without a .new.
     assert (etc / "job.toml").read_text() == (bundle / f"{JOB}.toml").read_text()

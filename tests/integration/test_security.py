@@ -411,3 +411,27 @@ def test_provisioned_client_certificates_authenticate(tmp_path: Path) -> None:
             await broker.stop()
 
     run(scenario)
+
+
+def test_provision_uses_a_given_ca_or_server_certificate(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    from unus_edge.provision import make_ca, make_certificate
+
+    corporate = make_ca(tmp_path / "corporate", common_name="Corporate CA")
+    fleet = provision(tmp_path / "a", "j", ["d1"], "--ca-cert", str(corporate.cert_file), "--ca-key",
+                      str(corporate.key_file))
+    assert not (fleet.out / "ca.key").exists()  # the given CA's key is used in place, not copied
+    for copy in (fleet.out / "ca.crt", fleet.gateway / "ca.crt", fleet.out / "devices" / "d1" / "ca.crt"):
+        assert copy.read_bytes() == corporate.cert_file.read_bytes()
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(corporate.cert_file),
+                             str(fleet.gateway / "server.crt")], capture_output=True, text=True, check=False)
+    assert verify.returncode == 0, verify.stderr
+    provision(tmp_path / "a", "j", ["d2"])  # a later run remembers where the CA key is
+    assert (fleet.out / "devices" / "d2" / "ca.crt").read_bytes() == corporate.cert_file.read_bytes()
+
+    server = make_certificate(tmp_path / "corporate", "gw", corporate, hosts=("gw.corp",))
+    given = provision(tmp_path / "b", "j", ["d1"], "--ca-cert", str(corporate.cert_file), "--server-cert",
+                      str(server.cert_file), "--server-key", str(server.key_file))
+    assert (given.gateway / "server.crt").read_bytes() == server.cert_file.read_bytes()
+    assert stat.S_IMODE((given.gateway / "server.key").stat().st_mode) == 0o600
