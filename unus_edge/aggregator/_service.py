@@ -359,9 +359,10 @@ class Aggregator:
         return len(payload)
 
     async def publish_model(self) -> None:
+        payload = self.strategy.model_payload(self.params)
         size = await self.publish(topics.model(self.job), Channel.MODEL,
                                   GlobalModel(self.version, self.server_round, self.fingerprint, self.session,
-                                              self.params))
+                                              payload))
         self.counters.bytes_down += size * max(1, sum(1 for r in self.registry if r.online))
 
     async def publish_state(self, reason: str = "") -> None:

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 
 from unus_edge import __version__, topics
-from unus_edge.codec import Limits, new_msg_id
+from unus_edge.codec import Limits, Tensor, new_msg_id
 from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset
 from unus_edge.device._training import Abandoned, train_task
@@ -52,7 +52,7 @@ from unus_edge.messages import (
 )
 from unus_edge.nn import Graph
 from unus_edge.seeds import device_seed
-from unus_edge.strategies import Params
+from unus_edge.strategies import ClientStrategy, Params, client_strategy
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, Transport, Will
 
@@ -104,6 +104,9 @@ class Device:
         self.model_version = -1
         self.model_changed = asyncio.Event()
         self._latest_model: GlobalModel | None = None
+        self.download: dict[str, Tensor] = {}
+        """What the last model message carried (the device strategy may use only that part)."""
+        self.client: ClientStrategy | None = None
         self._latest_clock: Clock | None = None
         self.clock = 0
         self.aggregator_session = ""
@@ -349,11 +352,19 @@ class Device:
         if problem is not None:
             logger.error("ignoring global model version %d: %s (%s)", model.version, *problem)
             return
-        dense = {name: value for name, value in model.tensors.items() if isinstance(value, np.ndarray)}
-        if len(dense) != len(model.tensors):
-            logger.error("ignoring global model version %d: it holds sparse tensors", model.version)
-            return
-        self.model = dense
+        # A model message may carry only part of the model (sparse tensors: Distributed Selective
+        # SGD publishes the most-updated parameters); it is merged into the device's view of the
+        # global model, which starts as the device's own copy of the job's initial weights.
+        view = self.model if self.model is not None else self.template
+        merged: Params = {}
+        for name, tensor in model.tensors.items():
+            if isinstance(tensor, np.ndarray):
+                merged[name] = tensor
+            else:
+                merged[name] = np.array(view[name])
+                merged[name].reshape(-1)[tensor.indices] = tensor.values
+        self.model = {name: merged.get(name, view[name]) for name in self.template}
+        self.download = dict(model.tensors)
         self.model_version = model.version
         self.model_changed.set()
 
@@ -437,8 +448,11 @@ class Device:
     async def _do_task(self, task: Task, base: Params, base_version: int, *, clock: int | None = None) -> None:
         self.state = "training"
         started = time.perf_counter()
+        self.client = client_strategy(task.config, self.client)
+        start = self.client.starting_point(base, self.download)
         try:
-            result = await asyncio.to_thread(train_task, self.graph, base, self.dataset, task, self.stop_training)
+            result = await asyncio.to_thread(train_task, self.graph, start, self.dataset, task, self.stop_training,
+                                             self.client)
         except Abandoned:
             logger.info("training of %s abandoned for shutdown", task.task_id)
             return

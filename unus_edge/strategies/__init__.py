@@ -22,16 +22,25 @@ from unus_edge.strategies._base import (
     add_scaled,
     fold,
 )
+from unus_edge.strategies._client import (
+    CLIENT_STRATEGIES,
+    ClientStrategy,
+    ProximalHook,
+    client_strategy,
+    register_client_strategy,
+)
 from unus_edge.strategies._fedavg import FULL_BATCH, FedAvg, FedSGD
 from unus_edge.strategies._loader import BUILTIN_STRATEGIES, load_strategy, strategy_class
 
 __all__ = [
     "BUILTIN_STRATEGIES",
+    "CLIENT_STRATEGIES",
     "FULL_BATCH",
     "STALENESS_FUNCTIONS",
     "Accumulator",
     "Assignment",
     "AsyncContext",
+    "ClientStrategy",
     "ClientUpdate",
     "DeviceInfo",
     "Failure",
@@ -40,14 +49,17 @@ __all__ = [
     "FedBuff",
     "FedSGD",
     "Params",
+    "ProximalHook",
     "RoundContext",
     "SSPAveraging",
     "Scalar",
     "Strategy",
     "WeightedMean",
     "add_scaled",
+    "client_strategy",
     "fold",
     "load_strategy",
+    "register_client_strategy",
     "staleness_function",
     "strategy_class",
 ]

@@ -261,6 +261,10 @@ class Strategy(ABC):
         """Metrics of the new global model; default: the engine's central evaluation."""
         return central(params)
 
+    def model_payload(self, params: Params) -> Mapping[str, Tensor]:
+        """What to publish as the global model: by default all of it (dense)."""
+        return params
+
     # ---------------------------------------------------------------- SSP / asynchronous hooks
     #
     # In SSP mode (``job.mode = "ssp"``) there are no rounds: every accepted update goes to
