@@ -23,6 +23,9 @@ BENCHMARKS = [
     ["bench_round_overhead.py"],
     ["bench_memory.py"],
     ["bench_rounds_to_accuracy.py"],
+    ["bench_device_footprint.py"],
+    ["staleness.py"],
+    ["chaos.py"],
 ]
 
 

@@ -5,8 +5,10 @@ point under :func:`asyncio.run` with SIGINT/SIGTERM wired to the service's shutd
 Flags that set configuration keys win over ``--set section.key=value``, which wins over
 ``UNUS_*`` environment variables, which win over the ``--config`` file.
 
-Exit status: 0 success, 1 the job failed, 2 a usage or configuration error (one line naming
-the problem), 78 (EX_CONFIG) the aggregator refused this device (systemd: do not restart).
+Exit status: 0 success (or stopped by SIGINT/SIGTERM), 1 the job failed, 2 a usage or
+configuration error (one line naming the problem), 77 (EX_NOPERM) the broker refused the
+credentials, 78 (EX_CONFIG) the aggregator refused this device. systemd should not restart on
+77 or 78.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Any
 
 from unus_edge import __version__
 from unus_edge._logging import configure_logging
-from unus_edge.errors import RejectedError, UnusError
+from unus_edge.errors import ConnectError, RejectedError, UnusError
 
 __all__ = ["build_parser", "main"]
 
 EXIT_REJECTED = 78
+EXIT_NO_PERMISSION = 77
 
 
 def _run_until_signal(factory: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> Any:
@@ -82,7 +85,7 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
     print(f"job {result.job}: {result.state} after {result.rounds} rounds"
           + (f", accuracy {result.final_accuracy:.4f}" if result.final_accuracy is not None else "")
           + (f" ({result.reason})" if result.reason else ""))
-    return 0 if result.state == "finished" else 1
+    return 0 if result.state in ("finished", "stopped") else 1  # stopped: by SIGTERM, as asked
 
 
 def _cmd_device(args: argparse.Namespace) -> int:
@@ -155,7 +158,9 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     from unus_edge.monitor import monitor
     from unus_edge.transport import MqttTransport
 
-    options = BrokerSettings(url=args.broker).connect_options(client_id="", clean_session=True)
+    settings = BrokerSettings(url=args.broker, username=args.username or "", password_file=args.password_file or "",
+                              ca_file=args.ca_file or "")
+    options = settings.connect_options(client_id=args.client_id or "", clean_session=True)
 
     async def run(trigger: asyncio.Event) -> None:
         async with MqttTransport(options) as transport:
@@ -292,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL")
     watch.add_argument("--job", required=True)
     watch.add_argument("--once", type=float, metavar="SECONDS", help="print one snapshot after SECONDS and exit")
+    watch.add_argument("--username", help="broker username (e.g. the provisioned monitor identity)")
+    watch.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
+    watch.add_argument("--ca-file", metavar="FILE", help="CA of the broker's TLS certificate (mqtts://)")
+    watch.add_argument("--client-id", help="MQTT client id (brokers that use the username as client id need it)")
     watch.set_defaults(handler=_cmd_monitor)
 
     models = commands.add_parser("models", help="the model zoo").add_subparsers(dest="models_command",
@@ -370,7 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if found is None:
             raise
         print(f"unus-edge {args.command}: error: {found}", file=sys.stderr)
-        return EXIT_REJECTED if isinstance(found, RejectedError) else 2
+        if isinstance(found, RejectedError):
+            return EXIT_REJECTED
+        if isinstance(found, ConnectError) and found.refused:
+            return EXIT_NO_PERMISSION  # credentials or authorisation: a restart will not help
+        return 2
     except KeyboardInterrupt:
         return 130
 

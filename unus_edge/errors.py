@@ -112,8 +112,9 @@ class TransportError(UnusError):
 class ConnectError(TransportError):
     """The broker refused the connection or could not be reached."""
 
-    def __init__(self, reason: str, *, host: str, port: int, refused: bool = False) -> None:
-        super().__init__(f"cannot connect to mqtt://{host}:{port}: {reason}", host=host, port=port)
+    def __init__(self, reason: str, *, host: str, port: int, refused: bool = False, tls: bool = False) -> None:
+        super().__init__(f"cannot connect to {'mqtts' if tls else 'mqtt'}://{host}:{port}: {reason}", host=host,
+                         port=port)
         self.reason = reason
         self.refused = refused
         """The broker answered and said no (credentials, authorisation): retrying will not help."""

@@ -38,7 +38,7 @@ from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope, Limits
 from unus_edge.config import JobConfig
-from unus_edge.errors import CodecError, JobError, ProtocolError, UnusError
+from unus_edge.errors import CodecError, JobError, ProtocolError, TransportError, UnusError
 from unus_edge.messages import (
     Ack,
     Clock,
@@ -280,8 +280,10 @@ class Aggregator:
             self._pending_ids.discard(ack.update_msg_id)
             if self._tasks is not None:
                 self.spawn(self._send_to_device(ack.device_id, ack), "aggregator-ack")
-            else:
-                await self._send_to_device(ack.device_id, ack)
+            else:  # shutting down: try, briefly (a device re-publishes an unacknowledged update anyway)
+                with contextlib.suppress(TimeoutError, TransportError):
+                    async with asyncio.timeout(2):
+                        await self._send_to_device(ack.device_id, ack)
         self._commit_done = max(self._commit_done, target)
         self._commit_progress.set()
 
@@ -324,10 +326,18 @@ class Aggregator:
                 reason = str(self.failure)
                 logger.error("job %s failed: %s", self.job, self.failure)
         self._tasks = None
-        await self.publish_state(reason=reason)
+        # Durable first: the final checkpoint does not depend on the broker. The goodbye
+        # messages do, so they get a bounded time (the broker may be unreachable at shutdown).
         await self.commit()
-        await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
-                           Status("aggregator", "offline", self.session, role="aggregator", reason="shutdown"))
+        try:
+            async with asyncio.timeout(5):
+                await self.publish_state(reason=reason)
+                await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
+                                   Status("aggregator", "offline", self.session, role="aggregator",
+                                          reason="shutdown"))
+        except (TimeoutError, TransportError) as error:
+            logger.warning("final state not published (%s); the retained topics will say so on the next start",
+                           error or "the broker did not answer within 5 s")
         return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
                          time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
                          dict(self.counters.rejected), reason)

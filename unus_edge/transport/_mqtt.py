@@ -202,7 +202,8 @@ class MqttTransport(Transport):
                 await self._loop.run_in_executor(None, client.connect, options.host, options.port, options.keepalive)
             except OSError as error:
                 self._attempt = None
-                raise ConnectError(str(error) or type(error).__name__, host=options.host, port=options.port) from error
+                raise ConnectError(str(error) or type(error).__name__, host=options.host, port=options.port,
+                                   tls=options.tls is not None) from error
         # The CONNACK may already have resolved ``attempt`` while the executor was returning.
         # paho closes a connection that gets no CONNACK within one keepalive (loop_misc).
         return await attempt
@@ -356,7 +357,8 @@ class MqttTransport(Transport):
         attempt, self._attempt = self._attempt, None
         if reason_code.is_failure:
             host, port = self.options.host, self.options.port
-            error = ConnectError(f"refused by the broker: {reason_code}", host=host, port=port, refused=True)
+            error = ConnectError(f"refused by the broker: {reason_code}", host=host, port=port, refused=True,
+                                 tls=self.options.tls is not None)
             if attempt is not None and not attempt.done():
                 attempt.set_exception(error)
             return
@@ -387,7 +389,7 @@ class MqttTransport(Transport):
         if attempt is not None and not attempt.done():
             attempt.set_exception(
                 ConnectError(f"connection closed before CONNACK ({reason_code})", host=self.options.host,
-                             port=self.options.port)
+                             port=self.options.port, tls=self.options.tls is not None)
             )
         # QoS 0 messages not yet written are lost with the socket: fail their publish calls.
         for mid, (qos, future) in list(self._pending_publishes.items()):
