@@ -1,0 +1,519 @@
+"""The staleness experiment: SSP with s in {0, 1, 2, 4, 8, inf}, FedAsync and FedBuff, with stragglers.
+
+Setup (the SSP issue; results in ``docs/staleness-experiment.md``): the 2NN on MNIST, 20
+in-process devices, IID, a seeded 20% of them 5 times slower (``simulation.stragglers``), E, B
+and the learning rate the same for every run, the same seeds and partition. Every run is a real
+``unus_edge.simulation.simulate`` (aggregator + 20 devices over the embedded amqtt broker on
+127.0.0.1, in this one process) that stops after the same wall-clock budget:
+
+* ``sync``: synchronous FedAvg, C = 1 (``job.mode = "sync"``): the baseline of every ratio;
+* ``ssp s=K``: SSP delta averaging (``strategy ssp``) with staleness bound K;
+* ``fedasync``, ``fedbuff``: s = inf, the strategies' default options (FedBuff's buffer size
+  is ``--buffer-size``).
+
+Reported per run: wall-clock seconds to 90/95/97% test accuracy (the first central evaluation
+at or above it; "-" when not reached within the budget) and the speed-up against ``sync``
+measured in the same invocation; the accuracy of the model the run holds at the budget; accepted
+updates within the budget; mean staleness (versions applied between an update's base and its
+application, as ``SSPDriver`` counts it); the evaluation resolution (median seconds and updates
+between evaluations); the stragglers' share of the updates.
+
+How the figures are obtained:
+
+* accuracies and times: ``RoundMetrics`` through the ``on_round`` callback. SSP records carry
+  ``wall_seconds`` (from the start of the computation). Synchronous records leave it at 0, so for
+  ``sync`` the time is taken in the callback: round r's time = callback time - (round 1's callback
+  time - round 1's ``duration_seconds``), i.e. from the start of round 1;
+* the budget: ``job.time_budget`` for the SSP runs. The synchronous driver does not honour
+  ``job.time_budget``, so ``sync`` is stopped through ``simulate``'s ``shutdown_trigger`` by the
+  first round that ends past the budget; only rounds that ended within it count;
+* mean staleness and the update count: ``SSPDriver.mean_staleness`` is not in the job's result, so
+  they are read from the driver's ``ssp finished`` log record (its arguments, not its text);
+  per-device update counts from the devices' ``ssp start`` records (``unus_edge.device.ssp``).
+
+    python bench/staleness.py [--quick] [--json] [--budget S] [--bounds 0 1 2 4 8 inf]
+                              [--buffer-size K] [--plot PNG] [--results JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    add_blas_flag,
+    add_common_flags,
+    blas_threads,
+    emit,
+    ensure_blas_threads,
+    load_average,
+    machine,
+    median,
+    resolve_dataset,
+    say,
+    setup_output,
+)
+
+THRESHOLDS = (0.90, 0.95, 0.97)
+FULL_BOUNDS = ["0", "1", "2", "4", "8", "inf"]
+QUICK_BOUNDS = ["0", "2", "inf"]
+
+
+@dataclass
+class Run:
+    name: str
+    mode: str  # "sync" or "ssp"
+    strategy: str
+    bound: str = "0"
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    run: Run
+    points: list[dict[str, float]]
+    """One per central evaluation: wall (s), updates (cumulative), version, accuracy, within_budget."""
+    state: str
+    updates: int
+    mean_staleness: float | None
+    starts: dict[str, int]
+    cycle_seconds: dict[str, float]
+    rejected: dict[str, int]
+    broker_errors: int
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    load_before: float
+    load_after: float
+
+
+class LogTap(logging.Handler):
+    """Keeps the arguments of the SSP driver's final record and the devices' ``ssp start`` records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.finished: tuple[Any, ...] | None = None
+        self.starts: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = str(record.msg)
+        if record.name == "unus_edge.aggregator" and message.startswith("ssp finished"):
+            self.finished = tuple(record.args or ())
+        elif record.name == "unus_edge.device.ssp" and message.startswith("ssp start") and record.args:
+            self.starts.append((time.perf_counter(), str(record.args[0])))  # type: ignore[index]
+
+
+class ErrorCount(logging.Handler):
+    """Counts the broker's errors (amqtt gives up deliveries to clients too starved to acknowledge)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.example = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if not self.example:
+            self.example = record.getMessage()[:200]
+
+
+class EvaluationTap:
+    """When each evaluated model was taken (this process only; the class attributes are restored).
+
+    An SSP evaluation runs in the default executor, behind the devices' trainings, so it can end
+    seconds after the model it evaluates was taken; ``RoundMetrics.wall_seconds`` is its end. The
+    tap records the moment ``SSPDriver._evaluation`` takes the model (by version) and the moment a
+    synchronous round's evaluation starts (``Strategy.evaluate``, by round), so that times to
+    accuracy are when the model existed, in every mode.
+    """
+
+    def __init__(self) -> None:
+        self.ssp: dict[int, float] = {}
+        self.sync: dict[int, float] = {}
+        self._saved: list[tuple[type, str, Any]] = []
+
+    def __enter__(self) -> EvaluationTap:
+        from unus_edge.aggregator._ssp import SSPDriver
+        from unus_edge.strategies import Strategy
+
+        tap = self
+        ssp_original = getattr(SSPDriver, "_evaluation", None)
+        if ssp_original is not None:
+            async def evaluation(driver: Any) -> None:
+                tap.ssp[driver.service.version] = time.perf_counter()  # the version it takes, at once
+                await ssp_original(driver)
+
+            self._saved.append((SSPDriver, "_evaluation", ssp_original))
+            SSPDriver._evaluation = evaluation  # type: ignore[method-assign]
+        sync_original = Strategy.evaluate
+
+        def evaluate(strategy: Any, server_round: int, params: Any, central: Any) -> Any:
+            tap.sync[server_round] = time.perf_counter()
+            return sync_original(strategy, server_round, params, central)
+
+        self._saved.append((Strategy, "evaluate", sync_original))
+        Strategy.evaluate = evaluate  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
+
+
+def job_overrides(args: argparse.Namespace, run: Run, dataset: str, data_dir: str) -> list[str]:
+    overrides = [
+        "job.name=staleness", f"job.seed={args.seed}", "job.fraction=1.0", "job.rounds=1000000",
+        "job.round_deadline=600", "job.wait_for_devices=600", f"job.time_budget={args.budget}",
+        "model.source=mnist_2nn", "model.seed=0", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
+        f"train.learning_rate={args.lr}", f"evaluation.dataset={dataset}", "evaluation.num_examples=0",
+        f"job.mode={run.mode}", f"strategy.name={run.strategy}", *run.options,
+    ]
+    if run.mode == "ssp":
+        overrides.append(f"job.staleness_bound={run.bound}")
+    if data_dir:
+        overrides.append(f"evaluation.data_dir={data_dir}")
+    return overrides
+
+
+def execute(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slowdowns: dict[int, float]) -> Outcome:
+    from unus_edge.config import load_job_config
+    from unus_edge.messages import RoundMetrics
+    from unus_edge.simulation import SimulationOptions, simulate
+
+    config = load_job_config(environ={}, overrides=job_overrides(args, run, dataset, data_dir))
+    options = SimulationOptions(config=config, num_devices=args.devices, dataset=dataset,  # type: ignore[arg-type]
+                                data_dir=data_dir, scheme="iid", train_examples=args.train_examples,
+                                slowdowns=slowdowns)
+    seen: list[tuple[float, RoundMetrics]] = []
+    tap = LogTap()
+    loggers = [logging.getLogger("unus_edge.aggregator"), logging.getLogger("unus_edge.device.ssp")]
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+
+        def on_round(metrics: RoundMetrics) -> None:
+            seen.append((time.perf_counter(), metrics))
+            if run.mode == "sync":  # the synchronous driver ignores job.time_budget
+                first_time, first = seen[0]
+                if seen[-1][0] - (first_time - first.duration_seconds) >= args.budget:
+                    stop.set()
+
+        async with asyncio.timeout(args.budget + 600):
+            return await simulate(options, on_round=on_round, shutdown_trigger=stop)
+
+    for logger in loggers:
+        logger.addHandler(tap)
+        logger.setLevel(logging.INFO)
+    broker_log, broker_errors = logging.getLogger("amqtt"), ErrorCount()
+    broker_log.addHandler(broker_errors)
+    broker_log.propagate = False  # counted and reported, not a traceback each
+    load_before = load_average()
+    started = time.perf_counter()
+    try:
+        with EvaluationTap() as taken:
+            report = asyncio.run(main())
+    finally:
+        for logger in loggers:
+            logger.removeHandler(tap)
+            logger.setLevel(logging.ERROR)
+        broker_log.removeHandler(broker_errors)
+        broker_log.propagate = True
+    if broker_errors.count:
+        say(f"NOTE: {run.name}: the embedded broker logged {broker_errors.count} errors, "
+            f"e.g. {broker_errors.example!r}")
+    seconds = time.perf_counter() - started
+    result = report.result
+
+    # Times from the start of the computation (SSP) or of round 1 (sync): "wall" when the
+    # accuracy was known (the record), "model_wall" when the evaluated model was taken.
+    points: list[dict[str, Any]] = []
+    updates = 0
+    origin: float | None = None
+    for index, (when, metrics) in enumerate(seen):
+        updates += metrics.num_updates
+        if run.mode == "ssp":
+            origin = when - metrics.wall_seconds  # on_round runs right after wall_seconds is taken
+            taken_at = taken.ssp.get(metrics.version)
+            last = index == len(seen) - 1
+            # The last record is the model held when the budget ran out (taken then, evaluated after).
+            model_wall = args.budget if last and (taken_at is None or taken_at - origin > args.budget) else (
+                taken_at - origin if taken_at is not None else metrics.wall_seconds)
+        else:
+            if origin is None:
+                origin = when - metrics.duration_seconds
+            taken_at = taken.sync.get(metrics.server_round)
+            model_wall = taken_at - origin if taken_at is not None else when - origin
+        if metrics.eval_accuracy is None:
+            continue
+        points.append({"wall": when - origin, "model_wall": model_wall, "updates": updates,
+                       "version": metrics.version, "accuracy": metrics.eval_accuracy,
+                       "within_budget": model_wall <= args.budget + 1e-9})
+
+    mean_staleness: float | None = None
+    if run.mode == "ssp":
+        if tap.finished is None:
+            raise RuntimeError(f"{run.name}: no 'ssp finished' log record (did its format change?)")
+        total, _c_min, _version, mean_staleness = tap.finished
+        total_updates = int(total)
+    else:
+        total_updates = int(max((p["updates"] for p in points if p["within_budget"]), default=0))
+        mean_staleness = 0.0
+    starts: dict[str, int] = {}
+    times: dict[str, list[float]] = {}
+    for when, device in tap.starts:
+        starts[device] = starts.get(device, 0) + 1
+        times.setdefault(device, []).append(when)
+    cycles = {device: median(b - a for a, b in itertools.pairwise(moments))
+              for device, moments in times.items() if len(moments) > 2}
+    return Outcome(run, points, result.state, total_updates, mean_staleness, starts, cycles, dict(result.rejected),
+                   broker_errors.count, result.bytes_up, result.bytes_down, seconds, load_before, load_average())
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def first_time(outcome: Outcome, threshold: float) -> float | None:
+    for point in outcome.points:
+        if point["within_budget"] and point["accuracy"] >= threshold:
+            return float(point["model_wall"])
+    return None
+
+
+def budget_accuracy(outcome: Outcome) -> float | None:
+    kept = [p for p in outcome.points if p["within_budget"]]
+    return kept[-1]["accuracy"] if kept else None
+
+
+def resolution(outcome: Outcome) -> tuple[float | None, float | None]:
+    kept = [p for p in outcome.points if p["within_budget"]]
+    if len(kept) < 2:
+        return None, None
+    return (median(b["model_wall"] - a["model_wall"] for a, b in itertools.pairwise(kept)),
+            median(b["updates"] - a["updates"] for a, b in itertools.pairwise(kept)))
+
+
+def straggler_share(outcome: Outcome, stragglers: set[str]) -> float | None:
+    total = sum(outcome.starts.values())
+    return sum(n for d, n in outcome.starts.items() if d in stragglers) / total if total else None
+
+
+def cycles(outcome: Outcome, stragglers: set[str]) -> tuple[float | None, float | None]:
+    """Median seconds between two update starts of a straggler, and of a fast device."""
+    slow = [s for d, s in outcome.cycle_seconds.items() if d in stragglers]
+    fast = [s for d, s in outcome.cycle_seconds.items() if d not in stragglers]
+    return (median(slow) if slow else None), (median(fast) if fast else None)
+
+
+def summarise(outcomes: list[Outcome], stragglers: set[str], budget: float) -> list[dict[str, Any]]:
+    baseline = outcomes[0]
+    rows = []
+    for outcome in outcomes:
+        row: dict[str, Any] = {"run": outcome.run.name, "strategy": outcome.run.strategy, "mode": outcome.run.mode,
+                               "bound": outcome.run.bound if outcome.run.mode == "ssp" else "sync"}
+        for threshold in THRESHOLDS:
+            key = f"{round(threshold * 100)}"
+            mine, base = first_time(outcome, threshold), first_time(baseline, threshold)
+            row[f"seconds_to_{key}"] = mine
+            row[f"speedup_{key}_vs_sync"] = base / mine if mine and base else None
+        every_seconds, every_updates = resolution(outcome)
+        lags = [p["wall"] - p["model_wall"] for p in outcome.points if p["within_budget"]]
+        slow_cycle, fast_cycle = cycles(outcome, stragglers)
+        row.update({
+            "eval_lag_seconds": median(lags) if lags else None,
+            "accuracy_at_budget": budget_accuracy(outcome), "updates": outcome.updates,
+            "mean_staleness": outcome.mean_staleness, "eval_every_seconds": every_seconds,
+            "eval_every_updates": every_updates, "straggler_share": straggler_share(outcome, stragglers),
+            "straggler_cycle_seconds": slow_cycle, "fast_cycle_seconds": fast_cycle,
+            "cycle_ratio_straggler_over_fast": slow_cycle / fast_cycle if slow_cycle and fast_cycle else None,
+            "updates_per_second": outcome.updates / budget,
+            "state": outcome.state,
+            "rejected": outcome.rejected, "broker_errors": outcome.broker_errors,
+            "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down,
+            "run_seconds": outcome.seconds, "load_before": outcome.load_before, "load_after": outcome.load_after,
+            "points": outcome.points,
+        })
+        rows.append(row)
+    return rows
+
+
+def same_models(sync: Outcome, zero: Outcome, devices: int) -> tuple[int, float | None]:
+    """sync vs s = 0 after the same whole clocks: evaluations compared, largest accuracy difference.
+
+    Only evaluations after a whole number of clocks (updates a multiple of the fleet) can match;
+    the model s = 0 holds at the budget is usually part of a clock.
+    """
+    by_updates = {p["updates"]: p["accuracy"] for p in sync.points}
+    pairs = [(by_updates[p["updates"]], p["accuracy"]) for p in zero.points
+             if p["updates"] % devices == 0 and p["updates"] in by_updates]
+    return len(pairs), max((abs(x - y) for x, y in pairs), default=None)
+
+
+def show(value: float | None, fmt: str, width: int = 0) -> str:
+    text = "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+    return text.rjust(width)
+
+
+def print_table(rows: list[dict[str, Any]], budget: float) -> None:
+    say(f"\n{'run':14} {'t90 s':>7} {'t95 s':>7} {'x sync':>7} {'t97 s':>7} {'x sync':>7} "
+        f"{'acc@' + format(budget, '.0f') + 's':>9} {'updates':>8} {'staleness':>10} {'eval every':>13} "
+        f"{'eval lag':>9} {'strag.':>7} {'cycle':>6}")
+    for row in rows:
+        every = f"{show(row['eval_every_seconds'], '.1f')} s/{show(row['eval_every_updates'], '.0f')} u"
+        say(f"{row['run']:14} {show(row['seconds_to_90'], '.1f', 7)} {show(row['seconds_to_95'], '.1f', 7)} "
+            f"{show(row['speedup_95_vs_sync'], '.2f', 7)} {show(row['seconds_to_97'], '.1f', 7)} "
+            f"{show(row['speedup_97_vs_sync'], '.2f', 7)} {show(row['accuracy_at_budget'], '.4f', 9)} "
+            f"{row['updates']:8d} {show(row['mean_staleness'], '.2f', 10)} {every:>13} "
+            f"{show(row['eval_lag_seconds'], '.2f', 7)} s {show(row['straggler_share'], '.1%', 7)} "
+            f"{show(row['cycle_ratio_straggler_over_fast'], '.1f', 6)}")
+    say("t90/t95/t97: wall seconds from the start to when the first model evaluated at or above 90/95/97% was taken "
+        "('-': not within the budget); x sync: sync's time / this run's time (> 1: faster than sync).")
+    say("staleness: mean versions applied between an update's base and its application (SSPDriver's measure); "
+        "eval every: median seconds/updates between evaluations; eval lag: median seconds from taking a model to "
+        "knowing its accuracy; strag.: the stragglers' share of the updates started; cycle: median seconds between "
+        "a straggler's update starts / a fast device's.")
+
+
+def plot(outcomes: list[Outcome], path: Path, budget: float, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("NOTE: matplotlib is not installed: no plot (pip install 'unus-edge[plot]')")
+        return None
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    bounded = [o for o in outcomes if o.run.strategy == "ssp"]
+    colours = plt.get_cmap("viridis")
+    for outcome in outcomes:
+        kept = [p for p in outcome.points if p["within_budget"]]
+        if outcome.run.mode == "sync":
+            style = {"color": "black", "linestyle": "--", "linewidth": 2.2, "marker": "s", "markersize": 3}
+        elif outcome.run.strategy == "ssp":
+            index = bounded.index(outcome)
+            style = {"color": colours(index / max(1, len(bounded) - 1) * 0.9), "linewidth": 1.4, "marker": ".",
+                     "markersize": 3}
+        else:
+            style = {"color": "tab:red" if outcome.run.strategy == "fedasync" else "tab:orange", "linewidth": 1.4,
+                     "linestyle": "-.", "marker": "x", "markersize": 3}
+        left.plot([p["model_wall"] for p in kept], [p["accuracy"] for p in kept], label=outcome.run.name, **style)
+        right.plot([p["updates"] for p in kept], [p["accuracy"] for p in kept], label=outcome.run.name, **style)
+    for axis, xlabel in ((left, "wall-clock seconds"), (right, "accepted updates")):
+        for threshold in THRESHOLDS[1:]:
+            axis.axhline(threshold, color="grey", linewidth=0.7, linestyle=":")
+        axis.set(xlabel=xlabel, ylabel="test accuracy", ylim=(0.90, 0.985))
+        axis.grid(alpha=0.3)
+    left.axvline(budget, color="grey", linewidth=0.8)
+    left.set_title("accuracy vs wall-clock time")
+    right.set_title("accuracy vs accepted updates")
+    left.legend(fontsize=8, loc="lower right")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_runs(args: argparse.Namespace) -> list[Run]:
+    runs = [Run("sync", "sync", "fedavg")]
+    runs += [Run(f"ssp s={bound}", "ssp", "ssp", bound) for bound in args.bounds]
+    if not args.no_async:
+        runs.append(Run("fedasync", "ssp", "fedasync", "inf"))
+        runs.append(Run(f"fedbuff K={args.buffer_size}", "ssp", "fedbuff", "inf",
+                        [f"strategy.buffer_size={args.buffer_size}"]))
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(parser)
+    add_blas_flag(parser)
+    parser.add_argument("--budget", type=float, help="wall-clock seconds per run (default 160, quick 20)")
+    parser.add_argument("--bounds", nargs="+", help=f"SSP bounds (default {' '.join(FULL_BOUNDS)}; "
+                                                    f"quick {' '.join(QUICK_BOUNDS)})")
+    parser.add_argument("--buffer-size", type=int, default=10, help="FedBuff's K (default 10)")
+    parser.add_argument("--no-async", action="store_true", help="skip FedAsync and FedBuff")
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--stragglers", default="0.2:5", help="FRACTION:FACTOR (default 0.2:5)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-examples", type=int, default=0, help="first N training examples (0: all)")
+    parser.add_argument("--plot", type=Path, help="write the accuracy plot here (PNG)")
+    parser.add_argument("--results", type=Path, help="write every run's figures and curve here (JSON)")
+    args = parser.parse_args()
+    ensure_blas_threads(args.blas_threads)
+    setup_output(args)
+    logging.basicConfig(level=logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.ERROR)
+    logging.getLogger("unus_edge").setLevel(logging.ERROR)
+    args.budget = args.budget or (20.0 if args.quick else 160.0)
+    args.bounds = args.bounds or (QUICK_BOUNDS if args.quick else FULL_BOUNDS)
+    dataset, data_dir = resolve_dataset(args)
+
+    from unus_edge.simulation import stragglers
+
+    slowdowns = stragglers(args.stragglers, args.devices, args.seed)
+    slow_ids = {f"device-{index:03d}" for index in slowdowns}
+    runs = build_runs(args)
+    settings = (f"2NN, {dataset} IID, {args.devices} in-process devices, stragglers {args.stragglers} "
+                f"({', '.join(sorted(slow_ids))}), E={args.epochs} B={args.batch_size} lr={args.lr}, seed {args.seed}, "
+                f"budget {args.budget:.0f} s per run, FedBuff K={args.buffer_size}")
+    say(f"{settings}\n{os.cpu_count()} CPUs, BLAS threads {blas_threads()}, load average {load_average():.2f}; "
+        f"{len(runs)} runs: {', '.join(r.name for r in runs)}")
+    started = time.perf_counter()
+    outcomes: list[Outcome] = []
+    for run in runs:
+        outcome = execute(args, run, dataset, data_dir, slowdowns)
+        outcomes.append(outcome)
+        final = budget_accuracy(outcome)
+        say(f"... {run.name:14} {outcome.state:9} {len(outcome.points):3d} evaluations, {outcome.updates:5d} updates, "
+            f"accuracy at the budget {show(final, '.4f')}, t95 {show(first_time(outcome, 0.95), '.1f')} s, "
+            f"t97 {show(first_time(outcome, 0.97), '.1f')} s ({outcome.seconds:.0f} s, load "
+            f"{outcome.load_before:.1f} -> {outcome.load_after:.1f})")
+    total = time.perf_counter() - started
+    rows = summarise(outcomes, slow_ids, args.budget)
+    print_table(rows, args.budget)
+    zero = next((o for o in outcomes if o.run.strategy == "ssp" and o.run.bound == "0"), None)
+    results: dict[str, Any] = {
+        "machine": machine(), "settings": settings, "dataset": dataset, "devices": args.devices,
+        "stragglers": args.stragglers, "straggler_ids": sorted(slow_ids), "epochs": args.epochs,
+        "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed, "budget_seconds": args.budget,
+        "buffer_size": args.buffer_size, "train_examples": args.train_examples, "thresholds": THRESHOLDS,
+        "experiment_seconds": total, "runs": rows,
+    }
+    if zero is not None:
+        compared, difference = same_models(outcomes[0], zero, args.devices)
+        results["s0_vs_sync"] = {"evaluations_compared": compared, "max_accuracy_difference": difference}
+        say(f"\ns = 0 vs sync after the same whole clocks: {compared} evaluations compared, largest accuracy "
+            f"difference {show(difference, '.2e')} (0: the same models, as documented)")
+    say(f"experiment wall time {total:.0f} s; load average at the end {load_average():.2f} "
+        "(other work on this machine inflates every figure)")
+    if args.plot:
+        written = plot(outcomes, args.plot, args.budget, settings)
+        if written:
+            say(f"plot: {written}")
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=1, default=float) + "\n")
+        say(f"results: {args.results}")
+    emit(results)
+
+
+if __name__ == "__main__":
+    main()
