@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from unus_edge.aggregator._checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from unus_edge.aggregator._registry import DeviceRecord, Registry, Verdict
+from unus_edge.aggregator._results import JobResult, RoundProgress
 from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
-from unus_edge.aggregator._service import Aggregator, JobResult, RoundProgress
+from unus_edge.aggregator._service import Aggregator
 from unus_edge.aggregator._setup import JobParts, prepare_job, run_aggregator
 from unus_edge.seeds import device_seed
 

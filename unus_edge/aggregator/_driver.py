@@ -198,7 +198,7 @@ class RoundDriver:
     def _progress(self, current: SyncRound) -> None:
         callback = self.service.on_progress
         if callback is not None:
-            from unus_edge.aggregator._service import RoundProgress
+            from unus_edge.aggregator._results import RoundProgress
 
             callback(RoundProgress(current.server_round, self.service.config.job.rounds, len(current.assignments),
                                    len(current.accepted), len(current.failures)))

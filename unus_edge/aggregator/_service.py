@@ -14,27 +14,22 @@ The service stops when the job is done, when it fails, or when its injectable
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from unus_edge import __version__, topics
-from unus_edge.aggregator._checkpoint import (
-    Checkpoint,
-    append_audit,
-    encode_checkpoint,
-    load_checkpoint,
-    write_checkpoint,
-)
+from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint
+from unus_edge.aggregator._commit import GroupCommit
 from unus_edge.aggregator._registry import Registry
+from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
 from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope, Limits
 from unus_edge.config import JobConfig
@@ -59,63 +54,11 @@ from unus_edge.strategies import Params, Strategy
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, ReceivedMessage, Transport, Will
 
-__all__ = ["Aggregator", "JobResult", "RoundProgress"]
+__all__ = ["Aggregator"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
 Evaluate = Callable[[Params], dict[str, float]]
-
-
-@dataclass(frozen=True)
-class RoundProgress:
-    """Live progress of the current round (for progress bars)."""
-
-    server_round: int
-    total_rounds: int
-    selected: int
-    received: int
-    failed: int
-
-
-@dataclass
-class JobResult:
-    job: str
-    state: str
-    rounds: int
-    version: int
-    params: Params
-    history: list[RoundMetrics]
-    wall_seconds: float
-    bytes_up: int
-    bytes_down: int
-    rejected: dict[str, int]
-    reason: str = ""
-
-    @property
-    def final_accuracy(self) -> float | None:
-        evaluated = [m.eval_accuracy for m in self.history if m.eval_accuracy is not None]
-        return evaluated[-1] if evaluated else None
-
-    @property
-    def final_loss(self) -> float | None:
-        evaluated = [m.eval_loss for m in self.history if m.eval_loss is not None]
-        return evaluated[-1] if evaluated else None
-
-
-@dataclass
-class _Counters:
-    """Every inbound message ends up in exactly one of ``accepted``, ``ignored`` or ``rejected``."""
-
-    bytes_up: int = 0
-    bytes_down: int = 0
-    refused: int = 0
-    """Updates refused (a subset of ``rejected``)."""
-    inbound: int = 0
-    accepted: int = 0
-    """Messages acted upon: registrations, presence, heartbeats and updates of registered devices."""
-    ignored: int = 0
-    """Valid messages of no concern: other jobs, unknown devices' presence, stale sessions."""
-    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 class Aggregator:
@@ -153,7 +96,7 @@ class Aggregator:
         self.server_round = 0
         self.history: list[RoundMetrics] = []
         self.dedup = DedupWindow()
-        self.counters = _Counters()
+        self.counters = Counters()
         self.current_round: SyncRound | None = None
         self.accumulator: Any = None
         self.round_changed = asyncio.Event()
@@ -166,15 +109,8 @@ class Aggregator:
         self.failure: UnusError | None = None
         self.limits = self._limits()
         self._tasks: asyncio.TaskGroup | None = None
-        # Group commit: accepted updates are acknowledged only once a checkpoint holds them.
-        self._unacked: list[Ack] = []
-        self._pending_ids: set[str] = set()
-        self._audit_pending: list[dict[str, Any]] = []
-        self.audit_count = 0
-        self._commit_wanted = asyncio.Event()
-        self._commit_progress = asyncio.Event()
-        self._commit_requested = 0
-        self._commit_done = 0
+        self.committer = GroupCommit(self)
+        """Accepted updates are acknowledged only once a checkpoint holds them."""
         self._run_started = time.perf_counter()
         from unus_edge.aggregator._driver import RoundDriver
         from unus_edge.aggregator._ssp import SSPDriver
@@ -229,7 +165,7 @@ class Aggregator:
         self.history = [RoundMetrics(**entry) for entry in checkpoint.history]
         for msg_id, accepted, reason in checkpoint.dedup:
             self.dedup.remember(msg_id, accepted, reason)
-        self.audit_count = checkpoint.audit_count
+        self.committer.audit_count = checkpoint.audit_count
         self.driver.restore(checkpoint.driver, checkpoint.tensors)
         logger.info("resuming job %s after round %d (model version %d)", self.job, self.server_round, self.version)
 
@@ -245,47 +181,21 @@ class Aggregator:
 
     # ------------------------------------------------------------------ durability (group commit)
 
+    @property
+    def running(self) -> bool:
+        """Whether the service's task group is up (spawned tasks run)."""
+        return self._tasks is not None
+
+    @property
+    def audit_count(self) -> int:
+        return self.committer.audit_count
+
     def request_commit(self) -> int:
-        self._commit_requested += 1
-        self._commit_wanted.set()
-        return self._commit_requested
+        return self.committer.request()
 
     async def commit(self) -> None:
         """Checkpoint everything applied so far, then send the acknowledgements that waited for it."""
-        target = self.request_commit()
-        if self._tasks is None:  # no committer task running: do it here
-            await self._commit_once()
-            return
-        while self._commit_done < target:
-            self._commit_progress.clear()
-            await self._commit_progress.wait()
-
-    async def _committer(self) -> None:
-        while True:
-            await self._commit_wanted.wait()
-            self._commit_wanted.clear()
-            await self._commit_once()
-
-    async def _commit_once(self) -> None:
-        target = self._commit_requested
-        acks, self._unacked = self._unacked, []
-        audit, self._audit_pending = self._audit_pending, []
-        if self.config.checkpoint.dir:
-            directory = Path(self.config.checkpoint.dir)
-            self.audit_count += len(audit)
-            payload = encode_checkpoint(self.checkpoint(audit))  # a consistent snapshot, taken in the loop
-            await asyncio.to_thread(write_checkpoint, directory, payload)
-            await asyncio.to_thread(append_audit, directory, audit)
-        for ack in acks:
-            self._pending_ids.discard(ack.update_msg_id)
-            if self._tasks is not None:
-                self.spawn(self._send_to_device(ack.device_id, ack), "aggregator-ack")
-            else:  # shutting down: try, briefly (a device re-publishes an unacknowledged update anyway)
-                with contextlib.suppress(TimeoutError, TransportError):
-                    async with asyncio.timeout(2):
-                        await self._send_to_device(ack.device_id, ack)
-        self._commit_done = max(self._commit_done, target)
-        self._commit_progress.set()
+        await self.committer.commit(running=self.running)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -308,7 +218,7 @@ class Aggregator:
             await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
                                Status("aggregator", "online", self.session, role="aggregator",
                                       software_version=__version__))
-            committer = group.create_task(self._committer(), name="aggregator-commit")
+            committer = group.create_task(self.committer.run(), name="aggregator-commit")
             liveness = group.create_task(self._liveness(), name="aggregator-liveness")
             rounds = group.create_task(self._drive(), name="aggregator-rounds")
             stop = group.create_task(self.shutdown_trigger.wait(), name="aggregator-shutdown")
@@ -501,7 +411,7 @@ class Aggregator:
         known = self.dedup.get(envelope.msg_id)
         if known is not None:  # a redelivery or re-publication: same verdict, never applied twice
             self.counters.rejected["duplicate"] += 1
-            if envelope.msg_id not in self._pending_ids:  # else its acknowledgement follows its commit
+            if envelope.msg_id not in self.committer.pending_ids:  # else its acknowledgement follows its commit
                 self._ack(update, envelope.msg_id, known[0], known[1])
             return
         verdict: tuple[str, str] | None
@@ -527,13 +437,10 @@ class Aggregator:
         clock, version = self.driver.apply(envelope.msg_id, update)
         self.dedup.remember(envelope.msg_id, True)
         # Acknowledged once durable: the next commit writes a checkpoint holding this update.
-        self._unacked.append(Ack(update.device_id, envelope.msg_id, update.task_id, True, "", clock, version))
-        self._pending_ids.add(envelope.msg_id)
-        self._audit_pending.append({
+        self.committer.add(Ack(update.device_id, envelope.msg_id, update.task_id, True, "", clock, version), {
             "msg_id": envelope.msg_id, "device_id": update.device_id, "task_id": update.task_id, "step": step,
             "base_version": update.base_version, "version": version, "session": self.session,
         })
-        self.request_commit()
 
     # ------------------------------------------------------------------ liveness
 

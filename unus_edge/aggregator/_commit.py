@@ -1,0 +1,89 @@
+"""Group commit: an update is acknowledged only once a checkpoint holding it is on disk.
+
+Accepted updates queue their acknowledgement and audit entry here. The committer task takes a
+consistent snapshot of the aggregator in the event loop (:meth:`Aggregator.checkpoint`, encoded
+at once), writes it atomically in a worker thread, appends the audit entries, and only then
+sends the acknowledgements. One write serves every update accepted meanwhile (a burst shares a
+commit). Without a checkpoint folder the acknowledgements go out at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from unus_edge.aggregator._checkpoint import append_audit, encode_checkpoint, write_checkpoint
+from unus_edge.errors import TransportError
+from unus_edge.messages import Ack
+
+if TYPE_CHECKING:
+    from unus_edge.aggregator._service import Aggregator
+
+__all__ = ["GroupCommit"]
+
+
+class GroupCommit:
+    def __init__(self, service: Aggregator) -> None:
+        self.service = service
+        self.unacked: list[Ack] = []
+        self.pending_ids: set[str] = set()
+        """Accepted updates whose acknowledgement waits for the next commit."""
+        self.audit_pending: list[dict[str, Any]] = []
+        self.audit_count = 0
+        self._wanted = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._requested = 0
+        self._done = 0
+
+    def add(self, ack: Ack, audit_entry: dict[str, Any]) -> None:
+        """An update was applied: acknowledge it after the next commit."""
+        self.unacked.append(ack)
+        self.pending_ids.add(ack.update_msg_id)
+        self.audit_pending.append(audit_entry)
+        self.request()
+
+    def request(self) -> int:
+        self._requested += 1
+        self._wanted.set()
+        return self._requested
+
+    async def commit(self, *, running: bool) -> None:
+        """Checkpoint everything applied so far; with ``running`` the committer task does it."""
+        target = self.request()
+        if not running:
+            await self._commit_once()
+            return
+        while self._done < target:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def run(self) -> None:
+        """The committer task."""
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            await self._commit_once()
+
+    async def _commit_once(self) -> None:
+        service = self.service
+        target = self._requested
+        acks, self.unacked = self.unacked, []
+        audit, self.audit_pending = self.audit_pending, []
+        if service.config.checkpoint.dir:
+            directory = Path(service.config.checkpoint.dir)
+            self.audit_count += len(audit)
+            payload = encode_checkpoint(service.checkpoint(audit))  # a consistent snapshot, taken in the loop
+            await asyncio.to_thread(write_checkpoint, directory, payload)
+            await asyncio.to_thread(append_audit, directory, audit)
+        for ack in acks:
+            self.pending_ids.discard(ack.update_msg_id)
+            if service.running:
+                service.spawn(service._send_to_device(ack.device_id, ack), "aggregator-ack")
+            else:  # shutting down: try, briefly (a device re-publishes an unacknowledged update anyway)
+                with contextlib.suppress(TimeoutError, TransportError):
+                    async with asyncio.timeout(2):
+                        await service._send_to_device(ack.device_id, ack)
+        self._done = max(self._done, target)
+        self._progress.set()

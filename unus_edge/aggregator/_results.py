@@ -1,0 +1,63 @@
+"""What the aggregator reports: the job's result, live round progress, and its counters."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from unus_edge.messages import RoundMetrics
+from unus_edge.strategies import Params
+
+__all__ = ["Counters", "JobResult", "RoundProgress"]
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Live progress of the current round (for progress bars)."""
+
+    server_round: int
+    total_rounds: int
+    selected: int
+    received: int
+    failed: int
+
+
+@dataclass
+class JobResult:
+    job: str
+    state: str
+    rounds: int
+    version: int
+    params: Params
+    history: list[RoundMetrics]
+    wall_seconds: float
+    bytes_up: int
+    bytes_down: int
+    rejected: dict[str, int]
+    reason: str = ""
+
+    @property
+    def final_accuracy(self) -> float | None:
+        evaluated = [m.eval_accuracy for m in self.history if m.eval_accuracy is not None]
+        return evaluated[-1] if evaluated else None
+
+    @property
+    def final_loss(self) -> float | None:
+        evaluated = [m.eval_loss for m in self.history if m.eval_loss is not None]
+        return evaluated[-1] if evaluated else None
+
+
+@dataclass
+class Counters:
+    """Every inbound message ends up in exactly one of ``accepted``, ``ignored`` or ``rejected``."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    refused: int = 0
+    """Updates refused (a subset of ``rejected``)."""
+    inbound: int = 0
+    accepted: int = 0
+    """Messages acted upon: registrations, presence, heartbeats and updates of registered devices."""
+    ignored: int = 0
+    """Valid messages of no concern: other jobs, unknown devices' presence, stale sessions."""
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
