@@ -9,20 +9,21 @@ Precedence, lowest first: defaults < the TOML file < environment variables < com
   of range raises :class:`~unus_edge.errors.ConfigError` naming the dotted key.
 * ``[strategy]`` takes ``name`` plus any strategy parameters (they are passed to the strategy).
 * Secrets (``broker.password``) are never shown in a ``repr``; prefer ``broker.password_file``.
+
+This module declares the settings (frozen dataclasses, one per section) and checks their
+ranges; reading TOML, the environment and flags, and coercing values by their annotations, is
+the generic machinery of :mod:`unus_edge._settings`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import tomllib
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Literal
 
+from unus_edge._settings import Scalar, load_settings
 from unus_edge.errors import ConfigError, ProtocolError
 from unus_edge.topics import validate_name
 from unus_edge.transport import ConnectOptions, TLSOptions, Will, options_from_url
@@ -42,7 +43,8 @@ __all__ = [
     "load_job_config",
 ]
 
-Scalar = str | int | float | bool
+_ENV_ALIASES = {"UNUS_DATA_DIR": "evaluation.data_dir"}
+"""Environment variables that set a key besides its own ``UNUS_<SECTION>_<KEY>``."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class EvaluationSettings:
     """Evaluate on the first N test examples; 0 means all."""
     batch_size: int = 1000
     backend: Literal["auto", "onnxruntime", "numpy"] = "auto"
+    every_updates: int = 0
+    """SSP: evaluate after this many applied updates (0: as many as there are participants)."""
 
 
 @dataclass(frozen=True)
@@ -206,155 +210,6 @@ class DeviceConfig:
 
 # ------------------------------------------------------------------------------------------ loading
 
-T = TypeVar("T")
-
-
-def _coerce(key: str, value: Any, annotation: Any, *, from_text: bool) -> Any:
-    """Check (or, for text from the environment or a flag, parse) one value."""
-    origin = get_origin(annotation)
-    if origin is Literal:
-        choices = get_args(annotation)
-        if value not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if annotation is bool:
-        if from_text and isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if from_text and isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise ConfigError(key, f"must be an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if from_text and isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(key, f"must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(key, f"must be a finite number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
-        return value
-    if origin is Mapping:
-        if not isinstance(value, dict):
-            raise ConfigError(key, "must be a table")
-        return {str(k): _coerce(f"{key}.{k}", v, Scalar, from_text=from_text) for k, v in value.items()}
-    if origin in (types.UnionType, typing.Union):
-        if from_text and isinstance(value, str):
-            return _parse_scalar(value)
-        if isinstance(value, str | int | float | bool):
-            return value
-        raise ConfigError(key, f"must be a string, number or boolean, got {value!r}")
-    raise TypeError(f"{key}: unsupported annotation {annotation!r}")
-
-
-def _parse_scalar(text: str) -> Scalar:
-    """Strategy options given as text (environment, flags) have no declared type: guess it."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("inf", "infinity", "nan", "-inf"):
-        return lowered  # words, not floats: "inf" is the SSP bound's infinity
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    return text
-
-
-def _section(cls: type[T], name: str, table: Mapping[str, Any], *, from_text: bool = False) -> T:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
-    extras: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in known or key == "options":
-            if cls is StrategySettings:
-                extras[key] = value
-                continue
-            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
-        values[key] = _coerce(f"{name}.{key}", value, hints[key], from_text=from_text)
-    if extras:
-        values["options"] = _coerce(f"{name}", extras, hints["options"], from_text=from_text)
-    return cls(**values)
-
-
-def _read_toml(path: str | os.PathLike[str] | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError("--config", f"{os.fspath(path)} does not exist") from None
-    except OSError as error:
-        raise ConfigError("--config", f"cannot read {os.fspath(path)}: {error.strerror}") from error
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError("--config", f"{os.fspath(path)} is not valid TOML: {error}") from error
-
-
-def _overrides(
-    sections: Mapping[str, type], environ: Mapping[str, str], assignments: Sequence[str]
-) -> dict[str, dict[str, str]]:
-    """Text overrides from ``UNUS_<SECTION>_<KEY>`` variables, then ``section.key=value`` flags."""
-    found: dict[str, dict[str, str]] = {}
-    for section, cls in sections.items():
-        for item in fields(cls):
-            variable = f"UNUS_{section}_{item.name}".upper()
-            if variable in environ:
-                found.setdefault(section, {})[item.name] = environ[variable]
-    if "evaluation" in sections and environ.get("UNUS_DATA_DIR") and "UNUS_EVALUATION_DATA_DIR" not in environ:
-        found.setdefault("evaluation", {})["data_dir"] = environ["UNUS_DATA_DIR"]
-    for assignment in assignments:
-        key, separator, value = assignment.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not separator or not dot or section not in sections:
-            raise ConfigError(key or assignment, f"overrides look like section.key=value with a section among "
-                                                 f"{', '.join(sections)}; got {assignment!r}")
-        found.setdefault(section, {})[name] = value
-    return found
-
-
-def _load(
-    cls: type[T], path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None, assignments: Sequence[str]
-) -> T:
-    document = _read_toml(path)
-    sections = {f.name: typing.get_type_hints(cls)[f.name] for f in fields(cls)}  # type: ignore[arg-type]
-    for name in document:
-        if name not in sections:
-            raise ConfigError(name, f"unknown section (known: {', '.join(sections)})")
-    overrides = _overrides(sections, os.environ if environ is None else environ, assignments)
-    built: dict[str, Any] = {}
-    for name, section_cls in sections.items():
-        table = document.get(name, {})
-        if not isinstance(table, dict):
-            raise ConfigError(name, "must be a table ([section])")
-        value = _section(section_cls, name, table)
-        if name in overrides:
-            text_values = _section(section_cls, name, overrides[name], from_text=True)
-            changed = {key: getattr(text_values, key) for key in overrides[name] if key in
-                       {f.name for f in fields(section_cls)}}
-            if isinstance(value, StrategySettings) and isinstance(text_values, StrategySettings):
-                changed["options"] = {**value.options, **text_values.options}
-            value = replace(value, **changed)
-        built[name] = value
-    return cls(**built)
-
 
 def load_job_config(
     path: str | os.PathLike[str] | None = None,
@@ -363,7 +218,7 @@ def load_job_config(
     overrides: Sequence[str] = (),
 ) -> JobConfig:
     """Load and validate a job configuration (see the module docstring for precedence)."""
-    config = _load(JobConfig, path, environ, overrides)
+    config = load_settings(JobConfig, path, environ, overrides, aliases=_ENV_ALIASES)
     validate_job_config(config)
     return config
 
@@ -396,6 +251,7 @@ def validate_job_config(config: JobConfig) -> None:
     _check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(config.evaluation.num_examples >= 0, "evaluation.num_examples", "must be >= 0")
     _check(config.evaluation.batch_size >= 1, "evaluation.batch_size", "must be at least 1")
+    _check(config.evaluation.every_updates >= 0, "evaluation.every_updates", "must be >= 0")
     _check_broker(config.broker)
 
 
@@ -406,7 +262,7 @@ def load_device_config(
     overrides: Sequence[str] = (),
 ) -> DeviceConfig:
     """Load and validate a device configuration."""
-    config = _load(DeviceConfig, path, environ, overrides)
+    config = load_settings(DeviceConfig, path, environ, overrides, aliases=_ENV_ALIASES)
     device = config.device
     _check(bool(device.id), "device.id", "is required")
     for key, value in (("device.id", device.id), ("device.job", device.job)):

@@ -159,12 +159,22 @@ class RoundDriver:
             current = service.current_round
             current.deadline = asyncio.get_running_loop().time() + service.config.job.round_deadline
             self._started = time.perf_counter()
+            service.start_training_clock()
             await self._finish_round(current)
+        budget = service.config.job.time_budget
         while service.server_round < service.config.job.rounds:
+            if budget and service.wall_seconds() >= budget:
+                logger.info("job %s: the time budget of %.0f s is spent after round %d", service.job, budget,
+                            service.server_round)
+                break
             await wait_for_devices(service)
             current = await self._start_round(service.server_round + 1)
             await self._finish_round(current)
         logger.info("job %s finished after %d rounds", service.job, service.server_round)
+
+    def totals(self) -> tuple[int, float]:
+        """Updates applied over the job, and their mean staleness (always 0 in rounds)."""
+        return sum(m.num_updates for m in self.service.history), 0.0
 
     def _context(self, server_round: int) -> RoundContext:
         config = self.service.config
@@ -220,6 +230,7 @@ class RoundDriver:
         service = self.service
         loop = asyncio.get_running_loop()
         self._started = time.perf_counter()
+        service.start_training_clock()
         service.state = "running"
         assignments = service.strategy.configure_round(self._context(server_round), service.registry.online())
         if not assignments:

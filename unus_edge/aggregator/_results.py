@@ -35,6 +35,10 @@ class JobResult:
     bytes_down: int
     rejected: dict[str, int]
     reason: str = ""
+    updates: int = 0
+    """Updates applied over the whole job."""
+    mean_staleness: float = 0.0
+    """SSP: mean of (model version - base version) over applied updates; 0 in synchronous rounds."""
 
     @property
     def final_accuracy(self) -> float | None:

@@ -112,6 +112,7 @@ class Aggregator:
         self.committer = GroupCommit(self)
         """Accepted updates are acknowledged only once a checkpoint holds them."""
         self._run_started = time.perf_counter()
+        self.training_started: float | None = None
         from unus_edge.aggregator._driver import RoundDriver
         from unus_edge.aggregator._ssp import SSPDriver
 
@@ -248,13 +249,20 @@ class Aggregator:
         except (TimeoutError, TransportError) as error:
             logger.warning("final state not published (%s); the retained topics will say so on the next start",
                            error or "the broker did not answer within 5 s")
+        updates, staleness = self.driver.totals()
         return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
                          time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
-                         dict(self.counters.rejected), reason)
+                         dict(self.counters.rejected), reason, updates, staleness)
+
+    def start_training_clock(self) -> None:
+        """Training begins now (the first round or clock); a resumed job continues its clock."""
+        if self.training_started is None:
+            already = self.history[-1].wall_seconds if self.history else 0.0
+            self.training_started = time.perf_counter() - already
 
     def wall_seconds(self) -> float:
-        """Seconds since this aggregator started running the job."""
-        return time.perf_counter() - self._run_started
+        """Seconds of training so far: since the first round or clock started (0 before)."""
+        return 0.0 if self.training_started is None else time.perf_counter() - self.training_started
 
     async def _drive(self) -> None:
         """The round driver; a job-level failure is recorded, not raised into the task group."""
@@ -308,7 +316,8 @@ class Aggregator:
         self.counters.rejected[reason] += 1
         count = self.counters.rejected[reason]
         if count <= 10 or count % 1000 == 0:
-            logger.warning("rejected message%s: %s (%s)%s", f" from {device_id}" if device_id else "", reason,
+            level = logging.INFO if reason == "not_running" else logging.WARNING  # expected at the end of a job
+            logger.log(level, "rejected message%s: %s (%s)%s", f" from {device_id}" if device_id else "", reason,
                            detail, f" [{count} so far]" if count > 10 else "")
 
     # ------------------------------------------------------------------ receiving

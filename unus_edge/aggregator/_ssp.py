@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from unus_edge import topics
@@ -52,7 +51,6 @@ class SSPDriver:
         self._evaluated_at = 0
         self._evaluating = False
         self._tasks: dict[str, Task] = {}
-        self._clock_started = time.perf_counter()
 
     # ------------------------------------------------------------------ membership
 
@@ -157,7 +155,8 @@ class SSPDriver:
         # reported (if it is within the bound), or everybody waiting when c_min rose.
         publish_model = changed and (risen or self.allowed(update.device_id)) and not self.done.is_set()
         service.spawn(self._publish(model=publish_model), "aggregator-ssp-publish")
-        if self.updates - self._evaluated_at >= max(1, len(self._live())) and not self.done.is_set():
+        every = self.service.config.evaluation.every_updates or max(1, len(self._live()))
+        if self.updates - self._evaluated_at >= every and not self.done.is_set():
             self._evaluate()
         return clock, service.version
 
@@ -197,14 +196,14 @@ class SSPDriver:
         service = self.service
         try:
             params = service.strategy.global_params(self.context)
-            version, updates = service.version, self.updates
+            version, updates, captured = service.version, self.updates, service.wall_seconds()
             assert service.evaluate_fn is not None
             metrics = await asyncio.to_thread(service.evaluate_fn, params)
-            self._record(version, updates, metrics)
+            self._record(version, updates, metrics, captured)  # stamped with when the model was taken
         finally:
             self._evaluating = False
 
-    def _record(self, version: int, updates: int, evaluation: dict[str, float]) -> None:
+    def _record(self, version: int, updates: int, evaluation: dict[str, float], at: float) -> None:
         service = self.service
         if version == self._recorded_version:
             return
@@ -212,10 +211,10 @@ class SSPDriver:
         live = max(1, len(self.participants))  # devices may already have left at the end
         since, self._recorded_updates = updates - self._recorded_updates, updates
         metrics = RoundMetrics(
-            updates // live, version, live, since, 0, self._examples_sum, time.perf_counter() - self._clock_started,
+            updates // live, version, live, since, 0, self._examples_sum, at,
             (self._train_loss_sum / self._examples_sum) if self._examples_sum else None, evaluation.get("loss"),
             evaluation.get("accuracy"), service.counters.bytes_up, service.counters.bytes_down,
-            dict(service.counters.rejected), time.perf_counter() - self._clock_started, service.counters.refused,
+            dict(service.counters.rejected), at, service.counters.refused,
         )
         service.history.append(metrics)
         service.server_round = self.c_min
@@ -236,7 +235,7 @@ class SSPDriver:
         resumed = self._resume()
         if not resumed:
             await wait_for_devices(service)
-            self._clock_started = time.perf_counter()
+        service.start_training_clock()
         service.state = "running"
         self.started = True
         online = [info.device_id for info in service.registry.online()]
@@ -262,8 +261,9 @@ class SSPDriver:
         self.done.set()
         service.params = service.strategy.global_params(self.context)
         if service.evaluate_fn is not None:
+            captured = service.wall_seconds()
             evaluation = await asyncio.to_thread(service.evaluate_fn, service.params)
-            self._record(service.version, self.updates, evaluation)
+            self._record(service.version, self.updates, evaluation, captured)
         service.server_round = self.c_min
         logger.info("ssp finished: %d updates, c_min %d, version %d, mean staleness %.2f", self.updates, self.c_min,
                     service.version, self.mean_staleness)
@@ -278,7 +278,6 @@ class SSPDriver:
             "mode": "ssp", "started": True, "c_min": self.c_min, "participants": sorted(self.participants),
             "examples": self.examples, "updates": self.updates, "train_loss_sum": self._train_loss_sum,
             "examples_sum": self._examples_sum, "staleness_sum": self._staleness_sum, "strategy": scalars,
-            "elapsed": time.perf_counter() - self._clock_started,
         }
         return state, {f"strategy/{name}": value for name, value in tensors.items()}
 
@@ -301,7 +300,6 @@ class SSPDriver:
         self._train_loss_sum = float(state["train_loss_sum"])
         self._examples_sum = int(state["examples_sum"])
         self._staleness_sum = int(state["staleness_sum"])
-        self._clock_started = time.perf_counter() - float(state["elapsed"])
         self._evaluated_at = self.updates
         self.context = AsyncContext(service.version, max(1, sum(self.examples.values())), self.bound)
         service.strategy.start_async(service.params, self.context)
@@ -309,6 +307,10 @@ class SSPDriver:
         logger.info("resuming SSP at c_min %d after %d updates (version %d)", self.c_min, self.updates,
                     service.version)
         return True
+
+    def totals(self) -> tuple[int, float]:
+        """Updates applied over the job, and their mean staleness."""
+        return self.updates, self.mean_staleness
 
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         return self.c_min, self.bound, {device_id: self._clock(device_id) for device_id in self._live()}

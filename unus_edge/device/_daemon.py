@@ -307,7 +307,8 @@ class Device:
         if ack.accepted:
             logger.info("update %s for %s applied (clock %d)", ack.update_msg_id, ack.task_id, ack.clock)
         else:
-            logger.warning("update for %s refused by the aggregator: %s", ack.task_id, ack.reason)
+            level = logging.INFO if ack.reason == "not_running" else logging.WARNING  # the job just ended
+            logger.log(level, "update for %s refused by the aggregator: %s", ack.task_id, ack.reason)
         self.acked.set()
 
     def _set_session(self, session: str) -> None:
@@ -458,9 +459,11 @@ class Device:
             return
         finally:
             self.state = "idle"
-        if self.settings.slowdown > 1:  # simulated straggler: busy for longer, for real
+        if self.settings.slowdown > 1:
+            # Simulated straggler: busy (slowdown - 1) times longer than the training's own CPU
+            # time, so the slowdown does not depend on how loaded the simulating machine is.
             self.state = "training"
-            await asyncio.sleep((self.settings.slowdown - 1) * (time.perf_counter() - started))
+            await asyncio.sleep((self.settings.slowdown - 1) * result.cpu_seconds)
         encoding: Literal["delta", "weights"] = "weights" if task.config.get("encoding") == "weights" else "delta"
         update = Update(self.device_id, self.session, task.task_id, task.server_round, base_version,
                         result.num_examples, result.train_loss, result.delta, encoding,

@@ -48,6 +48,8 @@ class LocalResult:
     steps: int
     trained: Params
     """The trained parameters (a device strategy with local state keeps them)."""
+    cpu_seconds: float = 0.0
+    """CPU time of the training thread (with one BLAS thread: all of the training's CPU)."""
 
 
 def _number(config: Mapping[str, Any], key: str, default: float) -> float:
@@ -69,6 +71,7 @@ def train_task(
     (``client``, default FedAvg's) reads its own (``proximal_mu``, ``encoding``...).
     """
     started = time.perf_counter()
+    cpu_started = time.thread_time()
     client = client or client_strategy(task.config)
     seed = int(_number(task.config, "seed", 0))
     config = TrainConfig(
@@ -82,4 +85,4 @@ def train_task(
     result = train(graph, start, dataset.x, dataset.y, config, hooks=[StopHook(stop), *client.hooks(start)])
     tensors = client.upload(start, result.params, np.random.default_rng([seed, 0x0DD5]))
     return LocalResult(tensors, result.num_examples, result.mean_loss, time.perf_counter() - started, result.steps,
-                       result.params)
+                       result.params, time.thread_time() - cpu_started)
