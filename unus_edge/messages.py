@@ -16,17 +16,19 @@ Each class may check cross-field rules in ``validate``.
 
 Which kinds may arrive on which channel is fixed by :data:`CHANNEL_KINDS`; anything else is
 ``MessageError("unexpected_kind")``.
+
+This module declares the messages, the channel map and the encode/decode entry points; the
+:class:`Message` base and the annotation-driven validation live in
+:mod:`unus_edge._message_fields`.
 """
 
 from __future__ import annotations
 
-import math
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar, Literal, Self, TypeVar, get_args, get_origin
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
 
+from unus_edge._message_fields import Message, check_field
 from unus_edge.codec import DEFAULT_LIMITS, Envelope, Limits, Tensor, decode, encode
 from unus_edge.errors import MessageError
 from unus_edge.topics import TOPIC_SPECS, Channel
@@ -56,119 +58,7 @@ __all__ = [
 Scalar = str | int | float | bool
 """Values allowed in free-form maps (task config, metrics)."""
 
-_MAX_MAP_ENTRIES = 10_000
-
 M = TypeVar("M", bound="Message")
-
-
-class Message:
-    """Base of every message: ``KIND`` names it in the envelope."""
-
-    KIND: ClassVar[str]
-    _validators: ClassVar[tuple[tuple[str, Any, bool], ...]]
-
-    def validate(self) -> None:
-        """Cross-field checks; raise ``MessageError("bad_field", ..., field=...)``."""
-
-    def body(self) -> dict[str, Any]:
-        """The envelope body: every field except ``tensors``."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)  # type: ignore[arg-type]
-                if f.name != "tensors"}
-
-    def tensors_or_empty(self) -> Mapping[str, Tensor]:
-        tensors: Mapping[str, Tensor] = getattr(self, "tensors", {})
-        return tensors
-
-    @classmethod
-    def from_envelope(cls, envelope: Envelope) -> Self:
-        if envelope.kind != cls.KIND:
-            raise MessageError("unexpected_kind", f"expected {cls.KIND!r}, got {envelope.kind!r}", kind=envelope.kind)
-        values: dict[str, Any] = {}
-        for name, annotation, required in _validators_of(cls):
-            if name == "tensors":
-                values[name] = envelope.tensors
-                continue
-            if name not in envelope.body:
-                if required:
-                    raise MessageError("missing_field", "required", kind=cls.KIND, field=name)
-                continue
-            values[name] = _coerce(envelope.body[name], annotation, cls.KIND, name)
-        if "tensors" not in values and envelope.tensors:
-            raise MessageError("bad_field", "this kind carries no tensors", kind=cls.KIND, field="tensors")
-        message = cls(**values)
-        message.validate()
-        return message
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(item) for item in value]
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
-def _validators_of(cls: type[Message]) -> tuple[tuple[str, Any, bool], ...]:
-    cached = cls.__dict__.get("_validators")
-    if cached is None:
-        hints = typing.get_type_hints(cls)
-        cached = tuple(
-            (f.name, hints[f.name], f.default is MISSING and f.default_factory is MISSING)
-            for f in fields(cls)  # type: ignore[arg-type]
-        )
-        cls._validators = cached
-    return cached
-
-
-def _coerce(value: Any, annotation: Any, kind: str, name: str) -> Any:
-    origin = get_origin(annotation)
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in get_args(annotation):
-            return None
-        options = [a for a in get_args(annotation) if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(value, option, kind, name)
-            except MessageError as error:
-                errors.append(error.detail)
-        raise MessageError("bad_field", " or ".join(errors), kind=kind, field=name)
-    if origin is Literal:
-        if value not in get_args(annotation) or type(value) is bool:
-            raise MessageError("bad_field", f"{value!r} is not one of {get_args(annotation)}", kind=kind, field=name)
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise MessageError("bad_field", f"expected text, got {type(value).__name__}", kind=kind, field=name)
-        return value
-    if annotation is bool:
-        if type(value) is not bool:
-            raise MessageError("bad_field", f"expected a boolean, got {type(value).__name__}", kind=kind, field=name)
-        return value
-    if annotation is int:
-        if type(value) is not int:
-            raise MessageError("bad_field", f"expected an integer, got {type(value).__name__}", kind=kind, field=name)
-        return value
-    if annotation is float:
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise MessageError("bad_field", f"expected a finite number, got {value!r}", kind=kind, field=name)
-        return float(value)
-    if origin is tuple:
-        item_type = get_args(annotation)[0]
-        if not isinstance(value, list) or len(value) > _MAX_MAP_ENTRIES:
-            raise MessageError("bad_field", "expected a list", kind=kind, field=name)
-        return tuple(_coerce(item, item_type, kind, name) for item in value)
-    if origin in (Mapping, dict):
-        item_type = get_args(annotation)[1]
-        if not isinstance(value, dict) or len(value) > _MAX_MAP_ENTRIES:
-            raise MessageError("bad_field", "expected a map", kind=kind, field=name)
-        return {key: _coerce(item, item_type, kind, f"{name}.{key}") for key, item in value.items()}
-    raise TypeError(f"{kind}.{name}: unsupported annotation {annotation!r}")  # a bug in a class, not input
-
-
-def _check(condition: bool, kind: str, name: str, detail: str) -> None:
-    if not condition:
-        raise MessageError("bad_field", detail, kind=kind, field=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +114,8 @@ class Registration(Message):
     capabilities: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        _check(self.num_examples >= 1, self.KIND, "num_examples", "must be at least 1")
-        _check(self.cpu_count >= 0 and self.memory_bytes >= 0, self.KIND, "cpu_count", "must be >= 0")
+        check_field(self.num_examples >= 1, self.KIND, "num_examples", "must be at least 1")
+        check_field(self.cpu_count >= 0 and self.memory_bytes >= 0, self.KIND, "cpu_count", "must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,10 +161,10 @@ class Task(Message):
     """Strategy-specific device settings (for example ``proximal_mu``)."""
 
     def validate(self) -> None:
-        _check(self.epochs >= 1, self.KIND, "epochs", "must be at least 1")
-        _check(self.batch_size >= 1, self.KIND, "batch_size", "must be at least 1")
-        _check(self.learning_rate > 0, self.KIND, "learning_rate", "must be positive")
-        _check(self.server_round >= 0 and self.model_version >= 0, self.KIND, "server_round", "must be >= 0")
+        check_field(self.epochs >= 1, self.KIND, "epochs", "must be at least 1")
+        check_field(self.batch_size >= 1, self.KIND, "batch_size", "must be at least 1")
+        check_field(self.learning_rate > 0, self.KIND, "learning_rate", "must be positive")
+        check_field(self.server_round >= 0 and self.model_version >= 0, self.KIND, "server_round", "must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,8 +187,8 @@ class Update(Message):
     metrics: Mapping[str, Scalar] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _check(self.num_examples >= 1, self.KIND, "num_examples", "must be at least 1")
-        _check(self.base_version >= 0 and self.server_round >= 0, self.KIND, "base_version", "must be >= 0")
+        check_field(self.num_examples >= 1, self.KIND, "num_examples", "must be at least 1")
+        check_field(self.base_version >= 0 and self.server_round >= 0, self.KIND, "base_version", "must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

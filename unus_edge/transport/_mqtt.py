@@ -7,8 +7,9 @@ Design (after aiomqtt v2):
   ``call_later`` timer, so every paho callback runs in the loop thread, except during
   ``connect()``, which blocks (DNS, TCP, TLS handshake) and therefore runs in the default
   executor. The socket callbacks paho makes from there are marshalled into the loop with
-  ``call_soon_threadsafe``. Calls into paho are serialised with the connection attempt by an
-  ``asyncio.Lock`` so that no PUBLISH can overtake a CONNECT.
+  ``call_soon_threadsafe``. That plumbing is :class:`~unus_edge.transport._pump.SocketPump`.
+  Calls into paho are serialised with the connection attempt by an ``asyncio.Lock`` so that no
+  PUBLISH can overtake a CONNECT.
 * Requests are futures keyed by packet id: ``publish`` resolves on PUBACK/PUBCOMP (or on write
   for QoS 0), ``subscribe`` on SUBACK.
 * Reconnection is automatic: a supervisor task waits for the connection to be lost, sleeps a
@@ -19,7 +20,8 @@ Design (after aiomqtt v2):
   transport stops reading the socket (TCP backpressure pushes the flow control to the broker)
   and logs it; it resumes at half of both. No message is dropped. The overshoot is what one
   ``loop_read`` takes from the kernel's socket buffer. A consumer must keep draining the
-  queue: while reads are paused, acknowledgements and PINGRESPs wait too.
+  queue: while reads are paused, acknowledgements and PINGRESPs wait too. The queue and its
+  bounds are :class:`~unus_edge.transport._queue.ReceiveQueue`.
 * A graceful ``close`` sends DISCONNECT, so the broker discards the last will; a process that
   dies (or a connection that goes silent past 1.5 keepalives on a broker that enforces it)
   triggers the will.
@@ -28,26 +30,23 @@ Design (after aiomqtt v2):
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import secrets
-import ssl
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from unus_edge.errors import ConnectError, PublishError, SubscribeError, TransportError
 from unus_edge.transport._base import Backoff, ConnectionListener, ConnectOptions, ReceivedMessage, Transport
+from unus_edge.transport._pump import SocketPump, new_client
+from unus_edge.transport._queue import ReceiveQueue
 
 __all__ = ["MqttTransport"]
 
 logger = logging.getLogger("unus_edge.transport")
-
-_MISC_INTERVAL = 1.0
 
 
 class MqttTransport(Transport):
@@ -57,35 +56,35 @@ class MqttTransport(Transport):
         self.options = options
         self.client_id = options.client_id or f"unus-{secrets.token_hex(6)}"
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
         self._client: paho.Client | None = None
+        self._pump: SocketPump | None = None
         self._paho_lock = asyncio.Lock()
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._closing = False
         self._attempt: asyncio.Future[bool] | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._misc_handle: asyncio.TimerHandle | None = None
         self._subscriptions: dict[str, int] = {}
         self._subscribe_waiters: dict[str, list[asyncio.Future[int]]] = {}
         self._subscribe_mids: dict[int, list[str]] = {}
         self._unsubscribe_waiters: dict[int, asyncio.Future[None]] = {}
         self._pending_publishes: dict[int, tuple[int, asyncio.Future[None]]] = {}
-        self._queue: collections.deque[ReceivedMessage] = collections.deque()
-        self._queued_bytes = 0
-        self._queue_waiter: asyncio.Future[None] | None = None
-        self._reading_paused = False
-        self._reader_fd = -1
+        self._queue = ReceiveQueue(options.max_queued_messages, options.max_queued_bytes)
         self._listeners: list[ConnectionListener] = []
         self.reconnections = 0
-        self._ever_connected = False
         """How many times the connection was re-established after a loss."""
+        self._ever_connected = False
 
     # ---------------------------------------------------------------------------- lifecycle
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def _queued_bytes(self) -> int:
+        """Payload bytes waiting in the receive queue."""
+        return self._queue.nbytes
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         self._listeners.append(listener)
@@ -94,9 +93,8 @@ class MqttTransport(Transport):
         if self._client is not None:
             raise TransportError("connect() called twice", host=self.options.host, port=self.options.port)
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         self._client = self._make_client()
-        self._tick()
+        self._pump = SocketPump(self._loop, self._client)  # starts paho's housekeeping timer
         backoff = Backoff(self.options.reconnect_min_delay, self.options.reconnect_max_delay)
         while True:
             try:
@@ -131,15 +129,9 @@ class MqttTransport(Transport):
 
     async def _teardown(self) -> None:
         self._closing = True
-        if self._misc_handle is not None:
-            self._misc_handle.cancel()
-            self._misc_handle = None
-        client, self._client = self._client, None
-        if client is not None:
-            sock = client.socket()
-            if sock is not None:
-                self._drop_socket(sock.fileno())
-                sock.close()
+        if self._pump is not None:
+            self._pump.close()
+        self._client = None
         for _, future in self._pending_publishes.values():
             if not future.done():
                 future.set_exception(PublishError("*", "transport closed"))
@@ -149,44 +141,18 @@ class MqttTransport(Transport):
                     waiter.set_exception(SubscribeError("*", "transport closed"))
         self._pending_publishes.clear()
         self._subscribe_waiters.clear()
-        self._wake_reader()
+        self._queue.wake()
         # Let the futures' callbacks run before the loop may be closed.
         await asyncio.sleep(0)
 
     def _make_client(self) -> paho.Client:
-        options = self.options
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=options.clean_session,
-            protocol=paho.MQTTv311,
-            reconnect_on_failure=False,
-        )
-        client.enable_logger(logging.getLogger("unus_edge.transport.paho"))
-        client.max_inflight_messages_set(options.max_inflight)
-        client.max_queued_messages_set(0)
-        if options.username is not None:
-            client.username_pw_set(options.username, options.password)
-        if options.will is not None:
-            will = options.will
-            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        if options.tls is not None:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=options.tls.ca_file)
-            context.check_hostname = options.tls.check_hostname
-            if options.tls.cert_file:
-                context.load_cert_chain(options.tls.cert_file, options.tls.key_file)
-            client.tls_set_context(context)
-            client.tls_insecure_set(not options.tls.check_hostname)
+        client = new_client(self.options, self.client_id)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
         return client
 
     async def _open(self) -> bool:
@@ -313,40 +279,21 @@ class MqttTransport(Transport):
             while not self._queue:
                 if self._closing:
                     return
-                self._queue_waiter = self._loop.create_future()
-                try:
-                    await self._queue_waiter
-                finally:
-                    self._queue_waiter = None
-            message = self._queue.popleft()
-            self._queued_bytes -= len(message.payload)
-            if self._reading_paused and self._below_resume_mark():
+                await self._queue.wait()
+            message = self._queue.pop()
+            if self._pump is not None and self._pump.paused and self._queue.drained:
                 self._resume_reading()
             yield message
 
-    def _below_resume_mark(self) -> bool:
-        options = self.options
-        return (len(self._queue) <= options.max_queued_messages // 2
-                and self._queued_bytes <= options.max_queued_bytes // 2)
-
-    def _wake_reader(self) -> None:
-        if self._queue_waiter is not None and not self._queue_waiter.done():
-            self._queue_waiter.set_result(None)
-
     def _pause_reading(self) -> None:
-        if self._reading_paused or self._reader_fd < 0 or self._loop is None:
-            return
-        self._reading_paused = True
-        self._loop.remove_reader(self._reader_fd)
-        logger.warning(
-            "%s: receive queue full (%d messages, %d bytes); pausing socket reads until the consumer catches up",
-            self.client_id, len(self._queue), self._queued_bytes,
-        )
+        if self._pump is not None and self._pump.pause():
+            logger.warning(
+                "%s: receive queue full (%d messages, %d bytes); pausing socket reads until the consumer catches up",
+                self.client_id, len(self._queue), self._queue.nbytes,
+            )
 
     def _resume_reading(self) -> None:
-        self._reading_paused = False
-        if self._reader_fd >= 0 and self._loop is not None:
-            self._loop.add_reader(self._reader_fd, self._on_readable)
+        if self._pump is not None and self._pump.resume():
             logger.info("%s: receive queue drained to %d; reading again", self.client_id, len(self._queue))
 
     # ---------------------------------------------------------------------------- paho callbacks
@@ -397,7 +344,8 @@ class MqttTransport(Transport):
                 future.set_exception(PublishError("*", "connection lost before a QoS 0 message was sent"))
                 self._pending_publishes.pop(mid, None)
         self._subscribe_mids.clear()
-        self._reading_paused = False
+        if self._pump is not None:
+            self._pump.paused = False
         if was_connected and not self._closing:
             logger.warning("%s: disconnected from %s (%s)", self.client_id, self.options.url, reason_code)
         self._lost.set()
@@ -409,11 +357,8 @@ class MqttTransport(Transport):
             logger.warning("%s: discarding a message whose topic is not UTF-8: %r", self.client_id, message._topic)
             return
         payload = bytes(message.payload)
-        self._queue.append(ReceivedMessage(topic, payload, message.qos, bool(message.retain)))
-        self._queued_bytes += len(payload)
-        self._wake_reader()
-        options = self.options
-        if len(self._queue) >= options.max_queued_messages or self._queued_bytes >= options.max_queued_bytes:
+        self._queue.put(ReceivedMessage(topic, payload, message.qos, bool(message.retain)))
+        if self._queue.full:
             self._pause_reading()
 
     def _on_publish(
@@ -442,72 +387,3 @@ class MqttTransport(Transport):
         future = self._unsubscribe_waiters.pop(mid, None)
         if future is not None and not future.done():
             future.set_result(None)
-
-    # ---------------------------------------------------------------------------- socket plumbing
-
-    def _in_loop(self, callback: Callable[..., None], *args: Any) -> None:
-        """Run ``callback`` in the loop thread: now if we are in it, else thread-safely soon."""
-        assert self._loop is not None
-        if threading.get_ident() == self._loop_thread:
-            callback(*args)
-        else:
-            self._loop.call_soon_threadsafe(callback, *args)
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._watch_socket, sock.fileno())
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._drop_socket, sock.fileno())
-
-    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._watch_writes, sock.fileno())
-
-    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._unwatch_writes, sock.fileno())
-
-    def _watch_socket(self, fd: int) -> None:
-        assert self._loop is not None
-        self._reader_fd = fd
-        self._reading_paused = False
-        self._loop.add_reader(fd, self._on_readable)
-
-    def _drop_socket(self, fd: int) -> None:
-        assert self._loop is not None
-        if fd < 0:
-            return
-        self._loop.remove_reader(fd)
-        self._loop.remove_writer(fd)
-        if self._reader_fd == fd:
-            self._reader_fd = -1
-
-    def _watch_writes(self, fd: int) -> None:
-        assert self._loop is not None
-        if self._client is not None:
-            self._loop.add_writer(fd, self._on_writable)
-
-    def _unwatch_writes(self, fd: int) -> None:
-        assert self._loop is not None
-        self._loop.remove_writer(fd)
-
-    def _on_readable(self) -> None:
-        client = self._client
-        if client is None:
-            return
-        client.loop_read()
-        # An SSL socket may hold decrypted bytes that select() will not report again.
-        sock = client.socket()
-        while sock is not None and not self._reading_paused and isinstance(sock, ssl.SSLSocket) and sock.pending():
-            client.loop_read()
-            sock = client.socket()
-
-    def _on_writable(self) -> None:
-        if self._client is not None:
-            self._client.loop_write()
-
-    def _tick(self) -> None:
-        """paho's keepalive housekeeping (PINGREQ, timeouts), once a second."""
-        assert self._loop is not None
-        if self._client is None:
-            return
-        self._client.loop_misc()
-        self._misc_handle = self._loop.call_later(_MISC_INTERVAL, self._tick)

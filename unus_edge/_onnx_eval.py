@@ -1,0 +1,162 @@
+"""Evaluating an ONNX model with any weights: onnxruntime when installed, else the NumPy engine.
+
+Private to :mod:`unus_edge.onnx_io`, which re-exports it. An :class:`Evaluator` builds its
+backend once: one onnxruntime ``InferenceSession`` over a rewrite of the model in which the
+parameters are graph inputs (new weights are fed per call, the session is never rebuilt), or,
+without onnxruntime or when it cannot run the model, a :class:`unus_edge.nn.Graph`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from unus_edge._onnx_model import OnnxModel, check_parameters, parameters_as_inputs
+from unus_edge.errors import DataError, ModelError
+
+__all__ = [
+    "EvalResult",
+    "Evaluator",
+    "prepare_input",
+    "softmax_cross_entropy",
+]
+
+logger = logging.getLogger("unus_edge.onnx_io")
+
+
+class EvalResult(NamedTuple):
+    """Mean softmax cross-entropy, accuracy and the number of examples evaluated."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def prepare_input(model: OnnxModel, x: NDArray[Any]) -> NDArray[Any]:
+    """``x`` (any shape with n rows) as a C-contiguous float32 batch of the model's input shape."""
+    array = np.asarray(x)
+    if array.ndim == 0:
+        raise DataError("bad_shape", f"expected a batch of inputs for model {model.name}, got a scalar")
+    if not model.inputs:
+        raise ModelError("no_input: the graph has no non-initializer input", model=model.name)
+    shape = model.inputs[0].shape
+    if shape and all(isinstance(d, int) for d in shape[1:]):
+        target = (array.shape[0], *(int(d) for d in shape[1:]))  # type: ignore[arg-type]
+        if array.shape != target:
+            if array.size != int(np.prod(target)):
+                raise DataError(
+                    "bad_shape", f"input {array.shape} cannot be reshaped to {target} for model {model.name}"
+                )
+            array = array.reshape(target)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def softmax_cross_entropy(logits: NDArray[Any], labels: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Per-example cross-entropy (log-sum-exp, stable) and the softmax probabilities."""
+    if logits.ndim != 2:
+        raise ModelError(f"bad_output: cross-entropy needs (n, classes) logits, got {logits.shape}")
+    labels = np.asarray(labels)
+    if labels.shape != (logits.shape[0],) or labels.dtype.kind not in "iu":
+        raise DataError("bad_labels", f"expected {logits.shape[0]} integer labels, got {labels.shape} {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise DataError("bad_labels", f"labels must lie in [0, {logits.shape[1]})")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = np.arange(logits.shape[0])
+    losses = np.log(total[:, 0]) - shifted[rows, labels]
+    exp /= total
+    return losses, exp
+
+
+def _onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """The exception classes onnxruntime raises (they derive from Exception directly)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NotImplemented", "RuntimeException")
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
+
+
+class Evaluator:
+    """Predict and evaluate a model with any weights; the backend is built once."""
+
+    def __init__(self, model: OnnxModel, *, backend: Literal["auto", "onnxruntime", "numpy"] = "auto") -> None:
+        self.model = model
+        self._session: Any = None
+        self._graph: Any = None
+        self._errors: tuple[type[Exception], ...] = ()
+        if backend not in ("auto", "onnxruntime", "numpy"):
+            raise ValueError(f"unknown backend {backend!r}")
+        if backend in ("auto", "onnxruntime"):
+            try:
+                import onnxruntime  # optional accelerator, imported lazily
+            except ImportError as error:
+                if backend == "onnxruntime":
+                    raise ModelError("onnxruntime is not installed", model=model.name) from error
+                logger.debug("onnxruntime not installed: evaluating %s with numpy", model.name)
+            else:
+                self._errors = _onnxruntime_errors()
+                options = onnxruntime.SessionOptions()
+                options.log_severity_level = 3
+                try:
+                    self._session = onnxruntime.InferenceSession(
+                        parameters_as_inputs(model), options, providers=["CPUExecutionProvider"]
+                    )
+                except self._errors as error:
+                    if backend == "onnxruntime":
+                        raise ModelError(f"onnxruntime_failed: {error}", model=model.name) from error
+                    logger.warning("onnxruntime cannot run %s (%s): evaluating with numpy", model.name, error)
+                else:
+                    self._input = self._session.get_inputs()[0].name
+                    self.backend = "onnxruntime"
+                    return
+        from unus_edge.nn import Graph  # nn imports onnx_io, hence this module: no cycle at load
+
+        self._graph = Graph(model)
+        self.backend = "numpy"
+
+    def predict(self, params: Mapping[str, NDArray[Any]], x: NDArray[Any], *, batch_size: int = 1000) -> NDArray[Any]:
+        """The model's output (logits) for every row of ``x``, computed ``batch_size`` rows at a time."""
+        check_parameters(self.model, params)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        inputs = prepare_input(self.model, x)
+        chunks = []
+        for start in range(0, inputs.shape[0], batch_size):
+            batch = inputs[start : start + batch_size]
+            if self._session is not None:
+                feeds = {key: np.asarray(params[key]) for key in self.model.parameter_names}
+                feeds[self._input] = batch
+                try:
+                    chunks.append(self._session.run(None, feeds)[0])
+                except self._errors as error:
+                    raise ModelError(f"onnxruntime_failed: {error}", model=self.model.name) from error
+            else:
+                chunks.append(self._graph.forward(params, batch))
+        if not chunks:
+            return np.zeros((0,), np.float32)
+        return np.concatenate(chunks)
+
+    def evaluate(
+        self, params: Mapping[str, NDArray[Any]], x: NDArray[Any], y: NDArray[Any], *, batch_size: int = 1000
+    ) -> EvalResult:
+        """Mean softmax cross-entropy and accuracy of the model on ``(x, y)``."""
+        labels = np.asarray(y)
+        if labels.shape[:1] != np.shape(x)[:1]:
+            raise DataError("bad_labels", f"{np.shape(x)[0]} inputs but {labels.shape} labels")
+        num_examples = int(labels.shape[0])
+        if num_examples == 0:
+            return EvalResult(0.0, 0.0, 0)
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, num_examples, batch_size):
+            logits = self.predict(params, np.asarray(x)[start : start + batch_size], batch_size=batch_size)
+            batch_labels = labels[start : start + batch_size]
+            losses, _ = softmax_cross_entropy(logits, batch_labels)
+            loss_sum += float(losses.sum(dtype=np.float64))
+            correct += int((logits.argmax(axis=1) == batch_labels).sum())
+        return EvalResult(loss_sum / num_examples, correct / num_examples, num_examples)
