@@ -2,7 +2,7 @@
 
 Devices run without the ``protobuf``/``onnx`` packages, so the ONNX I/O of unus-edge speaks
 the wire format directly. Only the encoding layer lives here; the ONNX schema (which field
-number means what) lives in :mod:`unus_edge.onnx_io`.
+number means what) lives in :mod:`unus_edge._onnx_schema` (public API: :mod:`unus_edge.onnx_io`).
 
 Design decisions:
 
