@@ -25,34 +25,31 @@ import platform
 import secrets
 import threading
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from unus_edge import __version__, topics
-from unus_edge.codec import Limits, Tensor, new_msg_id
+from unus_edge.codec import Limits, Tensor
 from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset
-from unus_edge.device._training import Abandoned, train_task
+from unus_edge.device import _worker
+from unus_edge.device._worker import Pending
 from unus_edge.errors import ProtocolError, PublishError, RejectedError
 from unus_edge.messages import (
     Ack,
     Clock,
     GlobalModel,
-    Heartbeat,
     Message,
     Registration,
     RegistrationReply,
     Status,
     Task,
-    Update,
     decode_message,
     encode_message,
 )
 from unus_edge.nn import Graph
-from unus_edge.seeds import device_seed
-from unus_edge.strategies import ClientStrategy, Params, client_strategy
+from unus_edge.strategies import ClientStrategy, Params
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, Transport, Will
 
@@ -62,15 +59,6 @@ logger = logging.getLogger("unus_edge.device")
 ssp_logger = logging.getLogger("unus_edge.device.ssp")
 
 DeviceState = Literal["idle", "training", "waiting", "uploading"]
-
-
-@dataclass
-class _Pending:
-    """An update published but not yet acknowledged."""
-
-    msg_id: str
-    task_id: str
-    payload: bytes
 
 
 class Device:
@@ -115,7 +103,7 @@ class Device:
         self.state: DeviceState = "idle"
         self.tasks: asyncio.Queue[Task] = asyncio.Queue()
         self.done_tasks: set[str] = set()
-        self.pending: _Pending | None = None
+        self.pending: Pending | None = None
         self.acked = asyncio.Event()
         # SSP state: the device's clock c_i is self.clock; c_min and s come from the retained clock.
         self.c_min = 0
@@ -155,8 +143,8 @@ class Device:
                     await self.transport.subscribe(topic, qos=1)
                 tasks += [
                     group.create_task(self._registration(), name="device-registration"),
-                    group.create_task(self._heartbeat(), name="device-heartbeat"),
-                    group.create_task(self._work(), name="device-worker"),
+                    group.create_task(_worker.heartbeat(self), name="device-heartbeat"),
+                    group.create_task(_worker.work(self), name="device-worker"),
                 ]
                 await self.shutdown_trigger.wait()
                 self.stop_training.set()
@@ -368,129 +356,6 @@ class Device:
         self.download = dict(model.tensors)
         self.model_version = model.version
         self.model_changed.set()
-
-    # ------------------------------------------------------------------ working
-
-    async def _heartbeat(self) -> None:
-        sequence = 0
-        while True:
-            sequence += 1
-            uptime = time.monotonic() - self.started
-            heartbeat = Heartbeat(self.device_id, self.session, sequence, self.state, self.clock, uptime)
-            with contextlib.suppress(PublishError):  # QoS 0 while disconnected: skip this beat
-                await self._publish(Channel.HEARTBEAT, heartbeat)
-            await asyncio.sleep(self.settings.heartbeat_interval)
-
-    async def _wait_for_model(self, version: int, budget: float) -> bool:
-        """Wait until the model of ``version`` (or newer) is here; re-subscribe if it is late."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + budget
-        while self.model_version < version:
-            remaining = end - loop.time()
-            if remaining <= 0:
-                return False
-            self.model_changed.clear()
-            try:
-                async with asyncio.timeout(min(remaining, self.settings.model_wait)):
-                    await self.model_changed.wait()
-            except TimeoutError:
-                logger.warning("model version %d has not arrived; fetching the retained copy again", version)
-                await self.transport.unsubscribe(topics.model(self.job))
-                await self.transport.subscribe(topics.model(self.job), qos=1)
-        return True
-
-    async def _work(self) -> None:
-        await self.registered.wait()
-        while True:
-            task = await self.tasks.get()
-            await self.registered.wait()
-            if task.mode == "ssp":
-                await self._run_ssp()
-                continue
-            budget = task.deadline_seconds or 3600.0
-            if not await self._wait_for_model(task.model_version, budget):
-                logger.warning("task %s dropped: model version %d never arrived", task.task_id, task.model_version)
-                continue
-            if self.model_version != task.model_version or self.model is None:
-                logger.info("task %s is stale (model is at version %d)", task.task_id, self.model_version)
-                continue
-            await self._do_task(task, self.model, task.model_version)
-
-    def _finished(self) -> bool:
-        return self.job_over
-
-    async def _wait_gate(self) -> None:
-        """Wait until the SSP rule lets this device start: c_i <= c_min + s (event-driven)."""
-        while not self.job_over and not (self.bound is None or self.clock <= self.c_min + self.bound):
-            self.state = "waiting"
-            self.gate.clear()
-            await self.gate.wait()
-
-    async def _run_ssp(self) -> None:
-        """SSP: update after update, each started only when the clock allows it."""
-        while not self.job_over and self.standing is not None:
-            await self._wait_gate()
-            if self._finished():
-                break
-            required = max(self.ack_version, self.clock_version)
-            if not await self._wait_for_model(required, 3600.0) or self.model is None:
-                continue
-            task, base, version, clock = self.standing, self.model, self.model_version, self.clock
-            # The SSP invariant, logged at every start (tests check it over whole runs).
-            ssp_logger.info("ssp start device=%s clock=%d c_min=%d bound=%s version=%d", self.device_id, clock,
-                            self.c_min, "inf" if self.bound is None else self.bound, version)
-            job_seed = int(task.config.get("job_seed", 0))
-            step = dataclasses.replace(task, server_round=clock + 1, model_version=version,
-                                       config={**task.config, "seed": device_seed(job_seed, clock + 1,
-                                                                                  self.device_id)})
-            await self._do_task(step, base, version, clock=clock)
-        self.state = "idle"
-
-    async def _do_task(self, task: Task, base: Params, base_version: int, *, clock: int | None = None) -> None:
-        self.state = "training"
-        started = time.perf_counter()
-        self.client = client_strategy(task.config, self.client)
-        start = self.client.starting_point(base, self.download)
-        try:
-            result = await asyncio.to_thread(train_task, self.graph, start, self.dataset, task, self.stop_training,
-                                             self.client)
-        except Abandoned:
-            logger.info("training of %s abandoned for shutdown", task.task_id)
-            return
-        finally:
-            self.state = "idle"
-        if self.settings.slowdown > 1:
-            # Simulated straggler: busy (slowdown - 1) times longer than the training's own CPU
-            # time, so the slowdown does not depend on how loaded the simulating machine is.
-            self.state = "training"
-            await asyncio.sleep((self.settings.slowdown - 1) * result.cpu_seconds)
-        encoding: Literal["delta", "weights"] = "weights" if task.config.get("encoding") == "weights" else "delta"
-        update = Update(self.device_id, self.session, task.task_id, task.server_round, base_version,
-                        result.num_examples, result.train_loss, result.delta, encoding,
-                        self.clock if clock is None else clock, time.perf_counter() - started,
-                        {"steps": result.steps})
-        msg_id = new_msg_id()
-        self.state = "uploading"
-        self.acked.clear()
-        payload = encode_message(update, self.job, Channel.UPDATE, msg_id=msg_id)
-        self.pending = _Pending(msg_id, task.task_id, payload)
-        if task.mode == "sync":
-            self.done_tasks.add(task.task_id)
-        try:
-            await self.transport.publish(self._topic(Channel.UPDATE), payload, qos=1)
-            self.updates_sent += 1
-            attempts = 1
-            while self.pending is not None and self.pending.msg_id == msg_id:
-                try:
-                    async with asyncio.timeout(self.settings.ack_timeout):
-                        await self.acked.wait()
-                except TimeoutError:
-                    attempts += 1
-                    logger.warning("no acknowledgement for %s after %.0f s: re-publishing (attempt %d)",
-                                   task.task_id, self.settings.ack_timeout, attempts)
-                    await self._republish()
-        finally:
-            self.state = "idle"
 
 
 def _memory_bytes() -> int:

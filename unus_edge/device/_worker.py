@@ -1,0 +1,173 @@
+"""The device daemon's work: heartbeats, the task loop, the SSP loop, and running one task.
+
+These are procedures over a :class:`~unus_edge.device.Device` (which holds the state and the
+message handling); the daemon starts :func:`heartbeat` and :func:`work` as named tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from unus_edge import topics
+from unus_edge.codec import new_msg_id
+from unus_edge.device._training import Abandoned, train_task
+from unus_edge.errors import PublishError
+from unus_edge.messages import Heartbeat, Task, Update, encode_message
+from unus_edge.seeds import device_seed
+from unus_edge.strategies import Params, client_strategy
+from unus_edge.topics import Channel
+
+if TYPE_CHECKING:
+    from unus_edge.device._daemon import Device
+
+__all__ = ["Pending", "do_task", "heartbeat", "run_ssp", "wait_for_model", "wait_gate", "work"]
+
+logger = logging.getLogger("unus_edge.device")
+ssp_logger = logging.getLogger("unus_edge.device.ssp")
+
+
+@dataclass
+class Pending:
+    """An update published but not yet acknowledged."""
+
+    msg_id: str
+    task_id: str
+    payload: bytes
+
+
+def _over(device: Device) -> bool:
+    """Whether the job ended (a separate call: the flag changes while we await)."""
+    return device.job_over
+
+
+async def heartbeat(device: Device) -> None:
+    """A heartbeat every ``heartbeat_interval`` seconds (QoS 0: skipped while disconnected)."""
+    sequence = 0
+    while True:
+        sequence += 1
+        uptime = time.monotonic() - device.started
+        heartbeat = Heartbeat(device.device_id, device.session, sequence, device.state, device.clock, uptime)
+        with contextlib.suppress(PublishError):  # QoS 0 while disconnected: skip this beat
+            await device._publish(Channel.HEARTBEAT, heartbeat)
+        await asyncio.sleep(device.settings.heartbeat_interval)
+
+
+async def wait_for_model(device: Device, version: int, budget: float) -> bool:
+    """Wait until the model of ``version`` (or newer) is here; re-subscribe if it is late."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + budget
+    while device.model_version < version:
+        remaining = end - loop.time()
+        if remaining <= 0:
+            return False
+        device.model_changed.clear()
+        try:
+            async with asyncio.timeout(min(remaining, device.settings.model_wait)):
+                await device.model_changed.wait()
+        except TimeoutError:
+            logger.warning("model version %d has not arrived; fetching the retained copy again", version)
+            await device.transport.unsubscribe(topics.model(device.job))
+            await device.transport.subscribe(topics.model(device.job), qos=1)
+    return True
+
+
+async def work(device: Device) -> None:
+    """Take tasks one at a time; a standing SSP task runs the SSP loop."""
+    await device.registered.wait()
+    while True:
+        task = await device.tasks.get()
+        await device.registered.wait()
+        if task.mode == "ssp":
+            await run_ssp(device)
+            continue
+        budget = task.deadline_seconds or 3600.0
+        if not await wait_for_model(device, task.model_version, budget):
+            logger.warning("task %s dropped: model version %d never arrived", task.task_id, task.model_version)
+            continue
+        if device.model_version != task.model_version or device.model is None:
+            logger.info("task %s is stale (model is at version %d)", task.task_id, device.model_version)
+            continue
+        await do_task(device, task, device.model, task.model_version)
+
+
+async def wait_gate(device: Device) -> None:
+    """Wait until the SSP rule lets this device start: c_i <= c_min + s (event-driven)."""
+    while not device.job_over and not (device.bound is None or device.clock <= device.c_min + device.bound):
+        device.state = "waiting"
+        device.gate.clear()
+        await device.gate.wait()
+
+
+async def run_ssp(device: Device) -> None:
+    """SSP: update after update, each started only when the clock allows it."""
+    while not device.job_over and device.standing is not None:
+        await wait_gate(device)
+        if _over(device):
+            break
+        required = max(device.ack_version, device.clock_version)
+        if not await wait_for_model(device, required, 3600.0) or device.model is None:
+            continue
+        task, base, version, clock = device.standing, device.model, device.model_version, device.clock
+        # The SSP invariant, logged at every start (tests check it over whole runs).
+        ssp_logger.info("ssp start device=%s clock=%d c_min=%d bound=%s version=%d", device.device_id, clock,
+                        device.c_min, "inf" if device.bound is None else device.bound, version)
+        job_seed = int(task.config.get("job_seed", 0))
+        step = dataclasses.replace(task, server_round=clock + 1, model_version=version,
+                                   config={**task.config, "seed": device_seed(job_seed, clock + 1,
+                                                                              device.device_id)})
+        await do_task(device, step, base, version, clock=clock)
+    device.state = "idle"
+
+
+async def do_task(device: Device, task: Task, base: Params, base_version: int, *, clock: int | None = None) -> None:
+    """Train, publish the update, and keep it until acknowledged (re-publishing on timeouts)."""
+    device.state = "training"
+    started = time.perf_counter()
+    device.client = client_strategy(task.config, device.client)
+    start = device.client.starting_point(base, device.download)
+    try:
+        result = await asyncio.to_thread(train_task, device.graph, start, device.dataset, task, device.stop_training,
+                                         device.client)
+    except Abandoned:
+        logger.info("training of %s abandoned for shutdown", task.task_id)
+        return
+    finally:
+        device.state = "idle"
+    if device.settings.slowdown > 1:
+        # Simulated straggler: busy (slowdown - 1) times longer than the training's own CPU
+        # time, so the slowdown does not depend on how loaded the simulating machine is.
+        device.state = "training"
+        await asyncio.sleep((device.settings.slowdown - 1) * result.cpu_seconds)
+    encoding: Literal["delta", "weights"] = "weights" if task.config.get("encoding") == "weights" else "delta"
+    update = Update(device.device_id, device.session, task.task_id, task.server_round, base_version,
+                    result.num_examples, result.train_loss, result.delta, encoding,
+                    device.clock if clock is None else clock, time.perf_counter() - started,
+                    {"steps": result.steps})
+    msg_id = new_msg_id()
+    device.state = "uploading"
+    device.acked.clear()
+    payload = encode_message(update, device.job, Channel.UPDATE, msg_id=msg_id)
+    device.pending = Pending(msg_id, task.task_id, payload)
+    if task.mode == "sync":
+        device.done_tasks.add(task.task_id)
+    try:
+        await device.transport.publish(device._topic(Channel.UPDATE), payload, qos=1)
+        device.updates_sent += 1
+        attempts = 1
+        while device.pending is not None and device.pending.msg_id == msg_id:
+            try:
+                async with asyncio.timeout(device.settings.ack_timeout):
+                    await device.acked.wait()
+            except TimeoutError:
+                attempts += 1
+                logger.warning("no acknowledgement for %s after %.0f s: re-publishing (attempt %d)",
+                               task.task_id, device.settings.ack_timeout, attempts)
+                await device._republish()
+    finally:
+        device.state = "idle"
