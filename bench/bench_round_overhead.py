@@ -9,7 +9,7 @@ Round wall time is ``RoundMetrics.duration_seconds`` (the ``on_round`` callback)
 measured against three compute floors, per round, median over the rounds after a warm-up round:
 
 * A, slowest device: round time - max ``train_seconds`` of the round's updates (what the
-  devices report; collected by wrapping ``Aggregator._on_update`` in this process only). The
+  devices report; collected by wrapping the aggregator's update handler in this process only). The
   devices share 2 cores, so their compute is inflated by contention (and includes the wait for
   a worker thread of asyncio's default executor); this floor absorbs that.
 * B, sequential compute: the same 10 local trainings (same shards, same seeds, same
@@ -55,7 +55,7 @@ from _common import (
     verdict,
 )
 
-from unus_edge.aggregator import Aggregator, device_seed
+from unus_edge.aggregator import Aggregator, _inbound, device_seed
 from unus_edge.config import JobConfig, load_job_config
 from unus_edge.data import Dataset, load_dataset, partition
 from unus_edge.device import train_task
@@ -79,14 +79,14 @@ def job_config(rounds: int, url: str = "mqtt://127.0.0.1:1883") -> JobConfig:
 
 
 class TrainSecondsTap:
-    """Wraps ``Aggregator._on_update`` (this process only) to record accepted updates' train_seconds."""
+    """Wraps the aggregator's update handler (this process only) to record accepted updates' train_seconds."""
 
     def __init__(self) -> None:
         self.by_round: dict[int, list[float]] = {}
         self._original: Any = None
 
     def __enter__(self) -> TrainSecondsTap:
-        original = self._original = Aggregator._on_update
+        original = self._original = _inbound.on_update
         tap = self
 
         def on_update(service: Aggregator, envelope: Any, update: Any) -> None:
@@ -95,11 +95,11 @@ class TrainSecondsTap:
             if current is not None and current.accepted.get(update.device_id) == envelope.msg_id:
                 tap.by_round.setdefault(update.server_round, []).append(float(update.train_seconds))
 
-        Aggregator._on_update = on_update  # type: ignore[method-assign]
+        _inbound.on_update = on_update
         return self
 
     def __exit__(self, *exc: object) -> None:
-        Aggregator._on_update = self._original  # type: ignore[method-assign]
+        _inbound.on_update = self._original
 
 
 def run_federation(kind: str, rounds: int, dataset: str, data_dir: str, train_examples: int) -> list[dict[str, float]]:

@@ -14,7 +14,6 @@ The service stops when the job is done, when it fails, or when its injectable
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -26,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from unus_edge import __version__, topics
+from unus_edge.aggregator import _inbound
 from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint
 from unus_edge.aggregator._commit import GroupCommit
 from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
-from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
-from unus_edge.codec import SCHEMA_VERSION, Envelope, Limits
+from unus_edge.aggregator._round import DedupWindow, SyncRound
+from unus_edge.codec import Envelope, Limits
 from unus_edge.config import JobConfig
 from unus_edge.errors import CodecError, JobError, ProtocolError, TransportError, UnusError
 from unus_edge.messages import (
@@ -43,7 +43,6 @@ from unus_edge.messages import (
     JobMetrics,
     Message,
     Registration,
-    RegistrationReply,
     RoundMetrics,
     Status,
     Update,
@@ -220,7 +219,7 @@ class Aggregator:
                                Status("aggregator", "online", self.session, role="aggregator",
                                       software_version=__version__))
             committer = group.create_task(self.committer.run(), name="aggregator-commit")
-            liveness = group.create_task(self._liveness(), name="aggregator-liveness")
+            liveness = group.create_task(_inbound.liveness(self), name="aggregator-liveness")
             rounds = group.create_task(self._drive(), name="aggregator-rounds")
             stop = group.create_task(self.shutdown_trigger.wait(), name="aggregator-shutdown")
             await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -338,7 +337,7 @@ class Aggregator:
             except ProtocolError as error:
                 self.reject(error.reason, error.detail, parsed.device_id)
                 if parsed.channel is Channel.REGISTER and isinstance(error, CodecError):
-                    self._refuse_registration(parsed.device_id, error)
+                    _inbound.refuse_registration(self, parsed.device_id, error)
                 continue
             if envelope.job != self.job:
                 self.reject("wrong_job", f"payload names job {envelope.job!r}", parsed.device_id)
@@ -355,10 +354,10 @@ class Aggregator:
         counters = self.counters
         if isinstance(decoded, Update):
             counters.bytes_up += len(message.payload)
-            self._on_update(envelope, decoded)
+            _inbound.on_update(self, envelope, decoded)
             return
         if isinstance(decoded, Registration):
-            self._on_registration(decoded, now)
+            _inbound.on_registration(self, decoded, now)
             return
         record = self.registry.get(getattr(decoded, "device_id", ""))
         if record is None or getattr(decoded, "session", None) != record.session:
@@ -381,28 +380,6 @@ class Aggregator:
         self.devices_changed.set()
         self.spawn(self.publish_fleet(), "aggregator-fleet-metrics")
 
-    def _on_registration(self, registration: Registration, now: float) -> None:
-        verdict = self.registry.register(registration, now)
-        if verdict.accepted:
-            self.counters.accepted += 1
-            logger.info("device %s registered (%d examples, %s)", registration.device_id,
-                        registration.num_examples, registration.platform or "unknown platform")
-            self._registry_updated()
-            self.driver.device_joined(registration.device_id)  # may move its clock (SSP rejoin)
-        else:
-            self.reject(verdict.reason, verdict.detail, registration.device_id)
-        record = self.registry.get(registration.device_id)
-        reply = RegistrationReply(registration.device_id, verdict.accepted, self.session, verdict.reason,
-                                  verdict.detail, record.clock if record else 0, registration.session)
-        self.spawn(self._send_to_device(registration.device_id, reply), "aggregator-registration-reply")
-
-    def _refuse_registration(self, device_id: str, error: CodecError) -> None:
-        if error.reason != "unsupported_schema":
-            return
-        reply = RegistrationReply(device_id, False, self.session, "schema_version",
-                                  f"the aggregator speaks schema {SCHEMA_VERSION}: {error.detail}")
-        self.spawn(self._send_to_device(device_id, reply), "aggregator-registration-reply")
-
     async def _send_to_device(self, device_id: str, message: Message) -> None:
         size = await self.publish(topics.device_topic(self.job, device_id, Channel.TASKS), Channel.TASKS, message)
         self.counters.bytes_down += size
@@ -415,59 +392,6 @@ class Aggregator:
         ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, clock,
                   self.version if version is None else version)
         self.spawn(self._send_to_device(update.device_id, ack), "aggregator-ack")
-
-    def _on_update(self, envelope: Envelope, update: Update) -> None:
-        known = self.dedup.get(envelope.msg_id)
-        if known is not None:  # a redelivery or re-publication: same verdict, never applied twice
-            self.counters.rejected["duplicate"] += 1
-            if envelope.msg_id not in self.committer.pending_ids:  # else its acknowledgement follows its commit
-                self._ack(update, envelope.msg_id, known[0], known[1])
-            return
-        verdict: tuple[str, str] | None
-        if update.device_id not in self.registry:
-            verdict = "unregistered", "the device has not registered"
-        else:
-            verdict = self.driver.judge(update) or check_tensors(update.tensors, self.params,
-                                                                 max_norm=self.config.job.max_update_norm)
-        if verdict is not None:
-            reason, detail = verdict
-            self.reject(reason, detail, update.device_id)
-            self.counters.refused += 1
-            self.dedup.remember(envelope.msg_id, False, reason)
-            self._ack(update, envelope.msg_id, False, reason)
-            return
-        record = self.registry.get(update.device_id)
-        assert record is not None
-        record.rounds_contributed += 1
-        record.last_train_loss = update.train_loss
-        record.clock += 1
-        self.counters.accepted += 1
-        step = self.server_round + 1 if self.config.job.mode == "sync" else update.clock
-        clock, version = self.driver.apply(envelope.msg_id, update)
-        self.dedup.remember(envelope.msg_id, True)
-        # Acknowledged once durable: the next commit writes a checkpoint holding this update.
-        self.committer.add(Ack(update.device_id, envelope.msg_id, update.task_id, True, "", clock, version), {
-            "msg_id": envelope.msg_id, "device_id": update.device_id, "task_id": update.task_id, "step": step,
-            "base_version": update.base_version, "version": version, "session": self.session,
-        })
-
-    # ------------------------------------------------------------------ liveness
-
-    async def _liveness(self) -> None:
-        while True:
-            deadline = self.registry.next_expiry()
-            delay = None if deadline is None else max(0.0, deadline - time.time()) + 0.01
-            self.registry_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self.registry_changed.wait()
-            expired = self.registry.expire(time.time())
-            for device_id in expired:
-                logger.warning("device %s missed its heartbeats for %.0f s: offline", device_id,
-                               self.registry.heartbeat_timeout)
-                self.driver.device_offline(device_id, "heartbeat timeout")
-            if expired:
-                self.spawn(self.publish_fleet(), "aggregator-fleet-metrics")
 
 
 _INBOUND = {Channel.STATUS, Channel.HEARTBEAT, Channel.REGISTER, Channel.UPDATE}

@@ -1,0 +1,106 @@
+"""What the aggregator does with inbound messages: registrations, updates, and liveness.
+
+Procedures over an :class:`~unus_edge.aggregator.Aggregator`, which owns the state, receives
+and dispatches (``Aggregator._receive`` / ``_dispatch``) and counts every message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from unus_edge.aggregator._round import check_tensors
+from unus_edge.codec import SCHEMA_VERSION, Envelope
+from unus_edge.errors import CodecError
+from unus_edge.messages import Ack, Registration, RegistrationReply, Update
+
+if TYPE_CHECKING:
+    from unus_edge.aggregator._service import Aggregator
+
+__all__ = ["liveness", "on_registration", "on_update", "refuse_registration"]
+
+logger = logging.getLogger("unus_edge.aggregator")
+
+
+def on_registration(service: Aggregator, registration: Registration, now: float) -> None:
+    """Accept or refuse a registration and answer it on the device's tasks topic."""
+    verdict = service.registry.register(registration, now)
+    if verdict.accepted:
+        service.counters.accepted += 1
+        logger.info("device %s registered (%d examples, %s)", registration.device_id,
+                    registration.num_examples, registration.platform or "unknown platform")
+        service._registry_updated()
+        service.driver.device_joined(registration.device_id)  # may move its clock (SSP rejoin)
+    else:
+        service.reject(verdict.reason, verdict.detail, registration.device_id)
+    record = service.registry.get(registration.device_id)
+    reply = RegistrationReply(registration.device_id, verdict.accepted, service.session, verdict.reason,
+                              verdict.detail, record.clock if record else 0, registration.session)
+    service.spawn(service._send_to_device(registration.device_id, reply), "aggregator-registration-reply")
+
+
+def refuse_registration(service: Aggregator, device_id: str, error: CodecError) -> None:
+    """A registration in another schema: tell the device why (it may be able to read it)."""
+    if error.reason != "unsupported_schema":
+        return
+    reply = RegistrationReply(device_id, False, service.session, "schema_version",
+                              f"the aggregator speaks schema {SCHEMA_VERSION}: {error.detail}")
+    service.spawn(service._send_to_device(device_id, reply), "aggregator-registration-reply")
+
+
+def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
+    """Judge an update; apply it (acknowledged after the next commit) or refuse it (at once)."""
+    known = service.dedup.get(envelope.msg_id)
+    if known is not None:  # a redelivery or re-publication: same verdict, never applied twice
+        service.counters.rejected["duplicate"] += 1
+        if envelope.msg_id not in service.committer.pending_ids:  # else its acknowledgement follows its commit
+            service._ack(update, envelope.msg_id, known[0], known[1])
+        return
+    verdict: tuple[str, str] | None
+    if update.device_id not in service.registry:
+        verdict = "unregistered", "the device has not registered"
+    else:
+        verdict = service.driver.judge(update) or check_tensors(update.tensors, service.params,
+                                                             max_norm=service.config.job.max_update_norm)
+    if verdict is not None:
+        reason, detail = verdict
+        service.reject(reason, detail, update.device_id)
+        service.counters.refused += 1
+        service.dedup.remember(envelope.msg_id, False, reason)
+        service._ack(update, envelope.msg_id, False, reason)
+        return
+    record = service.registry.get(update.device_id)
+    assert record is not None
+    record.rounds_contributed += 1
+    record.last_train_loss = update.train_loss
+    record.clock += 1
+    service.counters.accepted += 1
+    step = service.server_round + 1 if service.config.job.mode == "sync" else update.clock
+    clock, version = service.driver.apply(envelope.msg_id, update)
+    service.dedup.remember(envelope.msg_id, True)
+    # Acknowledged once durable: the next commit writes a checkpoint holding this update.
+    service.committer.add(Ack(update.device_id, envelope.msg_id, update.task_id, True, "", clock, version), {
+        "msg_id": envelope.msg_id, "device_id": update.device_id, "task_id": update.task_id, "step": step,
+        "base_version": update.base_version, "version": version, "session": service.session,
+    })
+
+
+async def liveness(service: Aggregator) -> None:
+    """Mark devices offline when their heartbeats stop (a timer on the next expiry, no polling)."""
+    while True:
+        deadline = service.registry.next_expiry()
+        delay = None if deadline is None else max(0.0, deadline - time.time()) + 0.01
+        service.registry_changed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await service.registry_changed.wait()
+        expired = service.registry.expire(time.time())
+        for device_id in expired:
+            logger.warning("device %s missed its heartbeats for %.0f s: offline", device_id,
+                           service.registry.heartbeat_timeout)
+            service.driver.device_offline(device_id, "heartbeat timeout")
+        if expired:
+            service.spawn(service.publish_fleet(), "aggregator-fleet-metrics")
