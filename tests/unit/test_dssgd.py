@@ -96,7 +96,7 @@ def test_differential_privacy_needs_random_selection_and_a_finite_gamma() -> Non
         with pytest.raises(StrategyError):
             UploadSettings.parse(bad)
     assert UploadSettings.parse({"gamma": "inf"}).gamma == math.inf
-    for bad_options in ({"theta_d": 0.7}, {"theta_d": 0}, {"order": "async"}):
+    for bad_options in ({"theta_d": 1.5}, {"theta_d": 0}, {"order": "async"}):
         with pytest.raises(StrategyError):
             load_strategy(SPEC, bad_options)
 

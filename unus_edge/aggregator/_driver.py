@@ -109,10 +109,20 @@ class RoundDriver:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The round in progress and its accumulator, for the checkpoint."""
+        """The strategy's own state, and the round in progress with its accumulator."""
+        strategy_tensors, strategy_scalars = self.service.strategy.state_dict()
+        state: dict[str, Any] = {"mode": "sync", "strategy": strategy_scalars}
+        tensors: dict[str, Any] = {f"strategy/{n}": v for n, v in strategy_tensors.items()}
+        round_state, round_tensors = self._round_state()
+        if round_state is not None:
+            state["round"] = round_state
+            tensors.update(round_tensors)
+        return state, tensors
+
+    def _round_state(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         current = self.service.current_round
         if current is None:
-            return {"mode": "sync"}, {}
+            return None, {}
         round_state: dict[str, Any] = {
             "server_round": current.server_round, "version": current.version, "attempt": current.attempt,
             "planned": self._planned, "task_ids": current.task_ids, "accepted": current.accepted,
@@ -122,15 +132,18 @@ class RoundDriver:
         }
         accumulator = self.service.accumulator
         if not hasattr(accumulator, "state_dict"):
-            return {"mode": "sync"}, {}  # an accumulator that cannot be saved: the round restarts
+            return None, {}  # an accumulator that cannot be saved: the round restarts
         tensors, scalars = accumulator.state_dict()
         round_state["accumulator"] = scalars
-        return {"mode": "sync", "round": round_state}, {f"accumulator/{n}": v for n, v in tensors.items()}
+        return round_state, {f"accumulator/{n}": v for n, v in tensors.items()}
 
     def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
         """Put back the round in progress, at once: updates may arrive before ``run`` starts."""
-        saved = state.get("round")
         service = self.service
+        if "strategy" in state:
+            service.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()
+                                              if n.startswith("strategy/")}, state["strategy"])
+        saved = state.get("round")
         if not saved or saved["version"] != service.version:
             return
         assignments = {device: Assignment(device, int(e), int(b), float(lr), c)
@@ -139,8 +152,8 @@ class RoundDriver:
                             dict(saved["task_ids"]), math.inf, 0.0, dict(saved["accepted"]),
                             {d: Failure(d, r, t) for d, (r, t) in saved["failures"].items()})
         accumulator = service.strategy.new_accumulator(current.server_round, service.params)
-        accumulator.load_state_dict({n[len("accumulator/"):]: v for n, v in tensors.items()},  # type: ignore[attr-defined]
-                                    saved["accumulator"])
+        accumulator.load_state_dict({n[len("accumulator/"):]: v for n, v in tensors.items()  # type: ignore[attr-defined]
+                                     if n.startswith("accumulator/")}, saved["accumulator"])
         service.accumulator = accumulator
         service.current_round = current
         self._planned = int(saved["planned"])

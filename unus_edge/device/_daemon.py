@@ -87,7 +87,8 @@ class Device:
         self.shutdown_trigger = shutdown_trigger or asyncio.Event()
         self.exit_when_finished = exit_when_finished
         self.template = graph.model.initializers
-        self.limits = Limits(max_payload_bytes=sum(v.nbytes for v in self.template.values()) * 21 // 20 + 65_536)
+        # Twice the dense model: a partial (sparse) model costs index + value per entry.
+        self.limits = Limits(max_payload_bytes=2 * sum(v.nbytes for v in self.template.values()) + 65_536)
         self.model: Params | None = None
         self.model_version = -1
         self.model_changed = asyncio.Event()

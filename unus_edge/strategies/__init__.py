@@ -29,12 +29,14 @@ from unus_edge.strategies._client import (
     client_strategy,
     register_client_strategy,
 )
+from unus_edge.strategies._dssgd import DSSGD, DSSGDAsync, DSSGDClient  # also registers the "dssgd" device half
 from unus_edge.strategies._fedavg import FULL_BATCH, FedAvg, FedSGD
 from unus_edge.strategies._loader import BUILTIN_STRATEGIES, load_strategy, strategy_class
 
 __all__ = [
     "BUILTIN_STRATEGIES",
     "CLIENT_STRATEGIES",
+    "DSSGD",
     "FULL_BATCH",
     "STALENESS_FUNCTIONS",
     "Accumulator",
@@ -42,6 +44,8 @@ __all__ = [
     "AsyncContext",
     "ClientStrategy",
     "ClientUpdate",
+    "DSSGDAsync",
+    "DSSGDClient",
     "DeviceInfo",
     "Failure",
     "FedAsync",

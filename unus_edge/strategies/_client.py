@@ -82,6 +82,8 @@ class ClientStrategy:
         return [ProximalHook(self.mu)] if self.mu > 0 else []
 
     def upload(self, start: Params, trained: Params, rng: np.random.Generator) -> Mapping[str, Tensor]:
+        """What goes back. ``rng`` is seeded from the task (reproducible runs), so the server
+        knows it: noise meant for privacy must come from another source (``secrets``)."""
         if self.config.get("encoding") == "weights":
             return trained
         return {name: trained[name] - start[name] for name in start}

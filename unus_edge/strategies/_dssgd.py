@@ -243,10 +243,10 @@ class DSSGD(Strategy):
     def __init__(self, theta_d: float = 1.0, theta_u: float = 0.1, selection: str = "largest", tau: float = 0.0,
                  gamma: float | str = math.inf, epsilon: float = 0.0, order: str = "round-robin") -> None:
         self.theta_d = _number(theta_d, "theta_d", self.name)
-        # A device refuses a model message above ~1.05 x the dense model; sparse entries cost
-        # 8 bytes against 4, so a partial download must stay at or below half of the model.
-        if not (0 < self.theta_d <= 0.5 or self.theta_d == 1):
-            raise StrategyError(f"theta_d must lie in (0, 0.5] or be 1, got {self.theta_d}", strategy=self.name)
+        # Sparse entries cost 8 bytes against 4; devices accept model messages up to twice the
+        # dense model, so any fraction fits.
+        if not 0 < self.theta_d <= 1:
+            raise StrategyError(f"theta_d must lie in (0, 1], got {self.theta_d}", strategy=self.name)
         if order not in ORDERS:
             raise StrategyError(f"order must be one of {', '.join(ORDERS)} (asynchronous: DSSGDAsync with "
                                 f"job.mode = 'ssp'), got {order!r}", strategy=self.name)

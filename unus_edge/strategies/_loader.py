@@ -13,12 +13,13 @@ from typing import Any
 from unus_edge.errors import StrategyError
 from unus_edge.strategies._async import FedAsync, FedBuff, SSPAveraging
 from unus_edge.strategies._base import Strategy
+from unus_edge.strategies._dssgd import DSSGD, DSSGDAsync
 from unus_edge.strategies._fedavg import FedAvg, FedSGD
 
 __all__ = ["BUILTIN_STRATEGIES", "load_strategy", "strategy_class"]
 
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedSGD, SSPAveraging, FedAsync, FedBuff)
+    cls.name: cls for cls in (FedAvg, FedSGD, SSPAveraging, FedAsync, FedBuff, DSSGD, DSSGDAsync)
 }
 
 
