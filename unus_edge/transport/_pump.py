@@ -24,13 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from unus_edge.transport._base import ConnectOptions
 
 __all__ = ["SocketPump", "new_client"]
 
 _MISC_INTERVAL = 1.0
+_READ_BATCH = 256
+"""Packets read per readiness event at most (see ``SocketPump._on_readable``)."""
 
 
 def new_client(options: ConnectOptions, client_id: str) -> paho.Client:
@@ -150,15 +152,30 @@ class SocketPump:
         self.loop.remove_writer(fd)
 
     def _on_readable(self) -> None:
+        """Read whole packets, one at a time, until the socket is drained or reads are paused.
+
+        paho's ``loop_read`` ignores its ``max_packets`` argument and reads up to as many packets
+        as there are messages in flight (hundreds for an aggregator acknowledging a fleet), so a
+        pause decided in ``on_message`` would only take effect after megabytes more. Reading
+        packet by packet (paho's own ``_packet_read``, which ``loop_read`` loops over) keeps the
+        receive queue's bound to within one packet. The batch is bounded so that one busy
+        socket cannot starve the event loop; level-triggered readiness brings us back.
+        """
         client = self.client
         if client is None:
             return
-        client.loop_read()
-        # An SSL socket may hold decrypted bytes that select() will not report again.
-        sock = client.socket()
-        while sock is not None and not self.paused and isinstance(sock, ssl.SSLSocket) and sock.pending():
-            client.loop_read()
-            sock = client.socket()
+        for _ in range(_READ_BATCH):
+            if self.paused or client.socket() is None:
+                return
+            result = client._packet_read()
+            if result == MQTTErrorCode.MQTT_ERR_AGAIN:
+                sock = client.socket()
+                # An SSL socket may hold decrypted bytes that select() will not report again.
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                    return
+            elif result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                client._loop_rc_handle(result)  # the connection is lost: paho closes and reports it
+                return
 
     def _on_writable(self) -> None:
         if self.client is not None:
