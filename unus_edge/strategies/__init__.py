@@ -31,19 +31,33 @@ from unus_edge.strategies._client import (
 )
 from unus_edge.strategies._dssgd import DSSGD, DSSGDAsync, DSSGDClient  # also registers the "dssgd" device half
 from unus_edge.strategies._fedavg import FULL_BATCH, FedAvg, FedSGD
+from unus_edge.strategies._fedprox import FedProx
 from unus_edge.strategies._loader import BUILTIN_STRATEGIES, load_strategy, strategy_class
+from unus_edge.strategies._robust import (
+    ROBUST_RULES,
+    CoordinateMedian,
+    NormClipping,
+    RobustAggregation,
+    RobustFedAvg,
+    RobustFedProx,
+    TrimmedMean,
+    robust_view,
+    update_norm,
+)
 
 __all__ = [
     "BUILTIN_STRATEGIES",
     "CLIENT_STRATEGIES",
     "DSSGD",
     "FULL_BATCH",
+    "ROBUST_RULES",
     "STALENESS_FUNCTIONS",
     "Accumulator",
     "Assignment",
     "AsyncContext",
     "ClientStrategy",
     "ClientUpdate",
+    "CoordinateMedian",
     "DSSGDAsync",
     "DSSGDClient",
     "DeviceInfo",
@@ -51,19 +65,27 @@ __all__ = [
     "FedAsync",
     "FedAvg",
     "FedBuff",
+    "FedProx",
     "FedSGD",
+    "NormClipping",
     "Params",
     "ProximalHook",
+    "RobustAggregation",
+    "RobustFedAvg",
+    "RobustFedProx",
     "RoundContext",
     "SSPAveraging",
     "Scalar",
     "Strategy",
+    "TrimmedMean",
     "WeightedMean",
     "add_scaled",
     "client_strategy",
     "fold",
     "load_strategy",
     "register_client_strategy",
+    "robust_view",
     "staleness_function",
     "strategy_class",
+    "update_norm",
 ]

@@ -15,11 +15,15 @@ from unus_edge.strategies._async import FedAsync, FedBuff, SSPAveraging
 from unus_edge.strategies._base import Strategy
 from unus_edge.strategies._dssgd import DSSGD, DSSGDAsync
 from unus_edge.strategies._fedavg import FedAvg, FedSGD
+from unus_edge.strategies._fedprox import FedProx
+from unus_edge.strategies._robust import RobustFedAvg, RobustFedProx
 
 __all__ = ["BUILTIN_STRATEGIES", "load_strategy", "strategy_class"]
 
 BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedSGD, SSPAveraging, FedAsync, FedBuff, DSSGD, DSSGDAsync)
+    cls.name: cls
+    for cls in (FedAvg, FedSGD, FedProx, RobustFedAvg, RobustFedProx,
+                SSPAveraging, FedAsync, FedBuff, DSSGD, DSSGDAsync)
 }
 
 
