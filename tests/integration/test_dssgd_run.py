@@ -153,7 +153,9 @@ def test_the_asynchronous_order_runs_on_the_ssp_engine() -> None:
         async with asyncio.timeout(300):
             report = await simulate(options)
         assert report.result.state == "finished", report.result.reason
-        assert report.result.rejected == {}
+        # Devices ahead of c_min (s = inf) may still be sending when the job ends: those updates are
+        # refused "not_running", by design. Nothing else may be refused.
+        assert set(report.result.rejected) <= {"not_running"}, report.result.rejected
         return report.result.params, report.result.version
 
     params, version = asyncio.run(scenario())
