@@ -56,6 +56,44 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the Agg backend, or None (said once) when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("NOTE: matplotlib is not installed: no plot (pip install 'unus-edge[plot]')")
+        return None
+    return plt
+
+
+def save_figure(plt: Any, figure: Any, path: Path, title: str) -> Path:
+    """Title, lay out, write (creating the folder) and close ``figure``; returns ``path``."""
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def finish(results: dict[str, Any], path: Path | None) -> None:
+    """Write ``results`` as JSON to ``path`` (when given, creating the folder), then :func:`emit` them."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=_plain_or_str) + "\n")
+        say(f"results: {path}")
+    emit(results)
+
+
+def _plain_or_str(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
 def verdict(met: bool) -> str:
     return "goal met" if met else "GOAL MISSED"
 

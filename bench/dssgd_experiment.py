@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -55,11 +54,13 @@ from _common import (
     add_blas_flag,
     add_common_flags,
     blas_threads,
-    emit,
     ensure_blas_threads,
+    finish,
     load_average,
     machine,
+    pyplot,
     resolve_dataset,
+    save_figure,
     say,
     setup_output,
 )
@@ -256,13 +257,8 @@ class Experiment:
 
 
 def plot(outcomes: list[Outcome], base: dict[str, Any], passes: int, path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("NOTE: matplotlib is not installed: no plot (pip install 'unus-edge[plot]')")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.4))
     values = sorted({o.theta_u for o in outcomes}, reverse=True)
@@ -297,12 +293,7 @@ def plot(outcomes: list[Outcome], base: dict[str, Any], passes: int, path: Path,
               ylabel=f"test accuracy after {passes} epochs", title="accuracy against upload size")
     right.grid(alpha=0.3, which="both")
     right.legend(fontsize=8, loc="upper left")
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, path, title)
 
 
 def verify(experiment: Experiment, specs: list[tuple[float, float]], exchanges: int) -> list[dict[str, Any]]:
@@ -405,11 +396,7 @@ def main() -> None:
         written = plot(outcomes, base, args.passes, args.plot, settings)
         if written:
             say(f"plot: {written}")
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=1) + "\n")
-        say(f"results: {args.results}")
-    emit(results)
+    finish(results, args.results)
 
 
 if __name__ == "__main__":

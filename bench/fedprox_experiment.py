@@ -150,12 +150,8 @@ def summarise(run: dict[str, Any], last: int) -> dict[str, Any]:
 
 
 def plot(runs: list[dict[str, Any]], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _common().pyplot()
+    if plt is None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     for run, colour in zip(runs, ("black", "tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False):
@@ -170,12 +166,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _common().save_figure(plt, figure, path, title)
 
 
 def report(common: ModuleType, runs: list[dict[str, Any]], settings: str, rounds: int,
@@ -198,7 +189,8 @@ def report(common: ModuleType, runs: list[dict[str, Any]], settings: str, rounds
                    f"{row['mean_abs_change_second_half']:.4f} |")
     if plot_path:
         written = plot(runs, plot_path, settings)
-        common.say(f"plot: {written}" if written else "no plot (matplotlib is not installed)")
+        if written:
+            common.say(f"plot: {written}")
     return rows
 
 
@@ -257,11 +249,7 @@ def main() -> None:
     results = {"machine": common.machine(), "settings": settings, "slow_devices": slow, "args": vars(args) | {
         "plot": str(args.plot), "results": str(args.results), "from_results": None}, "runs": runs, "summary": rows,
         "seconds": total}
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        common.say(f"results: {args.results}")
-    common.emit(results)
+    common.finish(results, args.results)
 
 
 if __name__ == "__main__":

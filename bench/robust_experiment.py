@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -255,12 +254,8 @@ def norm_summary(runs: list[dict[str, Any]], attackers: set[str]) -> dict[str, A
 
 
 def plot(runs: list[dict[str, Any]], attacks: list[str], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _common().pyplot()
+    if plt is None:
         return None
     figure, axes = plt.subplots(1, len(attacks), figsize=(5 * len(attacks), 4.4), squeeze=False)
     styles = {"fedavg": ("black", "--"), "median": ("tab:blue", "-"), "trimmed_mean": ("tab:orange", "-"),
@@ -277,12 +272,7 @@ def plot(runs: list[dict[str, Any]], attacks: list[str], path: Path, title: str)
         axis.xaxis.get_major_locator().set_params(integer=True)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, loc="lower right")
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _common().save_figure(plt, figure, path, title)
 
 
 def main() -> None:
@@ -362,12 +352,9 @@ def main() -> None:
                "norms": norms, "seconds": total}
     if args.plot:
         written = plot(runs, args.attacks, args.plot, settings)
-        common.say(f"plot: {written}" if written else "no plot (matplotlib is not installed)")
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        common.say(f"results: {args.results}")
-    common.emit(results)
+        if written:
+            common.say(f"plot: {written}")
+    common.finish(results, args.results)
 
 
 if __name__ == "__main__":

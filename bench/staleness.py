@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import logging
 import math
 import os
@@ -53,12 +52,14 @@ from _common import (
     add_blas_flag,
     add_common_flags,
     blas_threads,
-    emit,
     ensure_blas_threads,
+    finish,
     load_average,
     machine,
     median,
+    pyplot,
     resolve_dataset,
+    save_figure,
     say,
     setup_output,
 )
@@ -383,13 +384,8 @@ def print_table(rows: list[dict[str, Any]], budget: float) -> None:
 
 
 def plot(outcomes: list[Outcome], path: Path, budget: float, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("NOTE: matplotlib is not installed: no plot (pip install 'unus-edge[plot]')")
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
     bounded = [o for o in outcomes if o.run.strategy == "ssp"]
@@ -416,12 +412,7 @@ def plot(outcomes: list[Outcome], path: Path, budget: float, title: str) -> Path
     left.set_title("accuracy vs wall-clock time")
     right.set_title("accuracy vs accepted updates")
     left.legend(fontsize=8, loc="lower right")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(plt, figure, path, title)
 
 
 # ----------------------------------------------------------------------------- main
@@ -508,11 +499,7 @@ def main() -> None:
         written = plot(outcomes, args.plot, args.budget, settings)
         if written:
             say(f"plot: {written}")
-    if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=1, default=float) + "\n")
-        say(f"results: {args.results}")
-    emit(results)
+    finish(results, args.results)
 
 
 if __name__ == "__main__":
