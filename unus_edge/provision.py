@@ -44,6 +44,7 @@ from unus_edge._acl import JobIdentities, render_acl, users_of
 from unus_edge._passwords import sync_password_file, write_secret
 from unus_edge.errors import ConfigError, ProtocolError, UnusError
 from unus_edge.topics import validate_name
+from unus_edge.transport import redact_url
 
 __all__ = ["CertificatePair", "add_arguments", "make_ca", "make_certificate", "run", "write_secret"]
 
@@ -357,8 +358,12 @@ def _url_host(host: str) -> str:
 
 def redacted(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """A configuration fit for a log: secret values replaced by ``***``."""
-    return {section: {key: "***" if key == "password" else value for key, value in table.items()}
-            for section, table in config.items()}
+    def shown(key: str, value: Any) -> Any:
+        if key == "password":
+            return "***"
+        return redact_url(value) if key == "url" and isinstance(value, str) else value
+
+    return {section: {key: shown(key, value) for key, value in table.items()} for section, table in config.items()}
 
 
 def _write_toml(path: Path, config: Mapping[str, Mapping[str, Any]]) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from unus_edge.config import load_device_config, load_job_config
 from unus_edge.errors import ConfigError
+from unus_edge.provision import redacted
+from unus_edge.transport import redact_url
 
 JOB = """
 [job]
@@ -127,3 +129,13 @@ def test_password_file_is_read_at_connect_and_never_shown(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as caught:
         missing.broker.connect_options(client_id="c", clean_session=False)
     assert caught.value.key == "broker.password_file"
+
+
+def test_a_password_in_the_broker_url_never_reaches_an_error_or_a_log() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_job_config(environ={}, overrides=["broker.url=mqtt://pi:hunter2@gateway:99999"])
+    assert "hunter2" not in str(caught.value)
+    assert "pi:***@gateway" in str(caught.value)
+    assert redact_url("mqtts://pi:hunter2@gateway:8883/x") == "mqtts://pi:***@gateway:8883/x"
+    assert redact_url("mqtt://gateway") == "mqtt://gateway"
+    assert redacted({"broker": {"url": "mqtt://pi:hunter2@gw"}}) == {"broker": {"url": "mqtt://pi:***@gw"}}

@@ -16,7 +16,7 @@ from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
 from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, read_parameters
 from unus_edge.strategies import Params, Strategy, load_strategy
-from unus_edge.transport import MqttTransport, Transport
+from unus_edge.transport import MqttTransport, Transport, redact_url
 from unus_edge.zoo import resolve_model
 
 __all__ = ["JobParts", "prepare_job", "run_aggregator"]
@@ -83,6 +83,6 @@ async def run_aggregator(
                             shutdown_trigger=shutdown_trigger, on_round=on_round, on_progress=on_progress,
                             resume=resume)
     logger.info("aggregator for job %s (%s, %s) on %s", config.job.name, config.model.source,
-                type(parts.strategy).__name__, config.broker.url)
+                type(parts.strategy).__name__, redact_url(config.broker.url))
     async with transport:
         return await aggregator.run()

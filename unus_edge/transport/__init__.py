@@ -17,6 +17,7 @@ from unus_edge.transport._base import (
     Transport,
     Will,
     options_from_url,
+    redact_url,
     topic_matches,
 )
 from unus_edge.transport._memory import MemoryBroker, MemoryTransport
@@ -34,5 +35,6 @@ __all__ = [
     "Transport",
     "Will",
     "options_from_url",
+    "redact_url",
     "topic_matches",
 ]

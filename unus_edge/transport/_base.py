@@ -26,6 +26,7 @@ __all__ = [
     "Transport",
     "Will",
     "options_from_url",
+    "redact_url",
     "topic_matches",
 ]
 
@@ -112,6 +113,16 @@ class ConnectOptions:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log and to put in an error)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    user, _, host = parsed.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=f"{name}:***@{host}"))
+
+
 def options_from_url(url: str, **overrides: object) -> ConnectOptions:
     """Build options from ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``.
 
@@ -119,15 +130,16 @@ def options_from_url(url: str, **overrides: object) -> ConnectOptions:
     the system CA store unless ``tls=TLSOptions(...)`` is passed in ``overrides``.
     """
     parsed = urllib.parse.urlsplit(url)
+    shown = redact_url(url)
     if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError("broker.url", f"{url!r}: the scheme must be mqtt:// or mqtts://")
+        raise ConfigError("broker.url", f"{shown!r}: the scheme must be mqtt:// or mqtts://")
     if not parsed.hostname:
-        raise ConfigError("broker.url", f"{url!r} names no host")
+        raise ConfigError("broker.url", f"{shown!r} names no host")
     secure = parsed.scheme in ("mqtts", "ssl")
     try:
         port = parsed.port or (8883 if secure else 1883)
     except ValueError as error:
-        raise ConfigError("broker.url", f"{url!r}: {error}") from error
+        raise ConfigError("broker.url", f"{shown!r}: {error}") from error
     options = ConnectOptions(
         host=parsed.hostname,
         port=port,
