@@ -231,7 +231,9 @@ def _job_flags(parser: argparse.ArgumentParser, *, simulate: bool) -> None:
     parser.add_argument("--job", help="job name")
     parser.add_argument("--rounds", type=int, help="number of rounds")
     parser.add_argument("--model", help="zoo model (logreg, mnist_2nn, mnist_cnn) or ONNX path")
-    parser.add_argument("--strategy", help="fedavg, fedsgd, ssp, fedasync, fedbuff, or path/to/file.py:Class")
+    parser.add_argument("--strategy", help="fedavg, fedsgd, fedprox, robust_fedavg, robust_fedprox, ssp, fedasync, "
+                        "fedbuff, dssgd, dssgd-async, path/to/file.py:Class or package.module:Class "
+                        "(docs/strategies.md)")
     parser.add_argument("--fraction", "-C", type=float, help="fraction of devices per round")
     parser.add_argument("--epochs", "-E", type=int, help="local epochs")
     parser.add_argument("--batch-size", "-B", type=int, help="local batch size")

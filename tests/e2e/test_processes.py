@@ -165,7 +165,15 @@ def test_embedded_broker_command_serves_mosquitto_clients() -> None:
 
 
 COMMANDS = [[], ["broker"], ["aggregator"], ["device"], ["simulate"], ["demo"], ["monitor"], ["models"],
-            ["models", "build"], ["data"], ["data", "split"]]
+            ["models", "build"], ["data"], ["data", "split"], ["provision"], ["chaos"]]
+
+
+def test_the_help_test_covers_every_command() -> None:
+    from unus_edge.cli import build_parser
+
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0]  # type: ignore[union-attr]
+    assert sorted(subparsers.choices) == sorted(command[0] for command in COMMANDS if len(command) == 1)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) or "main" for c in COMMANDS])

@@ -65,6 +65,31 @@ def test_the_example_runs_from_the_command_line_over_mosquitto(tmp_path: Path) -
     check(asyncio.run(scenario()))
 
 
+def documented_simulate_commands() -> list[list[str]]:
+    from tests.unit.test_strategies_doc import DOCUMENTS, commands
+
+    distinct: list[list[str]] = []
+    for document in DOCUMENTS:
+        distinct += [argv for argv in commands(document) if argv[0] == "simulate" and argv not in distinct]
+    return distinct
+
+
+@pytest.mark.parametrize("argv", documented_simulate_commands(), ids=lambda argv: " ".join(argv[1:3]))
+def test_the_documented_command_lines_run(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``unus-edge simulate`` line of docs/strategies.md and examples/README.md, scaled down, runs."""
+    from tests.unit.test_strategies_doc import DOCUMENTS, write_files
+    from unus_edge.cli import main
+
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    write_files(DOCUMENTS[0], tmp_path)  # the guide's fedavgm.py
+    monkeypatch.chdir(tmp_path)
+    small = ["--dataset", "synthetic", "--devices", "4", "--rounds", "2", "--train-examples", "800",
+             "--eval-examples", "200", "--deadline", "120", "--out", str(tmp_path / "run")]
+    assert main(["--quiet", *argv, *small]) == 0  # later flags win: the document's own flags are kept otherwise
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["summary"]
+    assert summary["state"] == "finished"
+
+
 # ------------------------------------------------------------------------------ in-process
 
 

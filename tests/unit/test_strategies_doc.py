@@ -5,6 +5,8 @@
   it, or load it as a strategy file);
 * every ``unus-edge ...`` line of a ``console`` block parses with the real command-line parser,
   and its ``--strategy`` with its ``--set strategy.*`` options loads;
+* and each distinct ``unus-edge simulate`` line also runs, scaled down (synthetic data, 3 devices,
+  2 rounds) over the embedded broker on loopback: in ``tests/integration/test_user_strategy.py``;
 * every ``toml`` block is a valid job configuration whose strategy loads;
 * relative links point to files that exist.
 """
@@ -110,3 +112,15 @@ def test_toml_examples_load(workdir: Path) -> None:
 def test_relative_links_exist(document: Path) -> None:
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", document.read_text()):
         assert (document.parent / target).exists(), f"{document.name} links to a missing {target}"
+
+
+def test_every_built_in_strategy_is_documented_and_in_the_help() -> None:
+    from unus_edge.strategies import BUILTIN_STRATEGIES
+
+    strategy_help = next(action.help for action in build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+                         .choices["simulate"]._actions if "--strategy" in action.option_strings)
+    guide, reference = (REPO / "docs" / "strategies.md").read_text(), (REPO / "docs" / "aggregator.md").read_text()
+    for name in BUILTIN_STRATEGIES:
+        assert f"`{name}`" in guide, f"docs/strategies.md does not list {name}"
+        assert f"`{name}`" in reference, f"docs/aggregator.md does not list {name}"
+        assert re.search(rf"(^|[ ,]){re.escape(name)}[,. ]", strategy_help or ""), f"--strategy help lacks {name}"
