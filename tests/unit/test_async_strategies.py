@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -85,10 +86,94 @@ def test_fedbuff_buffers_k_updates_at_most_one_per_device() -> None:
     assert strategy.on_update(update("b", 1, 3, 4.0), context)  # flush: (1 * 2 + 0.5 * 4) / 2 = 2
     np.testing.assert_allclose(strategy.global_params(context)["w"], [2.0])
     assert strategy.flushes == 1
-    assert strategy.on_update(update("c", 1, 0, 2.0), context)  # a's held update + c: (100 + 2) / 2
-    np.testing.assert_allclose(strategy.global_params(context)["w"], [2.0 + 51.0])
+    # a's held update, one flush staler when it enters this buffer (s(1) = 1 / sqrt(2)), + c:
+    assert strategy.on_update(update("c", 1, 0, 2.0), context)
+    np.testing.assert_allclose(strategy.global_params(context)["w"], [2.0 + (100 / math.sqrt(2) + 2) / 2], rtol=1e-6)
     with pytest.raises(StrategyError):
         FedBuff(buffer_size=0)
+
+
+def fedbuff_sequence(strategy: FedBuff) -> list[float]:
+    """K = 2: a=1, a=10, a=100 (a's second and third are held), b=1000, then c=2, d=4 to flush the held ones."""
+    context = AsyncContext(version=0, total_examples=1)
+    strategy.start_async(vector(0.0), context)
+    models = []
+    for device_id, value in [("a", 1.0), ("a", 10.0), ("a", 100.0), ("b", 1000.0), ("c", 2.0), ("d", 4.0)]:
+        if strategy.on_update(update(device_id, 1, 0, value), context):
+            models.append(float(strategy.global_params(context)["w"][0]))
+    return models
+
+
+def test_fedbuff_applies_every_held_update_once_in_arrival_order() -> None:
+    strategy = FedBuff(buffer_size=2, staleness="constant")
+    models = fedbuff_sequence(strategy)
+    # [a=1, b=1000]; then a=10 (held) with c=2; then a=100 (held) with d=4. None is lost.
+    assert models == pytest.approx([500.5, 500.5 + 6.0, 500.5 + 6.0 + 52.0])
+    assert strategy.flushes == 3
+    assert strategy.held == 0
+
+
+def test_fedbuff_weighs_a_held_update_by_its_staleness_when_it_enters_a_buffer() -> None:
+    models = fedbuff_sequence(FedBuff(buffer_size=2, staleness="sqrt"))
+    # a=10 arrived at staleness 0 and enters the buffer after 1 flush: s(1) = 1 / sqrt(2); a=100 after 2: 1 / sqrt(3).
+    first = 500.5
+    second = first + (10 / math.sqrt(2) + 2) / 2
+    assert models == pytest.approx([first, second, second + (100 / math.sqrt(3) + 4) / 2])
+
+
+def test_fedbuff_and_fedasync_take_a_staleness_callable() -> None:
+    seen: list[int] = []
+
+    def weight(staleness: int) -> float:
+        seen.append(staleness)
+        return 1.0 / (1 + staleness)
+
+    models = fedbuff_sequence(FedBuff(buffer_size=2, staleness=weight))
+    assert seen == [0, 0, 1, 0, 2, 0]  # a=1, b=1000, a=10 after one flush, c=2, a=100 after two, d=4
+    assert models[-1] == pytest.approx(500.5 + (10 / 2 + 2) / 2 + (100 / 3 + 4) / 2)
+    fedasync = FedAsync(alpha=0.5, staleness=lambda staleness: 0.5 ** staleness)
+    assert fedasync.mixing(2) == pytest.approx(0.125)
+    with pytest.raises(StrategyError, match="staleness"):
+        FedBuff(staleness=3)  # type: ignore[arg-type]
+    with pytest.raises(StrategyError, match="unknown staleness"):
+        FedAsync(staleness="quadratic")
+
+
+def test_fedbuff_held_updates_survive_a_state_dict_round_trip() -> None:
+    context = AsyncContext(version=0, total_examples=1)
+    strategy = FedBuff(buffer_size=2, staleness="sqrt")
+    strategy.start_async(vector(0.0), context)
+    for device_id, value in [("a", 1.0), ("a", 10.0), ("a", 100.0)]:
+        assert not strategy.on_update(update(device_id, 1, 0, value), context)
+    tensors, scalars = strategy.state_dict()
+    json.dumps(scalars)  # the SSP engine checkpoints these as JSON
+    tensors = {name: np.array(value) for name, value in tensors.items()}  # as read back from a checkpoint
+    restored = FedBuff(buffer_size=2, staleness="sqrt")
+    restored.start_async(vector(0.0), context)
+    restored.load_state_dict(tensors, json.loads(json.dumps(scalars)))
+    assert restored.held == 2
+    assert fedbuff_sequence_from_b(restored) == fedbuff_sequence_from_b(strategy)
+    assert restored.held == 0
+
+
+def fedbuff_sequence_from_b(strategy: FedBuff) -> list[float]:
+    context = AsyncContext(version=0, total_examples=1)
+    models = []
+    for device_id, value in [("b", 1000.0), ("c", 2.0), ("d", 4.0)]:
+        if strategy.on_update(update(device_id, 1, 0, value), context):
+            models.append(float(strategy.global_params(context)["w"][0]))
+    return models
+
+
+def test_fedbuff_loads_a_checkpoint_with_one_held_update_per_device() -> None:
+    context = AsyncContext(version=0, total_examples=1)
+    strategy = FedBuff(buffer_size=2, staleness="constant")
+    strategy.start_async(vector(0.0), context)
+    tensors = {"params/w": np.zeros(1, np.float32), "sums/w": np.ones(1), "held/a/w": np.array([10.0], np.float32)}
+    strategy.load_state_dict(tensors, {"in_buffer": ["a"], "flushes": 0, "held": {"a": [1, 0, 0.1, 0]}})
+    assert strategy.on_update(update("b", 1, 0, 1000.0), context)  # (1 + 1000) / 2; a=10 starts the next buffer
+    assert strategy.on_update(update("c", 1, 0, 2.0), context)
+    np.testing.assert_allclose(strategy.global_params(context)["w"], [500.5 + 6.0])
 
 
 def test_synchronous_strategies_refuse_ssp_and_vice_versa() -> None:

@@ -8,7 +8,9 @@ They run on the SSP engine (``job.mode = "ssp"``), which hands every accepted up
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -52,6 +54,17 @@ def staleness_function(kind: str, *, a: float | None = None, b: float = 4.0) -> 
 
 
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge", "sqrt")
+
+
+def _staleness_weight(staleness: str | StalenessFunction, a: float | None, b: float,
+                      strategy: str) -> StalenessFunction:
+    """A name from :data:`STALENESS_FUNCTIONS` (with ``a``, ``b``) or the caller's own function."""
+    if isinstance(staleness, str):
+        return staleness_function(staleness, a=a, b=b)
+    if not callable(staleness):
+        raise StrategyError(f"staleness must be one of {', '.join(STALENESS_FUNCTIONS)} or a function of the "
+                            f"staleness, not {staleness!r}", strategy=strategy)
+    return staleness
 
 
 class _AsyncOnly(Strategy):
@@ -118,19 +131,21 @@ class FedAsync(_AsyncOnly):
     """FedAsync (Xie et al. 2019): ``x <- (1 - a_t) x + a_t x_new`` with ``a_t = alpha * s(t - tau)``.
 
     Devices send their trained weights (``encoding = "weights"``). ``rho`` > 0 adds the
-    proximal term ``rho / 2 * ||x - x_tau||^2`` to the devices' local objective.
+    proximal term ``rho / 2 * ||x - x_tau||^2`` to the devices' local objective. ``staleness``
+    is one of :data:`STALENESS_FUNCTIONS` (with ``a`` and ``b``) or, from Python, a callable
+    from staleness (int) to weight (float).
     """
 
     name: ClassVar[str] = "fedasync"
 
-    def __init__(self, alpha: float = 0.6, staleness: str = "polynomial", a: float | None = None, b: float = 4.0,
-                 rho: float = 0.0) -> None:
+    def __init__(self, alpha: float = 0.6, staleness: str | StalenessFunction = "polynomial", a: float | None = None,
+                 b: float = 4.0, rho: float = 0.0) -> None:
         if not 0 < alpha <= 1:
             raise StrategyError("alpha must lie in (0, 1]", strategy=self.name)
         if rho < 0:
             raise StrategyError("rho must be >= 0", strategy=self.name)
         self.alpha = alpha
-        self.weight = staleness_function(staleness, a=a, b=b)
+        self.weight = _staleness_weight(staleness, a, b, self.name)
         self.rho = rho
         self._params: Params = {}
 
@@ -166,30 +181,62 @@ class FedAsync(_AsyncOnly):
         self._params = {name: np.array(tensors[f"params/{name}"]) for name in self._params}
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """An update FedBuff accepted and holds for a later buffer."""
+
+    update: ClientUpdate
+    flushes: int
+    """``FedBuff.flushes`` when it arrived: its staleness grows by one per flush since."""
+
+
 class FedBuff(_AsyncOnly):
     """FedBuff (Nguyen et al. 2022): buffer K updates, then ``w <- w + eta_g * sum s(tau_i) delta_i / K``.
 
-    A buffer holds at most one update per device; a device's next update waits (held, at most
-    one per device) for the next buffer. The model version advances on each flush.
+    A buffer holds at most one update per device. An update from a device that is already in
+    the buffer is **held**: each device's held updates wait in arrival order (FIFO), and every
+    accepted update is applied exactly once. After a flush, the oldest held update of each
+    device starts the next buffer. A device with held updates is therefore always in the
+    buffer, and at a flush fewer than K devices have held updates (the update that filled the
+    buffer was not held): a new buffer never fills from held updates alone, and each flush is
+    caused by one arriving update (the engine advances the version by one per ``True``).
+
+    Staleness: the model version advances only on a flush, so every update in a buffer is
+    applied to the version that was current while the buffer filled. An update is weighted
+    by ``s(v - base_version)``, ``v`` that version, when it enters the buffer: at arrival for
+    an update buffered at once; for a held update, its arrival staleness plus the flushes
+    since it arrived.
+
+    ``staleness`` is one of :data:`STALENESS_FUNCTIONS` (with ``a`` and ``b``) or, from
+    Python, a callable from staleness (int) to weight (float).
+
+    Held updates are copies of full deltas: with ``s = inf`` a device much faster than the
+    buffers fill accumulates them. A finite staleness bound ``s`` limits how many.
     """
 
     name: ClassVar[str] = "fedbuff"
 
-    def __init__(self, buffer_size: int = 10, server_learning_rate: float = 1.0, staleness: str = "sqrt",
-                 a: float | None = None, b: float = 4.0) -> None:
+    def __init__(self, buffer_size: int = 10, server_learning_rate: float = 1.0,
+                 staleness: str | StalenessFunction = "sqrt", a: float | None = None, b: float = 4.0) -> None:
         if buffer_size < 1:
             raise StrategyError("buffer_size must be at least 1", strategy=self.name)
         if server_learning_rate <= 0:
             raise StrategyError("server_learning_rate must be positive", strategy=self.name)
         self.buffer_size = buffer_size
         self.server_learning_rate = server_learning_rate
-        self.weight = staleness_function(staleness, a=a, b=b)
+        self.weight = _staleness_weight(staleness, a, b, self.name)
         self._params: Params = {}
         self._sums: dict[str, np.ndarray[Any, Any]] = {}
         self._scratch = np.empty(0)
         self._in_buffer: set[str] = set()
-        self._held: dict[str, ClientUpdate] = {}
+        self._held: dict[str, deque[_Held]] = {}
+        """Per device, in arrival order; every device here is in ``_in_buffer``."""
         self.flushes = 0
+
+    @property
+    def held(self) -> int:
+        """Updates accepted and held for a later buffer."""
+        return sum(len(queue) for queue in self._held.values())
 
     def start_async(self, params: Params, context: AsyncContext) -> None:
         self._params = {name: value.copy() for name, value in params.items()}
@@ -201,13 +248,23 @@ class FedBuff(_AsyncOnly):
             add_scaled(self._sums[name], tensor, self.weight(update.staleness), self._scratch)
         self._in_buffer.add(update.device_id)
 
+    def _hold(self, update: ClientUpdate) -> None:
+        # Copies: the update's arrays are views of a received payload.
+        delta = {n: np.array(t) if isinstance(t, np.ndarray) else t for n, t in update.delta.items()}
+        copy = replace(update, delta=delta)
+        self._held.setdefault(update.device_id, deque()).append(_Held(copy, self.flushes))
+
+    def _take(self, device_id: str) -> ClientUpdate:
+        """The device's oldest held update, with its staleness as of the current buffer."""
+        queue = self._held[device_id]
+        item = queue.popleft()
+        if not queue:
+            del self._held[device_id]
+        return replace(item.update, staleness=item.update.staleness + self.flushes - item.flushes)
+
     def on_update(self, update: ClientUpdate, context: AsyncContext) -> bool:
         if update.device_id in self._in_buffer:
-            # Copies: the update's arrays are views of a received payload.
-            self._held[update.device_id] = ClientUpdate(
-                update.device_id, update.num_examples,
-                {n: np.array(t) if isinstance(t, np.ndarray) else t for n, t in update.delta.items()},
-                update.base_version, update.train_loss, update.staleness, update.metrics)
+            self._hold(update)
             return False
         self._buffer(update)
         if len(self._in_buffer) < self.buffer_size:
@@ -217,9 +274,8 @@ class FedBuff(_AsyncOnly):
             value.fill(0.0)
         self._in_buffer.clear()
         self.flushes += 1
-        held, self._held = self._held, {}
-        for item in held.values():  # at most one per device: each goes into the new buffer
-            self._buffer(item)
+        for device_id in list(self._held):  # fewer than K of them: see the class docstring
+            self._buffer(self._take(device_id))
         return True
 
     def global_params(self, context: AsyncContext) -> Params:
@@ -227,11 +283,17 @@ class FedBuff(_AsyncOnly):
 
     def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
         tensors = {f"params/{n}": v for n, v in self._params.items()} | {f"sums/{n}": v for n, v in self._sums.items()}
-        held: dict[str, Any] = {}
-        for device_id, item in self._held.items():
-            held[device_id] = [item.num_examples, item.base_version, item.train_loss, item.staleness]
-            for name, tensor in item.delta.items():
-                tensors[f"held/{device_id}/{name}"] = tensor if isinstance(tensor, np.ndarray) else tensor.to_dense()
+        held: list[dict[str, Any]] = []
+        for queue in self._held.values():
+            for item in queue:  # in each device's FIFO order
+                update = item.update
+                for name, tensor in update.delta.items():
+                    dense = tensor if isinstance(tensor, np.ndarray) else tensor.to_dense()
+                    tensors[f"held/{len(held)}/{name}"] = dense
+                held.append({"device_id": update.device_id, "num_examples": update.num_examples,
+                             "base_version": update.base_version, "train_loss": update.train_loss,
+                             "staleness": update.staleness, "metrics": dict(update.metrics),
+                             "names": list(update.delta), "flushes": item.flushes})
         return tensors, {"in_buffer": sorted(self._in_buffer), "flushes": self.flushes, "held": held}
 
     def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
@@ -240,8 +302,15 @@ class FedBuff(_AsyncOnly):
             self._sums[name][...] = tensors[f"sums/{name}"]
         self._in_buffer = set(scalars["in_buffer"])
         self.flushes = int(scalars["flushes"])
-        self._held = {
-            device_id: ClientUpdate(device_id, int(n), {name: np.array(tensors[f"held/{device_id}/{name}"])
-                                                         for name in self._params}, int(base), float(loss), int(stale))
-            for device_id, (n, base, loss, stale) in scalars["held"].items()
-        }
+        self._held = {}
+        held = scalars["held"]
+        if isinstance(held, Mapping):  # older checkpoints: at most one held update per device
+            held = [{"device_id": device_id, "num_examples": n, "base_version": base, "train_loss": loss,
+                     "staleness": stale, "names": list(self._params), "flushes": self.flushes,
+                     "key": f"held/{device_id}"} for device_id, (n, base, loss, stale) in held.items()]
+        for index, entry in enumerate(held):
+            key = entry.get("key", f"held/{index}")
+            delta = {name: np.array(tensors[f"{key}/{name}"]) for name in entry["names"]}
+            update = ClientUpdate(entry["device_id"], int(entry["num_examples"]), delta, int(entry["base_version"]),
+                                  float(entry["train_loss"]), int(entry["staleness"]), dict(entry.get("metrics", {})))
+            self._held.setdefault(update.device_id, deque()).append(_Held(update, int(entry["flushes"])))
