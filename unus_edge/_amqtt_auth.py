@@ -4,7 +4,8 @@ amqtt 0.12 marks every client admitted by its ``AnonymousAuthPlugin`` as anonymo
 throws its session away at disconnect, so ``clean_session=False`` silently stops working: no
 queued QoS 1 messages, no kept subscriptions. This plugin admits clients *without* marking them
 anonymous, so persistent sessions work for everyone; given a ``users`` table it instead requires
-a matching username and password (compared in constant time).
+a matching username and password: the table's value is either a Mosquitto ``$7$`` hash (from a
+password file, see :mod:`unus_edge._passwords`) or the password itself, compared in constant time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
+
+from unus_edge._passwords import verify_password
 
 __all__ = ["SessionKeepingAuthPlugin"]
 
@@ -33,4 +36,6 @@ class SessionKeepingAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         expected = users.get(username)
         if expected is None or session.password is None:
             return False
+        if expected.startswith("$7$"):
+            return verify_password(expected, str(session.password))
         return hmac.compare_digest(expected.encode(), str(session.password).encode())

@@ -4,7 +4,9 @@ Defaults are chosen for safety and for unus-edge's protocol:
 
 * binds ``127.0.0.1`` (amqtt's own default is ``0.0.0.0``);
 * persistent sessions that really persist (see :mod:`unus_edge._amqtt_auth`);
-* optional username/password table;
+* optional username/password table, or a Mosquitto password file (``unus-edge provision``
+  writes one): with neither, anyone who reaches the port may publish, so binding anything but
+  loopback without it logs a warning;
 * amqtt's and ``transitions``' chatty INFO logging turned down to WARNING.
 
 amqtt's known gaps and how unus-edge copes with each are in ``docs/brokers.md``. For
@@ -15,14 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from unus_edge.errors import BrokerError
+from unus_edge._passwords import read_password_file
+from unus_edge.errors import BrokerError, ConfigError
 
-__all__ = ["EmbeddedBroker", "run_broker"]
+__all__ = ["EmbeddedBroker", "load_users", "run_broker"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +102,35 @@ class EmbeddedBroker:
         await self.stop()
 
 
-async def run_broker(host: str, port: int, *, shutdown_trigger: asyncio.Event | None = None) -> None:
-    """Run an embedded broker until ``shutdown_trigger`` is set (or the task is cancelled)."""
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def load_users(password_file: str) -> dict[str, str]:
+    """``{username: $7$ hash}`` from a Mosquitto password file, which must exist and name a user."""
+    path = Path(password_file)
+    if not path.is_file():
+        raise ConfigError("--password-file", f"{path} does not exist")
+    users = read_password_file(path)
+    if not users:
+        raise ConfigError("--password-file", f"{path} holds no user (lines 'name:$7$...')")
+    return users
+
+
+async def run_broker(host: str, port: int, *, users: Mapping[str, str] | None = None,
+                     shutdown_trigger: asyncio.Event | None = None) -> None:
+    """Run an embedded broker until ``shutdown_trigger`` is set (or the task is cancelled).
+
+    ``users``: ``{username: password or $7$ hash}`` (:func:`load_users`); only they may connect.
+    """
+    if not users and not _loopback(host):
+        logger.warning("the broker on %s has no password file: anyone who reaches port %d may publish a model "
+                       "(use --password-file, or Mosquitto with TLS and ACLs in production)", host, port)
     trigger = shutdown_trigger or asyncio.Event()
-    async with EmbeddedBroker(host, port) as broker:
+    async with EmbeddedBroker(host, port, users=users) as broker:
         logger.info("broker ready on %s; stop with Ctrl-C", broker.url)
         with contextlib.suppress(asyncio.CancelledError):
             await trigger.wait()

@@ -60,9 +60,10 @@ def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from unus_edge.broker import run_broker
+    from unus_edge.broker import load_users, run_broker
 
-    _run_until_signal(lambda trigger: run_broker(args.host, args.port, shutdown_trigger=trigger))
+    users = load_users(args.password_file) if args.password_file else None
+    _run_until_signal(lambda trigger: run_broker(args.host, args.port, users=users, shutdown_trigger=trigger))
     return 0
 
 
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Run the embedded amqtt broker until Ctrl-C / SIGTERM.")
     broker.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     broker.add_argument("--port", type=int, default=1883, help="TCP port (default: 1883; 0 picks a free one)")
+    broker.add_argument("--password-file", metavar="FILE",
+                        help="Mosquitto password file (e.g. from `unus-edge provision`): only its users may connect")
     broker.set_defaults(handler=_cmd_broker)
 
     aggregator = commands.add_parser("aggregator", help="run the aggregator of a job (gateway)",

@@ -435,3 +435,32 @@ def test_provision_uses_a_given_ca_or_server_certificate(tmp_path: Path) -> None
                       str(server.cert_file), "--server-key", str(server.key_file))
     assert (given.gateway / "server.crt").read_bytes() == server.cert_file.read_bytes()
     assert stat.S_IMODE((given.gateway / "server.key").stat().st_mode) == 0o600
+
+
+def test_the_embedded_broker_takes_a_mosquitto_password_file(tmp_path: Path) -> None:
+    """``unus-edge broker --password-file``: the file `provision` writes for Mosquitto works for amqtt too."""
+    from unus_edge._passwords import render_password_file
+    from unus_edge.broker import EmbeddedBroker, _loopback, load_users
+    from unus_edge.errors import ConfigError
+
+    passwords = tmp_path / "passwd"
+    passwords.write_text(render_password_file({"pi-a": hash_password("right")}))
+
+    async def scenario() -> None:
+        async with asyncio.timeout(60), EmbeddedBroker(port=0, users=load_users(str(passwords))) as broker:
+            async with MqttTransport(ConnectOptions(port=broker.port, username="pi-a", password="right")) as client:
+                assert client.connected
+            for username, password in (("pi-a", "wrong"), ("pi-z", "right"), (None, None)):
+                with pytest.raises(ConnectError, match="refused"):
+                    async with MqttTransport(ConnectOptions(port=broker.port, username=username, password=password)):
+                        pass
+
+    asyncio.run(scenario())
+    for content in (None, "# nobody\n"):
+        path = tmp_path / f"bad-{content is None}"
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(ConfigError, match="password-file"):
+            load_users(str(path))
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("gateway.local")
