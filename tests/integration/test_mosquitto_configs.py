@@ -82,7 +82,7 @@ def test_production_config_serves_tls_with_passwords(production_broker: tuple[Mo
             with pytest.raises(ConnectError, match="refused"):  # anonymous
                 async with MqttTransport(ConnectOptions(port=tls_port, tls=TLSOptions(ca_file=str(ca_file)))):
                     pass
-            with pytest.raises(ConnectError):  # plain MQTT to the TLS port
+            with pytest.raises(ConnectError, match="TLS port"):  # plain MQTT to the TLS port: a hint
                 async with MqttTransport(ConnectOptions(port=tls_port, username="device-1", password="s3cret",
                                                         keepalive=2)):
                     pass

@@ -334,8 +334,10 @@ class MqttTransport(Transport):
         self._connected.clear()
         attempt, self._attempt = self._attempt, None
         if attempt is not None and not attempt.done():
+            hint = ("; is this a TLS port? use mqtts:// (or broker.ca_file)" if self.options.tls is None
+                    else "; is this a plain (non-TLS) port, or does the broker refuse this certificate?")
             attempt.set_exception(
-                ConnectError(f"connection closed before CONNACK ({reason_code})", host=self.options.host,
+                ConnectError(f"connection closed before CONNACK ({reason_code}){hint}", host=self.options.host,
                              port=self.options.port, tls=self.options.tls is not None)
             )
         # QoS 0 messages not yet written are lost with the socket: fail their publish calls.
