@@ -5,6 +5,11 @@ retained messages (an empty retained payload deletes), last wills on an abrupt d
 (:meth:`MemoryTransport.kill`), persistent sessions that queue QoS 1/2 messages for an absent
 client, and ``+``/``#`` filters. Delivery is synchronous, so tests are deterministic, and
 nothing touches a socket.
+
+One difference from :class:`~unus_edge.transport.MqttTransport`: the receive queue has no
+bound. Delivery is a synchronous call from the publisher, which cannot be made to wait, so
+reaching ``max_queued_messages`` only logs a warning, where the MQTT transport stops reading
+its socket (backpressure up to the broker). Test memory bounds against a real broker.
 """
 
 from __future__ import annotations
