@@ -38,6 +38,19 @@ def test_presence_from_status_wills_and_heartbeats() -> None:
     assert registry.status("unknown", True, "x", now=5) is False
 
 
+def test_announced_sessions_are_remembered_in_a_bounded_window() -> None:
+    registry = Registry("sha256:good", heartbeat_timeout=30, announced_capacity=2)
+    registry.announce("d1", "s1")
+    registry.announce("d2", "s1")
+    assert registry.announced("d1", "s1") and registry.announced("d2", "s1")
+    assert not registry.announced("d1", "s2")
+    registry.announce("d1", "s1")  # seen again: now the most recent
+    registry.announce("d3", "s1")  # evicts the oldest, d2
+    assert registry.announced("d1", "s1") and registry.announced("d3", "s1")
+    assert not registry.announced("d2", "s1")
+    assert "d1" not in registry  # announcing is not registering
+
+
 def test_heartbeat_timeout_marks_silent_devices_offline() -> None:
     registry = Registry("sha256:good", heartbeat_timeout=10)
     registry.register(registration("a"), now=0)

@@ -25,6 +25,7 @@ from unus_edge.device import Device
 from unus_edge.errors import RejectedError
 from unus_edge.messages import (
     Ack,
+    Heartbeat,
     Registration,
     RegistrationReply,
     Status,
@@ -163,8 +164,8 @@ async def aggregator_online(broker: MemoryBroker) -> None:
 @asynccontextmanager
 async def harness(**extra: Any) -> AsyncIterator[Harness]:
     broker = MemoryBroker()
-    aggregator = make_aggregator(broker, config(job__min_devices=1, job__rounds=1, evaluation__dataset="none",
-                                                **extra))
+    settings: dict[str, Any] = {"job__min_devices": 1, "job__rounds": 1, "evaluation__dataset": "none"}
+    aggregator = make_aggregator(broker, config(**(settings | extra)))
     rejections: asyncio.Queue[str] = asyncio.Queue()
     original = aggregator.reject
 
@@ -286,5 +287,77 @@ def test_hostile_input_on_the_other_inbound_topics() -> None:
             # Matches the aggregator's devices/+/update filter, but ".hidden" is not a valid device id.
             await h.device.publish(f"unus/v1/{JOB}/devices/.hidden/update", b"x")
             assert await h.rejected() == "bad_topic"
+
+    run(scenario)
+
+
+def presence(message: Heartbeat | Status) -> bytes:
+    return encode_message(message, JOB, Channel.HEARTBEAT if isinstance(message, Heartbeat) else Channel.STATUS)
+
+
+def test_presence_of_sessions_that_are_not_registered() -> None:
+    """Stray heartbeats are refused with a reason; the routine races of presence are not."""
+
+    async def scenario() -> None:
+        async with harness(job__rounds=5) as h:
+            counters = h.aggregator.counters
+            record = h.aggregator.registry.get("d1")
+            assert record is not None
+            ignored = counters.ignored
+            # A heartbeat of a device that never announced itself, and of a session d1 never had.
+            await h.send(Channel.HEARTBEAT, presence(Heartbeat("ghost", "g1", 1)), device_id="ghost")
+            assert await h.rejected() == "unregistered"
+            await h.send(Channel.HEARTBEAT, presence(Heartbeat("d1", "s9", 1)))
+            assert await h.rejected() == "stale_session"
+            # Routine, ignored: a device between its start (status) and its registration, and
+            # the late will of an older process of d1 followed by that process's last heartbeat.
+            await h.send(Channel.STATUS, presence(Status("ghost", "online", "g2")), device_id="ghost")
+            await h.send(Channel.HEARTBEAT, presence(Heartbeat("ghost", "g2", 1)), device_id="ghost")
+            await h.send(Channel.STATUS, presence(Status("d1", "offline", "s0", reason="will")))
+            await h.send(Channel.HEARTBEAT, presence(Heartbeat("d1", "s0", 9)))
+            await h.send(Channel.HEARTBEAT, b"{not json")  # a marker: everything before it was handled
+            assert await h.rejected() == "bad_json"
+            assert counters.ignored == ignored + 4
+            assert record.online and record.session == "s1"
+            # d1 declared offline (its own will), then its last heartbeat arrives: it is back, no refusal.
+            await h.send(Channel.STATUS, presence(Status("d1", "offline", "s1", reason="will")))
+            await h.send(Channel.HEARTBEAT, b"{not json")
+            assert await h.rejected() == "bad_json"
+            assert not record.online
+            await h.send(Channel.HEARTBEAT, presence(Heartbeat("d1", "s1", 2)))
+            await h.send(Channel.HEARTBEAT, b"{not json")
+            assert await h.rejected() == "bad_json"
+            assert record.online
+            assert counters.rejected == {"unregistered": 1, "stale_session": 1, "bad_json": 3}
+            assert counters.inbound == counters.accepted + counters.ignored + sum(counters.rejected.values())
+
+    run(scenario)
+
+
+async def next_ack(h: Harness) -> Ack:
+    while not isinstance(reply := await h.replies.get(), Ack):
+        pass
+    return reply
+
+
+def test_an_ssp_update_beyond_max_staleness_is_refused_as_too_stale() -> None:
+    async def scenario() -> None:
+        async with harness(job__mode="ssp", strategy__name="ssp", job__rounds=5, job__staleness_bound="inf",
+                           job__max_staleness=0) as h:
+            assert h.task.mode == "ssp"
+            await h.send(Channel.UPDATE, encode_message(h.update(clock=0, base_version=0), JOB, Channel.UPDATE))
+            first = await next_ack(h)
+            assert first.accepted and first.version == 1
+            # Trained from version 0 while the model is at 1: staleness 1 > job.max_staleness = 0.
+            stale = h.update(clock=1, base_version=0)
+            await h.send(Channel.UPDATE, encode_message(stale, JOB, Channel.UPDATE))
+            assert await h.rejected() == "too_stale"
+            refusal = await next_ack(h)
+            assert (refusal.accepted, refusal.reason) == (False, "too_stale")
+            assert h.aggregator.counters.rejected == {"too_stale": 1}
+            assert h.aggregator.counters.refused == 1
+            # The same clock trained from the current model is still taken.
+            await h.send(Channel.UPDATE, encode_message(h.update(clock=1, base_version=1), JOB, Channel.UPDATE))
+            assert (await next_ack(h)).accepted
 
     run(scenario)

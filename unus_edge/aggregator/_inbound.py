@@ -1,4 +1,4 @@
-"""What the aggregator does with inbound messages: registrations, updates, and liveness.
+"""What the aggregator does with inbound messages: registrations, updates, presence and liveness.
 
 Procedures over an :class:`~unus_edge.aggregator.Aggregator`, which owns the state, receives
 and dispatches (``Aggregator._receive`` / ``_dispatch``) and counts every message.
@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 from unus_edge.aggregator._round import check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope
 from unus_edge.errors import CodecError
-from unus_edge.messages import Ack, Registration, RegistrationReply, Update
+from unus_edge.messages import Ack, Heartbeat, Registration, RegistrationReply, Status, Update
 
 if TYPE_CHECKING:
     from unus_edge.aggregator._service import Aggregator
 
-__all__ = ["liveness", "on_registration", "on_update", "refuse_registration"]
+__all__ = ["liveness", "on_presence", "on_registration", "on_update", "refuse_registration"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
@@ -86,6 +86,39 @@ def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
         "msg_id": envelope.msg_id, "device_id": update.device_id, "task_id": update.task_id, "step": step,
         "base_version": update.base_version, "version": version, "session": service.session,
     })
+
+
+def on_presence(service: Aggregator, presence: Heartbeat | Status, now: float) -> None:
+    """A status or heartbeat: presence of a registered session, routine noise, or a stray heartbeat.
+
+    Only the registered session's presence counts. A device publishes its status before it
+    registers, and its last will may arrive after its next process registered, so a status of
+    another session is ignored (and remembered as announced). So is a heartbeat of an announced
+    session (a device between its start and its registration). A heartbeat of a session that
+    never announced itself on its status topic is refused: ``unregistered`` (unknown device) or
+    ``stale_session`` (a registered device, another session).
+    """
+    registry = service.registry
+    if isinstance(presence, Status):
+        registry.announce(presence.device_id, presence.session)
+    record = registry.get(presence.device_id)
+    if record is None or presence.session != record.session:
+        if isinstance(presence, Status) or registry.announced(presence.device_id, presence.session):
+            service.counters.ignored += 1
+        else:
+            service.reject("unregistered" if record is None else "stale_session",
+                           f"a heartbeat of session {presence.session!r}, neither registered nor announced",
+                           presence.device_id)
+        return
+    service.counters.accepted += 1
+    if isinstance(presence, Heartbeat):
+        if registry.heartbeat(presence.device_id, presence.session, now):  # back online (e.g. after a timeout)
+            service._registry_updated()
+            service.driver.device_joined(presence.device_id)
+    elif registry.status(presence.device_id, presence.state == "online", presence.session, now):
+        service._registry_updated()
+        if presence.state == "offline":
+            service.driver.device_offline(presence.device_id, presence.reason or "offline")
 
 
 async def liveness(service: Aggregator) -> None:

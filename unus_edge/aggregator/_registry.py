@@ -7,11 +7,15 @@ Time is passed in (``now``), so the rules are testable without clocks:
 * a device is online from its registration, its retained ``status: online`` or a heartbeat,
   until its ``status: offline`` (graceful or last will) or until ``heartbeat_timeout`` passes
   without a heartbeat, which is what detects silent devices on brokers that never fire wills;
-* a new ``session`` means the device process restarted.
+* a new ``session`` means the device process restarted;
+* every session named on a device's ``status`` topic is remembered as *announced* (a bounded
+  window): a device announces its session before it registers, and its last will outlives it,
+  so presence of an announced session that is not the registered one is routine, not hostile.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,10 +60,12 @@ class Verdict:
 class Registry:
     """Registered devices and their presence."""
 
-    def __init__(self, fingerprint: str, heartbeat_timeout: float) -> None:
+    def __init__(self, fingerprint: str, heartbeat_timeout: float, *, announced_capacity: int = 10_000) -> None:
         self.fingerprint = fingerprint
         self.heartbeat_timeout = heartbeat_timeout
         self._devices: dict[str, DeviceRecord] = {}
+        self._announced: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._announced_capacity = announced_capacity
         self.version = 0
         """Increases whenever membership or presence changes (for waiters and metrics)."""
 
@@ -114,6 +120,17 @@ class Registry:
         if changed:
             self.version += 1
         return changed
+
+    def announce(self, device_id: str, session: str) -> None:
+        """A status named this session of the device (registered or not); remember the last ones."""
+        key = (device_id, session)
+        self._announced[key] = None
+        self._announced.move_to_end(key)
+        while len(self._announced) > self._announced_capacity:
+            self._announced.popitem(last=False)
+
+    def announced(self, device_id: str, session: str) -> bool:
+        return (device_id, session) in self._announced
 
     def heartbeat(self, device_id: str, session: str, now: float) -> bool:
         """A heartbeat arrived. Returns whether the device came (back) online."""

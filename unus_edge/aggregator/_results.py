@@ -63,5 +63,6 @@ class Counters:
     accepted: int = 0
     """Messages acted upon: registrations, presence, heartbeats and updates of registered devices."""
     ignored: int = 0
-    """Valid messages of no concern: other jobs, unknown devices' presence, stale sessions."""
+    """Valid messages of no concern: other jobs' topics, statuses of unregistered sessions, heartbeats of
+    announced but unregistered sessions (``_inbound.on_presence``)."""
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)

@@ -351,30 +351,13 @@ class Aggregator:
             self._dispatch(message, envelope, decoded)
 
     def _dispatch(self, message: ReceivedMessage, envelope: Envelope, decoded: Message) -> None:
-        now = time.time()
-        counters = self.counters
         if isinstance(decoded, Update):
-            counters.bytes_up += len(message.payload)
+            self.counters.bytes_up += len(message.payload)
             _inbound.on_update(self, envelope, decoded)
-            return
-        if isinstance(decoded, Registration):
-            _inbound.on_registration(self, decoded, now)
-            return
-        record = self.registry.get(getattr(decoded, "device_id", ""))
-        if record is None or getattr(decoded, "session", None) != record.session:
-            counters.ignored += 1  # presence of a device we do not know, or of an older process of it
-            return
-        counters.accepted += 1
-        if isinstance(decoded, Heartbeat):
-            if self.registry.heartbeat(decoded.device_id, decoded.session, now):
-                self._registry_updated()
-                self.driver.device_joined(decoded.device_id)
-        elif isinstance(decoded, Status) and self.registry.status(
-            decoded.device_id, decoded.state == "online", decoded.session, now
-        ):
-            self._registry_updated()
-            if decoded.state == "offline":
-                self.driver.device_offline(decoded.device_id, decoded.reason or "offline")
+        elif isinstance(decoded, Registration):
+            _inbound.on_registration(self, decoded, time.time())
+        elif isinstance(decoded, Heartbeat | Status):
+            _inbound.on_presence(self, decoded, time.time())
 
     def _registry_updated(self) -> None:
         self.registry_changed.set()
