@@ -19,7 +19,9 @@ from unus_edge.strategies import (
     FedSGD,
     RoundContext,
     WeightedMean,
+    add_scaled,
     load_strategy,
+    new_scratch,
     strategy_class,
 )
 
@@ -68,11 +70,21 @@ def test_aggregate_is_independent_of_arrival_order() -> None:
 
 
 def test_accumulation_works_across_chunks() -> None:
-    size = (1 << 16) * 2 + 123  # three chunks of the float64 scratch
+    largest = {"w": np.broadcast_to(np.float32(0), (1 << 30,))}  # no memory behind it
+    size = new_scratch(largest).shape[0] * 2 + 123  # three chunks of the scratch
     delta = np.random.default_rng(1).standard_normal(size).astype(np.float32)
     mean = WeightedMean({"w": np.zeros(size, np.float32)})
     mean.add(update("a", 7, w=delta))
     np.testing.assert_array_equal(mean.mean()["w"], delta)
+
+
+@pytest.mark.parametrize("scratch_size", [1, 1000, 1 << 16, 1 << 20])
+def test_add_scaled_works_with_any_scratch_size(scratch_size: int) -> None:
+    """A scratch of any size works (a strategy may make its own): the chunks follow the scratch."""
+    values = np.random.default_rng(2).standard_normal(300_001).astype(np.float32)
+    target = np.zeros(values.shape, np.float64)
+    add_scaled(target, values, 3.0, np.empty(scratch_size, np.float64))
+    np.testing.assert_array_equal(target, values.astype(np.float64) * 3.0)
 
 
 def test_fedavg_applies_the_mean_delta_and_keeps_the_model_when_nobody_answered() -> None:

@@ -21,6 +21,7 @@ from unus_edge.strategies._base import (
     WeightedMean,
     add_scaled,
     fold,
+    new_scratch,
 )
 from unus_edge.strategies._client import (
     CLIENT_STRATEGIES,
@@ -83,6 +84,7 @@ __all__ = [
     "client_strategy",
     "fold",
     "load_strategy",
+    "new_scratch",
     "register_client_strategy",
     "robust_view",
     "staleness_function",

@@ -25,6 +25,7 @@ from unus_edge.strategies._base import (
     Strategy,
     add_scaled,
     fold,
+    new_scratch,
 )
 
 __all__ = ["STALENESS_FUNCTIONS", "FedAsync", "FedBuff", "SSPAveraging", "staleness_function"]
@@ -98,7 +99,7 @@ class SSPAveraging(_AsyncOnly):
     def start_async(self, params: Params, context: AsyncContext) -> None:
         self._base = {name: value.copy() for name, value in params.items()}
         self._pending = {name: np.zeros(value.shape, np.float64) for name, value in params.items()}
-        self._scratch = np.empty(min(max((v.size for v in params.values()), default=1), 1 << 16))
+        self._scratch = new_scratch(params)
         self._dirty = False
 
     def on_update(self, update: ClientUpdate, context: AsyncContext) -> bool:
@@ -241,7 +242,7 @@ class FedBuff(_AsyncOnly):
     def start_async(self, params: Params, context: AsyncContext) -> None:
         self._params = {name: value.copy() for name, value in params.items()}
         self._sums = {name: np.zeros(value.shape, np.float64) for name, value in params.items()}
-        self._scratch = np.empty(min(max((v.size for v in params.values()), default=1), 1 << 16))
+        self._scratch = new_scratch(params)
 
     def _buffer(self, update: ClientUpdate) -> None:
         for name, tensor in update.delta.items():

@@ -44,6 +44,7 @@ __all__ = [
     "WeightedMean",
     "add_scaled",
     "fold",
+    "new_scratch",
 ]
 
 Params = dict[str, np.ndarray[Any, Any]]
@@ -131,11 +132,17 @@ _CHUNK = 1 << 18
 """Elements per step of :func:`add_scaled`: the float64 scratch (2 MB) stays in a core's L2 cache."""
 
 
+def new_scratch(template: Mapping[str, np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    """The float64 scratch :func:`add_scaled` needs for tensors like ``template``'s (at most 2 MB)."""
+    largest = max((value.size for value in template.values()), default=1)
+    return np.empty(max(1, min(largest, _CHUNK)), dtype=np.float64)
+
+
 def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scratch: np.ndarray[Any, Any]) -> None:
     """``target += scale * tensor`` in place, for a dense array or a sparse tensor.
 
-    ``target`` is a float64 accumulator and ``scratch`` a float64 buffer of at least
-    ``min(target.size, 262144)`` elements. Products of an integer weight (< 2**24) and a float32
+    ``target`` is a float64 accumulator and ``scratch`` a float64 buffer (:func:`new_scratch`);
+    the work goes in chunks of the scratch's size. Products of an integer weight (< 2**24) and a float32
     value are exact in float64; their sums round only in the last of 53 bits, which the final
     rounding to float32 (24 bits) almost never sees. So the aggregate does not depend on the
     order updates arrive in, in practice: float64 addition is not associative in general.
@@ -145,8 +152,9 @@ def add_scaled(target: np.ndarray[Any, Any], tensor: Tensor, scale: float, scrat
         flat[tensor.indices] += scale * tensor.values.astype(np.float64)  # indices are unique
         return
     source = np.asarray(tensor).reshape(-1)
-    for start in range(0, flat.shape[0], _CHUNK):
-        stop = min(start + _CHUNK, flat.shape[0])
+    step = scratch.shape[0]
+    for start in range(0, flat.shape[0], step):
+        stop = min(start + step, flat.shape[0])
         part = scratch[: stop - start]
         # Cast first, then multiply in float64 (NEP 50 would compute float32 x float in float32).
         # Casting by copy is faster than a ufunc's buffered dtype=float64 cast (1.4x the float32
@@ -178,8 +186,7 @@ class WeightedMean:
     ) -> None:
         self.dtypes = {name: value.dtype for name, value in template.items()}
         self.sums = {name: np.zeros(value.shape, dtype=np.float64) for name, value in template.items()}
-        largest = max((value.size for value in template.values()), default=1)
-        self._scratch = np.empty(min(largest, _CHUNK), dtype=np.float64)
+        self._scratch = new_scratch(template)
         self._weight = weight or (lambda update: float(update.num_examples))
         self.total_weight = 0.0
         self.count = 0
