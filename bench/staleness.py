@@ -1,10 +1,11 @@
 """The staleness experiment: SSP with s in {0, 1, 2, 4, 8, inf}, FedAsync and FedBuff, with stragglers.
 
 Setup (the SSP issue; results in ``docs/staleness-experiment.md``): the 2NN on MNIST, 20
-in-process devices, IID, a seeded 20% of them 5 times slower (``simulation.stragglers``), E, B
-and the learning rate the same for every run, the same seeds and partition. Every run is a real
+in-process devices, IID, a seeded 20% of them 5 times slower (``simulation.stragglers``: busy
+4 more times their training's CPU time after each training), E, B and the learning rate the
+same for every run, the same seeds and partition. Every run is a real
 ``unus_edge.simulation.simulate`` (aggregator + 20 devices over the embedded amqtt broker on
-127.0.0.1, in this one process) that stops after the same wall-clock budget:
+127.0.0.1, in this one process) that stops after the same wall-clock budget, ``job.time_budget``:
 
 * ``sync``: synchronous FedAvg, C = 1 (``job.mode = "sync"``): the baseline of every ratio;
 * ``ssp s=K``: SSP delta averaging (``strategy ssp``) with staleness bound K;
@@ -15,24 +16,27 @@ Reported per run: wall-clock seconds to 90/95/97% test accuracy (the first centr
 at or above it; "-" when not reached within the budget) and the speed-up against ``sync``
 measured in the same invocation; the accuracy of the model the run holds at the budget; accepted
 updates within the budget; mean staleness (versions applied between an update's base and its
-application, as ``SSPDriver`` counts it); the evaluation resolution (median seconds and updates
-between evaluations); the stragglers' share of the updates.
+application, ``JobResult.mean_staleness``); the evaluation resolution (median seconds and updates
+between evaluations; SSP runs evaluate every ``--eval-every`` updates, ``evaluation.every_updates``,
+s = 0 once per clock);
+the stragglers' share of the updates and their cycle against a fast device's.
 
 How the figures are obtained:
 
-* accuracies and times: ``RoundMetrics`` through the ``on_round`` callback. SSP records carry
-  ``wall_seconds`` (from the start of the computation). Synchronous records leave it at 0, so for
-  ``sync`` the time is taken in the callback: round r's time = callback time - (round 1's callback
-  time - round 1's ``duration_seconds``), i.e. from the start of round 1;
-* the budget: ``job.time_budget`` for the SSP runs. The synchronous driver does not honour
-  ``job.time_budget``, so ``sync`` is stopped through ``simulate``'s ``shutdown_trigger`` by the
-  first round that ends past the budget; only rounds that ended within it count;
-* mean staleness and the update count: ``SSPDriver.mean_staleness`` is not in the job's result, so
-  they are read from the driver's ``ssp finished`` log record (its arguments, not its text);
-  per-device update counts from the devices' ``ssp start`` records (``unus_edge.device.ssp``).
+* accuracies and times: ``RoundMetrics`` through the ``on_round`` callback. ``wall_seconds``
+  counts from the start of the first round or clock in both modes. An SSP record is stamped when
+  the evaluated model was taken; a synchronous one after the round's evaluation, so for ``sync``
+  the evaluation's own duration (timed around ``Strategy.evaluate``) is subtracted;
+* the budget: ``job.time_budget`` in both modes. The synchronous driver starts no round after
+  it, but finishes the round in progress: only rounds that ended within the budget count. The
+  SSP driver's last record is the model held when the budget ran out;
+* updates and mean staleness: ``JobResult.updates`` (for ``sync`` less the updates of the round
+  that ended past the budget) and ``JobResult.mean_staleness``;
+* per-device update starts and cycles: the devices' ``ssp start`` records
+  (``unus_edge.device.ssp``; the result has no per-device counts).
 
     python bench/staleness.py [--quick] [--json] [--budget S] [--bounds 0 1 2 4 8 inf]
-                              [--buffer-size K] [--plot PNG] [--results JSON]
+                              [--buffer-size K] [--eval-every N] [--plot PNG] [--results JSON]
 """
 
 from __future__ import annotations
@@ -82,10 +86,14 @@ class Run:
 class Outcome:
     run: Run
     points: list[dict[str, float]]
-    """One per central evaluation: wall (s), updates (cumulative), version, accuracy, within_budget."""
+    """One per central evaluation: wall (s), model_wall (s), updates (cumulative), version, accuracy,
+    within_budget."""
     state: str
     updates: int
-    mean_staleness: float | None
+    """Accepted within the budget."""
+    updates_total: int
+    """``JobResult.updates``: ``sync`` also counts the round that ended past the budget."""
+    mean_staleness: float
     starts: dict[str, int]
     cycle_seconds: dict[str, float]
     rejected: dict[str, int]
@@ -97,19 +105,15 @@ class Outcome:
     load_after: float
 
 
-class LogTap(logging.Handler):
-    """Keeps the arguments of the SSP driver's final record and the devices' ``ssp start`` records."""
+class StartTap(logging.Handler):
+    """Keeps the devices' ``ssp start`` records: when, and which device."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.finished: tuple[Any, ...] | None = None
         self.starts: list[tuple[float, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = str(record.msg)
-        if record.name == "unus_edge.aggregator" and message.startswith("ssp finished"):
-            self.finished = tuple(record.args or ())
-        elif record.name == "unus_edge.device.ssp" and message.startswith("ssp start") and record.args:
+        if str(record.msg).startswith("ssp start") and record.args:
             self.starts.append((time.perf_counter(), str(record.args[0])))  # type: ignore[index]
 
 
@@ -127,56 +131,51 @@ class ErrorCount(logging.Handler):
             self.example = record.getMessage()[:200]
 
 
-class EvaluationTap:
-    """When each evaluated model was taken (this process only; the class attributes are restored).
+class SyncEvaluationTimer:
+    """How long each synchronous round's evaluation took (``Strategy.evaluate``, restored on exit).
 
-    An SSP evaluation runs in the default executor, behind the devices' trainings, so it can end
-    seconds after the model it evaluates was taken; ``RoundMetrics.wall_seconds`` is its end. The
-    tap records the moment ``SSPDriver._evaluation`` takes the model (by version) and the moment a
-    synchronous round's evaluation starts (``Strategy.evaluate``, by round), so that times to
-    accuracy are when the model existed, in every mode.
+    A synchronous ``RoundMetrics.wall_seconds`` is stamped after the evaluation, an SSP one when
+    the evaluated model was taken; subtracting the evaluation puts both at the model's moment.
     """
 
     def __init__(self) -> None:
-        self.ssp: dict[int, float] = {}
-        self.sync: dict[int, float] = {}
-        self._saved: list[tuple[type, str, Any]] = []
+        self.seconds: dict[int, float] = {}
+        self._original: Any = None
 
-    def __enter__(self) -> EvaluationTap:
-        from unus_edge.aggregator._ssp import SSPDriver
+    def __enter__(self) -> SyncEvaluationTimer:
         from unus_edge.strategies import Strategy
 
-        tap = self
-        ssp_original = getattr(SSPDriver, "_evaluation", None)
-        if ssp_original is not None:
-            async def evaluation(driver: Any) -> None:
-                tap.ssp[driver.service.version] = time.perf_counter()  # the version it takes, at once
-                await ssp_original(driver)
-
-            self._saved.append((SSPDriver, "_evaluation", ssp_original))
-            SSPDriver._evaluation = evaluation  # type: ignore[method-assign]
-        sync_original = Strategy.evaluate
+        timer, original = self, Strategy.evaluate
+        self._original = original
 
         def evaluate(strategy: Any, server_round: int, params: Any, central: Any) -> Any:
-            tap.sync[server_round] = time.perf_counter()
-            return sync_original(strategy, server_round, params, central)
+            started = time.perf_counter()
+            try:
+                return original(strategy, server_round, params, central)
+            finally:
+                timer.seconds[server_round] = time.perf_counter() - started
 
-        self._saved.append((Strategy, "evaluate", sync_original))
         Strategy.evaluate = evaluate  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for owner, name, original in self._saved:
-            setattr(owner, name, original)
+        from unus_edge.strategies import Strategy
+
+        Strategy.evaluate = self._original  # type: ignore[method-assign]
 
 
 def job_overrides(args: argparse.Namespace, run: Run, dataset: str, data_dir: str) -> list[str]:
+    # s = 0 is evaluated once per clock, as sync is per round: its devices only ever see the model
+    # of a whole clock, and an evaluation mid-clock folds the pending float64 sum into the float32
+    # model early, which would end the bit-for-bit equality with FedAvg that same_models checks.
+    every = args.devices if run.mode == "ssp" and run.bound == "0" else args.eval_every
     overrides = [
         "job.name=staleness", f"job.seed={args.seed}", "job.fraction=1.0", "job.rounds=1000000",
         "job.round_deadline=600", "job.wait_for_devices=600", f"job.time_budget={args.budget}",
         "model.source=mnist_2nn", "model.seed=0", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
         f"train.learning_rate={args.lr}", f"evaluation.dataset={dataset}", "evaluation.num_examples=0",
-        f"job.mode={run.mode}", f"strategy.name={run.strategy}", *run.options,
+        f"evaluation.every_updates={every}", f"job.mode={run.mode}", f"strategy.name={run.strategy}",
+        *run.options,
     ]
     if run.mode == "ssp":
         overrides.append(f"job.staleness_bound={run.bound}")
@@ -187,45 +186,31 @@ def job_overrides(args: argparse.Namespace, run: Run, dataset: str, data_dir: st
 
 def execute(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slowdowns: dict[int, float]) -> Outcome:
     from unus_edge.config import load_job_config
-    from unus_edge.messages import RoundMetrics
     from unus_edge.simulation import SimulationOptions, simulate
 
     config = load_job_config(environ={}, overrides=job_overrides(args, run, dataset, data_dir))
     options = SimulationOptions(config=config, num_devices=args.devices, dataset=dataset,  # type: ignore[arg-type]
                                 data_dir=data_dir, scheme="iid", train_examples=args.train_examples,
                                 slowdowns=slowdowns)
-    seen: list[tuple[float, RoundMetrics]] = []
-    tap = LogTap()
-    loggers = [logging.getLogger("unus_edge.aggregator"), logging.getLogger("unus_edge.device.ssp")]
 
     async def main() -> Any:
-        stop = asyncio.Event()
-
-        def on_round(metrics: RoundMetrics) -> None:
-            seen.append((time.perf_counter(), metrics))
-            if run.mode == "sync":  # the synchronous driver ignores job.time_budget
-                first_time, first = seen[0]
-                if seen[-1][0] - (first_time - first.duration_seconds) >= args.budget:
-                    stop.set()
-
         async with asyncio.timeout(args.budget + 600):
-            return await simulate(options, on_round=on_round, shutdown_trigger=stop)
+            return await simulate(options)
 
-    for logger in loggers:
-        logger.addHandler(tap)
-        logger.setLevel(logging.INFO)
+    starts_log, tap = logging.getLogger("unus_edge.device.ssp"), StartTap()
+    starts_log.addHandler(tap)
+    starts_log.setLevel(logging.INFO)
     broker_log, broker_errors = logging.getLogger("amqtt"), ErrorCount()
     broker_log.addHandler(broker_errors)
     broker_log.propagate = False  # counted and reported, not a traceback each
     load_before = load_average()
     started = time.perf_counter()
     try:
-        with EvaluationTap() as taken:
+        with SyncEvaluationTimer() as evaluations:
             report = asyncio.run(main())
     finally:
-        for logger in loggers:
-            logger.removeHandler(tap)
-            logger.setLevel(logging.ERROR)
+        starts_log.removeHandler(tap)
+        starts_log.setLevel(logging.ERROR)
         broker_log.removeHandler(broker_errors)
         broker_log.propagate = True
     if broker_errors.count:
@@ -234,40 +219,27 @@ def execute(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slo
     seconds = time.perf_counter() - started
     result = report.result
 
-    # Times from the start of the computation (SSP) or of round 1 (sync): "wall" when the
-    # accuracy was known (the record), "model_wall" when the evaluated model was taken.
+    # "wall": when the record was stamped; "model_wall": when the evaluated model was taken.
+    history = result.history
     points: list[dict[str, Any]] = []
-    updates = 0
-    origin: float | None = None
-    for index, (when, metrics) in enumerate(seen):
-        updates += metrics.num_updates
+    updates = past_budget = 0
+    for index, metrics in enumerate(history):
+        updates += metrics.num_updates  # SSP records out of order still sum to their own count
         if run.mode == "ssp":
-            origin = when - metrics.wall_seconds  # on_round runs right after wall_seconds is taken
-            taken_at = taken.ssp.get(metrics.version)
-            last = index == len(seen) - 1
-            # The last record is the model held when the budget ran out (taken then, evaluated after).
-            model_wall = args.budget if last and (taken_at is None or taken_at - origin > args.budget) else (
-                taken_at - origin if taken_at is not None else metrics.wall_seconds)
+            model_wall = metrics.wall_seconds
+            if index == len(history) - 1 and model_wall > args.budget:
+                model_wall = args.budget  # the final record: the model held when the budget ran out
         else:
-            if origin is None:
-                origin = when - metrics.duration_seconds
-            taken_at = taken.sync.get(metrics.server_round)
-            model_wall = taken_at - origin if taken_at is not None else when - origin
+            model_wall = metrics.wall_seconds - evaluations.seconds.get(metrics.server_round, 0.0)
+        within = model_wall <= args.budget + 1e-9
+        if not within:
+            past_budget += metrics.num_updates
         if metrics.eval_accuracy is None:
             continue
-        points.append({"wall": when - origin, "model_wall": model_wall, "updates": updates,
-                       "version": metrics.version, "accuracy": metrics.eval_accuracy,
-                       "within_budget": model_wall <= args.budget + 1e-9})
+        points.append({"wall": metrics.wall_seconds, "model_wall": model_wall, "updates": updates,
+                       "version": metrics.version, "accuracy": metrics.eval_accuracy, "within_budget": within})
+    points.sort(key=lambda p: p["model_wall"])
 
-    mean_staleness: float | None = None
-    if run.mode == "ssp":
-        if tap.finished is None:
-            raise RuntimeError(f"{run.name}: no 'ssp finished' log record (did its format change?)")
-        total, _c_min, _version, mean_staleness = tap.finished
-        total_updates = int(total)
-    else:
-        total_updates = int(max((p["updates"] for p in points if p["within_budget"]), default=0))
-        mean_staleness = 0.0
     starts: dict[str, int] = {}
     times: dict[str, list[float]] = {}
     for when, device in tap.starts:
@@ -275,8 +247,9 @@ def execute(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slo
         times.setdefault(device, []).append(when)
     cycles = {device: median(b - a for a, b in itertools.pairwise(moments))
               for device, moments in times.items() if len(moments) > 2}
-    return Outcome(run, points, result.state, total_updates, mean_staleness, starts, cycles, dict(result.rejected),
-                   broker_errors.count, result.bytes_up, result.bytes_down, seconds, load_before, load_average())
+    return Outcome(run, points, result.state, result.updates - past_budget, result.updates, result.mean_staleness,
+                   starts, cycles, dict(result.rejected), broker_errors.count, result.bytes_up, result.bytes_down,
+                   seconds, load_before, load_average())
 
 
 # ----------------------------------------------------------------------------- figures
@@ -326,11 +299,10 @@ def summarise(outcomes: list[Outcome], stragglers: set[str], budget: float) -> l
             row[f"seconds_to_{key}"] = mine
             row[f"speedup_{key}_vs_sync"] = base / mine if mine and base else None
         every_seconds, every_updates = resolution(outcome)
-        lags = [p["wall"] - p["model_wall"] for p in outcome.points if p["within_budget"]]
         slow_cycle, fast_cycle = cycles(outcome, stragglers)
         row.update({
-            "eval_lag_seconds": median(lags) if lags else None,
             "accuracy_at_budget": budget_accuracy(outcome), "updates": outcome.updates,
+            "updates_total": outcome.updates_total,
             "mean_staleness": outcome.mean_staleness, "eval_every_seconds": every_seconds,
             "eval_every_updates": every_updates, "straggler_share": straggler_share(outcome, stragglers),
             "straggler_cycle_seconds": slow_cycle, "fast_cycle_seconds": fast_cycle,
@@ -366,21 +338,20 @@ def show(value: float | None, fmt: str, width: int = 0) -> str:
 def print_table(rows: list[dict[str, Any]], budget: float) -> None:
     say(f"\n{'run':14} {'t90 s':>7} {'t95 s':>7} {'x sync':>7} {'t97 s':>7} {'x sync':>7} "
         f"{'acc@' + format(budget, '.0f') + 's':>9} {'updates':>8} {'staleness':>10} {'eval every':>13} "
-        f"{'eval lag':>9} {'strag.':>7} {'cycle':>6}")
+        f"{'strag.':>7} {'cycle':>6}")
     for row in rows:
         every = f"{show(row['eval_every_seconds'], '.1f')} s/{show(row['eval_every_updates'], '.0f')} u"
         say(f"{row['run']:14} {show(row['seconds_to_90'], '.1f', 7)} {show(row['seconds_to_95'], '.1f', 7)} "
             f"{show(row['speedup_95_vs_sync'], '.2f', 7)} {show(row['seconds_to_97'], '.1f', 7)} "
             f"{show(row['speedup_97_vs_sync'], '.2f', 7)} {show(row['accuracy_at_budget'], '.4f', 9)} "
             f"{row['updates']:8d} {show(row['mean_staleness'], '.2f', 10)} {every:>13} "
-            f"{show(row['eval_lag_seconds'], '.2f', 7)} s {show(row['straggler_share'], '.1%', 7)} "
+            f"{show(row['straggler_share'], '.1%', 7)} "
             f"{show(row['cycle_ratio_straggler_over_fast'], '.1f', 6)}")
     say("t90/t95/t97: wall seconds from the start to when the first model evaluated at or above 90/95/97% was taken "
         "('-': not within the budget); x sync: sync's time / this run's time (> 1: faster than sync).")
-    say("staleness: mean versions applied between an update's base and its application (SSPDriver's measure); "
-        "eval every: median seconds/updates between evaluations; eval lag: median seconds from taking a model to "
-        "knowing its accuracy; strag.: the stragglers' share of the updates started; cycle: median seconds between "
-        "a straggler's update starts / a fast device's.")
+    say("staleness: mean versions applied between an update's base and its application (JobResult.mean_staleness); "
+        "eval every: median seconds/updates between evaluations; strag.: the stragglers' share of the updates "
+        "started; cycle: median seconds between a straggler's update starts / a fast device's.")
 
 
 def plot(outcomes: list[Outcome], path: Path, budget: float, title: str) -> Path | None:
@@ -436,6 +407,8 @@ def main() -> None:
     parser.add_argument("--bounds", nargs="+", help=f"SSP bounds (default {' '.join(FULL_BOUNDS)}; "
                                                     f"quick {' '.join(QUICK_BOUNDS)})")
     parser.add_argument("--buffer-size", type=int, default=10, help="FedBuff's K (default 10)")
+    parser.add_argument("--eval-every", type=int, default=10,
+                        help="SSP runs: evaluate every N accepted updates (evaluation.every_updates; default 10)")
     parser.add_argument("--no-async", action="store_true", help="skip FedAsync and FedBuff")
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--stragglers", default="0.2:5", help="FRACTION:FACTOR (default 0.2:5)")
