@@ -62,6 +62,26 @@ def test_ssp_averaging_with_all_updates_folded_once_is_fedavg_bit_for_bit() -> N
     assert np.array_equal(ssp.global_params(context)["w"], expected["w"])
 
 
+def test_an_evaluation_mid_clock_does_not_change_the_rounding() -> None:
+    """Reading the model to evaluate it folds nothing: the clock's end result is FedAvg's, bit for bit."""
+    rng = np.random.default_rng(1)
+    base = {"w": rng.standard_normal(5000).astype(np.float32)}
+    updates = [ClientUpdate(f"d{i}", int(rng.integers(10, 600)), {"w": rng.standard_normal(5000).astype(np.float32)},
+                            0, 0.1) for i in range(4)]
+    context = AsyncContext(0, sum(u.num_examples for u in updates))
+    plain, evaluated = SSPAveraging(), SSPAveraging()
+    for strategy in (plain, evaluated):
+        strategy.start_async(base, context)
+    for index, item in enumerate(updates):
+        plain.on_update(item, context)
+        evaluated.on_update(item, context)
+        if index in (0, 2):
+            peek = evaluated.evaluation_params(context)  # what an evaluation mid-clock sees
+            assert not np.array_equal(peek["w"], base["w"])  # the updates so far, folded for the reading
+    assert np.array_equal(plain.global_params(context)["w"], evaluated.global_params(context)["w"])
+    assert np.array_equal(evaluated.evaluation_params(context)["w"], evaluated.global_params(context)["w"])
+
+
 def test_fedasync_mixes_with_a_staleness_weighted_alpha() -> None:
     strategy = FedAsync(alpha=0.5, staleness="polynomial", a=0.5)
     assert strategy.device_config() == {"encoding": "weights"}

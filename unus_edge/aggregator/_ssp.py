@@ -195,7 +195,7 @@ class SSPDriver:
     async def _evaluation(self) -> None:
         service = self.service
         try:
-            params = service.strategy.global_params(self.context)
+            params = service.strategy.evaluation_params(self.context)  # never folds: reading changes nothing
             version, updates, captured = service.version, self.updates, service.wall_seconds()
             assert service.evaluate_fn is not None
             metrics = await asyncio.to_thread(service.evaluate_fn, params)

@@ -83,9 +83,10 @@ class SSPAveraging(_AsyncOnly):
     """Additive delta averaging: ``w <- w + (n_k / n) * delta_k`` for each update as it arrives.
 
     The sum of pending deltas is kept exactly (float64) and folded into the float32 model when
-    the engine needs the model. With ``s = 0`` and full participation the engine needs it once
-    per clock, after every device's update of that clock: the result is then FedAvg, bit for
-    bit (same fold as :class:`~unus_edge.strategies.FedAvg`).
+    the engine publishes the model. With ``s = 0`` and full participation it publishes once per
+    clock, after every device's update of that clock: the result is then FedAvg, bit for bit
+    (same fold as :class:`~unus_edge.strategies.FedAvg`). Evaluations read the model without
+    folding (:meth:`evaluation_params`), so their timing cannot change the rounding.
     """
 
     name: ClassVar[str] = "ssp"
@@ -126,6 +127,13 @@ class SSPAveraging(_AsyncOnly):
                 value.fill(0.0)
             self._dirty = False
         return {name: value.copy() for name, value in self._base.items()}
+
+    def evaluation_params(self, context: AsyncContext) -> Params:
+        """The model as :meth:`global_params` would fold it, without folding: an evaluation in the
+        middle of a clock must not round the model one extra time (s = 0 stays FedAvg, bit for bit)."""
+        if not self._dirty:
+            return {name: value.copy() for name, value in self._base.items()}
+        return fold(self._base, self._pending, 1.0 / context.total_examples)
 
 
 class FedAsync(_AsyncOnly):

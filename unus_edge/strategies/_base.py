@@ -301,6 +301,12 @@ class Strategy(ABC):
         """The current global model (new arrays the engine may keep)."""
         raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
 
+    def evaluation_params(self, context: AsyncContext) -> Params:
+        """The model to evaluate now; unlike :meth:`global_params`, reading it must not change the
+        strategy's state. The default is :meth:`global_params`, right for strategies whose state is
+        the model itself; override it when ``global_params`` commits something (a fold)."""
+        return self.global_params(context)
+
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
