@@ -133,6 +133,18 @@ def test_fedbuff_applies_every_held_update_once_in_arrival_order() -> None:
     assert strategy.held == 0
 
 
+def test_fedbuff_applies_the_partial_buffer_and_the_held_updates_when_the_job_ends() -> None:
+    strategy = FedBuff(buffer_size=3, staleness="constant")
+    context = AsyncContext(version=0, total_examples=1)
+    strategy.start_async(vector(0.0), context)
+    for device_id, value in [("a", 3.0), ("a", 30.0), ("a", 300.0), ("b", 6.0)]:
+        assert not strategy.on_update(update(device_id, 1, 0, value), context)  # [a=3, b=6], a=30 and a=300 held
+    assert strategy.finish_async(context) == 3  # [a, b], then [a=30], then [a=300]
+    np.testing.assert_allclose(strategy.global_params(context)["w"], [(3 + 6 + 30 + 300) / 3])  # eta_g / K each
+    assert strategy.held == 0 and strategy.finish_async(context) == 0  # nothing left: nothing changes
+    assert SSPAveraging().finish_async(context) == 0  # holds nothing back
+
+
 def test_fedbuff_weighs_a_held_update_by_its_staleness_when_it_enters_a_buffer() -> None:
     models = fedbuff_sequence(FedBuff(buffer_size=2, staleness="sqrt"))
     # a=10 arrived at staleness 0 and enters the buffer after 1 flush: s(1) = 1 / sqrt(2); a=100 after 2: 1 / sqrt(3).

@@ -259,6 +259,10 @@ class SSPDriver:
             async with asyncio.timeout(budget):
                 await self.done.wait()
         self.done.set()
+        changes = service.strategy.finish_async(self.context)  # e.g. FedBuff's partial buffer: nothing left out
+        if changes:
+            service.version += changes
+            self.context.version = service.version
         service.params = service.strategy.global_params(self.context)
         if service.evaluate_fn is not None:
             captured = service.wall_seconds()

@@ -220,7 +220,8 @@ class FedBuff(_AsyncOnly):
     Python, a callable from staleness (int) to weight (float).
 
     Held updates are copies of full deltas: with ``s = inf`` a device much faster than the
-    buffers fill accumulates them. A finite staleness bound ``s`` limits how many.
+    buffers fill accumulates them. A finite staleness bound ``s`` limits how many. When the job
+    ends, :meth:`finish_async` applies the partial buffer and the held updates.
     """
 
     name: ClassVar[str] = "fedbuff"
@@ -278,6 +279,10 @@ class FedBuff(_AsyncOnly):
         self._buffer(update)
         if len(self._in_buffer) < self.buffer_size:
             return False
+        self._flush()
+        return True
+
+    def _flush(self) -> None:
         self._params = fold(self._params, self._sums, self.server_learning_rate / self.buffer_size)
         for value in self._sums.values():
             value.fill(0.0)
@@ -285,7 +290,15 @@ class FedBuff(_AsyncOnly):
         self.flushes += 1
         for device_id in list(self._held):  # fewer than K of them: see the class docstring
             self._buffer(self._take(device_id))
-        return True
+
+    def finish_async(self, context: AsyncContext) -> int:
+        """Flush the partial buffer, then the held updates, with the same step per update
+        (``eta_g / K``): every accepted update is in the final model."""
+        flushes = 0
+        while self._in_buffer:
+            self._flush()
+            flushes += 1
+        return flushes
 
     def global_params(self, context: AsyncContext) -> Params:
         return {name: value.copy() for name, value in self._params.items()}

@@ -301,6 +301,12 @@ class Strategy(ABC):
         """The current global model (new arrays the engine may keep)."""
         raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
 
+    def finish_async(self, context: AsyncContext) -> int:
+        """The job is over: apply what the strategy still holds back (FedBuff's partial buffer), so
+        that no accepted update is left out of the final model. Returns how many times the model
+        changed (the engine adds it to the version); the default holds nothing back."""
+        return 0
+
     def evaluation_params(self, context: AsyncContext) -> Params:
         """The model to evaluate now; unlike :meth:`global_params`, reading it must not change the
         strategy's state. The default is :meth:`global_params`, right for strategies whose state is
