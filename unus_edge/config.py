@@ -59,6 +59,8 @@ class BrokerSettings:
     check_hostname: bool = True
     client_id: str = ""
     keepalive: int = 30
+    receive_queue_mb: int = 0
+    """Bound of the MQTT receive queue in MB of payload (backpressure beyond it); 0: automatic."""
 
     def connect_options(self, *, client_id: str, clean_session: bool, will: Will | None = None) -> ConnectOptions:
         """Transport options for this broker (reads ``password_file`` now, not at load)."""
@@ -73,6 +75,8 @@ class BrokerSettings:
             tls = TLSOptions(self.ca_file or None, self.cert_file or None, self.key_file or None, self.check_hostname)
         options = options_from_url(self.url, client_id=self.client_id or client_id, clean_session=clean_session,
                                    keepalive=self.keepalive, will=will)
+        if self.receive_queue_mb:
+            options = replace(options, max_queued_bytes=self.receive_queue_mb << 20)
         return replace(
             options,
             username=self.username or options.username,
@@ -283,6 +287,7 @@ def load_device_config(
 def _check_broker(broker: BrokerSettings) -> None:
     options_from_url(broker.url)  # raises ConfigError("broker.url", ...)
     _check(broker.keepalive >= 1, "broker.keepalive", "must be at least 1 second")
+    _check(broker.receive_queue_mb >= 0, "broker.receive_queue_mb", "must be >= 0 (0: automatic)")
     _check(not (broker.cert_file and not broker.key_file), "broker.key_file", "is required with broker.cert_file")
 
 

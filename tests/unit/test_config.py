@@ -139,3 +139,17 @@ def test_a_password_in_the_broker_url_never_reaches_an_error_or_a_log() -> None:
     assert redact_url("mqtts://pi:hunter2@gateway:8883/x") == "mqtts://pi:***@gateway:8883/x"
     assert redact_url("mqtt://gateway") == "mqtt://gateway"
     assert redacted({"broker": {"url": "mqtt://pi:hunter2@gw"}}) == {"broker": {"url": "mqtt://pi:***@gw"}}
+
+
+def test_the_receive_queue_bound_is_a_setting() -> None:
+    from unus_edge.aggregator import Aggregator
+
+    automatic = load_job_config(environ={})
+    assert Aggregator.connect_options(automatic, "s", model_bytes=20 << 20).max_queued_bytes == 60 << 20  # 3 models
+    assert Aggregator.connect_options(automatic, "s", model_bytes=1 << 20).max_queued_bytes == 32 << 20
+    small = load_job_config(environ={"UNUS_BROKER_RECEIVE_QUEUE_MB": "8"})
+    assert small.broker.connect_options(client_id="c", clean_session=True).max_queued_bytes == 8 << 20
+    assert Aggregator.connect_options(small, "s", model_bytes=20 << 20).max_queued_bytes == 8 << 20
+    with pytest.raises(ConfigError) as caught:
+        load_job_config(environ={}, overrides=["broker.receive_queue_mb=-1"])
+    assert caught.value.key == "broker.receive_queue_mb"

@@ -137,7 +137,8 @@ class Aggregator:
         options = config.broker.connect_options(client_id=client_id, clean_session=False, will=will)
         # A daemon waits for its broker (it may start later, the network may flap at boot);
         # a refusal by the broker (credentials) still fails at once.
-        return replace(options, max_queued_bytes=max(32 << 20, 3 * model_bytes), retry_first_connect=True)
+        queue = options.max_queued_bytes if config.broker.receive_queue_mb else max(32 << 20, 3 * model_bytes)
+        return replace(options, max_queued_bytes=queue, retry_first_connect=True)
 
     def _limits(self) -> Limits:
         """Decoding limits derived from the model: nothing larger than an update can be."""
