@@ -19,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _JSON_MODE = False
 
@@ -54,6 +57,16 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def seeded_subset(device_ids: Sequence[str], fraction: float, seed: int, salt: int) -> set[str]:
+    """A seeded ``round(fraction * K)`` of the devices (at least one when fraction > 0), by a keyed hash of the id."""
+    if fraction <= 0 or not device_ids:
+        return set()
+    count = min(len(device_ids), max(1, round(fraction * len(device_ids))))
+    keyed = sorted(device_ids, key=lambda d: (int(np.random.SeedSequence([seed, salt, zlib.crc32(d.encode())])
+                                                  .generate_state(1)[0]), d))
+    return set(keyed[:count])
 
 
 def pyplot() -> Any | None:

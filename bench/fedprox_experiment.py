@@ -35,7 +35,6 @@ import json
 import logging
 import sys
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -48,16 +47,6 @@ from unus_edge.strategies._fedprox import FedProx
 
 THRESHOLDS = (0.90, 0.95)
 SNAPSHOT_ROUNDS = (5, 10, 20, 30, 40, 50)
-
-
-def seeded_subset(device_ids: Sequence[str], fraction: float, seed: int, salt: int) -> set[str]:
-    """A seeded ``round(fraction * K)`` of the devices (at least one when fraction > 0), by a keyed hash of the id."""
-    if fraction <= 0 or not device_ids:
-        return set()
-    count = min(len(device_ids), max(1, round(fraction * len(device_ids))))
-    keyed = sorted(device_ids, key=lambda d: (int(np.random.SeedSequence([seed, salt, zlib.crc32(d.encode())])
-                                                  .generate_state(1)[0]), d))
-    return set(keyed[:count])
 
 
 class HeterogeneousFedProx(FedProx):
@@ -81,7 +70,7 @@ class HeterogeneousFedProx(FedProx):
 
     def configure_round(self, context: RoundContext, devices: Sequence[DeviceInfo]) -> list[Assignment]:
         if self.slow is None:
-            self.slow = seeded_subset([d.device_id for d in devices], self.slow_fraction, self.seed, 0x510E)
+            self.slow = _common().seeded_subset([d.device_id for d in devices], self.slow_fraction, self.seed, 0x510E)
         return [
             Assignment(a.device_id, min(a.epochs, self.slow_epochs) if a.device_id in self.slow else a.epochs,
                        a.batch_size, a.learning_rate, a.config)
@@ -228,8 +217,8 @@ def main() -> None:
     args.train_examples = args.train_examples if args.train_examples is not None else (12000 if args.quick else 0)
     args.eval_examples = args.eval_examples if args.eval_examples is not None else (2000 if args.quick else 0)
     dataset, data_dir = common.resolve_dataset(args)
-    slow = sorted(seeded_subset([f"device-{i:03d}" for i in range(args.devices)], args.slow_fraction, args.seed,
-                                0x510E))
+    slow = sorted(common.seeded_subset([f"device-{i:03d}" for i in range(args.devices)], args.slow_fraction,
+                                       args.seed, 0x510E))
     settings = (f"2NN, {dataset} shards (2 per device), {args.devices} devices, C={args.fraction}, "
                 f"E={args.epochs} ({args.slow_fraction:.0%} of devices: E={args.slow_epochs}), B={args.batch_size}, "
                 f"lr={args.lr}, {args.rounds} rounds, seed {args.seed}"

@@ -39,7 +39,6 @@ import asyncio
 import logging
 import sys
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -65,16 +64,6 @@ NORMS: dict[str, list[tuple[int, str, float]]] = {}
 """Per run label: ``(round, device, L2 norm)`` of every update the aggregator received."""
 DIVERGED: dict[str, int] = {}
 """Per run label: the first round after which the global model, or its test loss, held a NaN or an infinity."""
-
-
-def seeded_subset(device_ids: Sequence[str], fraction: float, seed: int, salt: int) -> set[str]:
-    """A seeded ``round(fraction * K)`` of the devices (at least one when fraction > 0), by a keyed hash of the id."""
-    if fraction <= 0 or not device_ids:
-        return set()
-    count = min(len(device_ids), max(1, round(fraction * len(device_ids))))
-    keyed = sorted(device_ids, key=lambda d: (int(np.random.SeedSequence([seed, salt, zlib.crc32(d.encode())])
-                                                  .generate_state(1)[0]), d))
-    return set(keyed[:count])
 
 
 @register_client_strategy
@@ -136,7 +125,8 @@ class AttackedFedAvg(RobustFedAvg):
 
     def configure_round(self, context: RoundContext, devices: Sequence[DeviceInfo]) -> list[Assignment]:
         if self.attackers is None:
-            self.attackers = seeded_subset([d.device_id for d in devices], self.attacker_fraction, self.seed, 0xBAD)
+            self.attackers = _common().seeded_subset([d.device_id for d in devices], self.attacker_fraction,
+                                                     self.seed, 0xBAD)
         chosen = super().configure_round(context, devices)
         if self.attack == "none":
             return chosen
@@ -306,8 +296,8 @@ def main() -> None:
     args.train_examples = args.train_examples if args.train_examples is not None else (6000 if args.quick else 20000)
     args.eval_examples = args.eval_examples if args.eval_examples is not None else (2000 if args.quick else 0)
     dataset, data_dir = common.resolve_dataset(args)
-    attackers = seeded_subset([f"device-{i:03d}" for i in range(args.devices)], args.attacker_fraction, args.seed,
-                              0xBAD)
+    attackers = common.seeded_subset([f"device-{i:03d}" for i in range(args.devices)], args.attacker_fraction,
+                                     args.seed, 0xBAD)
     settings = (f"2NN, {dataset} IID, {args.devices} devices (attackers: {', '.join(sorted(attackers))}), C=1, "
                 f"E={args.epochs}, B={args.batch_size}, lr={args.lr}, {args.rounds} rounds, seed {args.seed}, "
                 f"{args.train_examples or 'all'} training examples; scaled x{args.attack_scale:g}, random "

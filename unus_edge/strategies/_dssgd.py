@@ -34,7 +34,9 @@ from unus_edge.strategies._base import (
     RoundContext,
     Scalar,
     Strategy,
+    add_scaled,
     fold,
+    new_scratch,
 )
 from unus_edge.strategies._dssgd_client import (
     DSSGDClient,
@@ -67,16 +69,14 @@ class DeltaSum:
     def __init__(self, template: Mapping[str, np.ndarray[Any, Any]]) -> None:
         self.sums = {name: np.zeros(value.shape, np.float64) for name, value in template.items()}
         self.touched = {name: np.zeros(value.shape, np.int64) for name, value in template.items()}
+        self._scratch = new_scratch(template)
         self.count = 0
         self.num_examples = 0
         self.loss_sum = 0.0
 
     def add(self, update: ClientUpdate) -> None:
         for name, tensor in update.delta.items():
-            if isinstance(tensor, SparseTensor):
-                self.sums[name].reshape(-1)[tensor.indices] += tensor.values.astype(np.float64)
-            else:
-                self.sums[name] += np.asarray(tensor, dtype=np.float64)
+            add_scaled(self.sums[name], tensor, 1.0, self._scratch)  # chunked: no float64 copy of the tensor
             _count(self.touched[name], tensor)
         self.count += 1
         self.num_examples += update.num_examples
