@@ -44,7 +44,6 @@ from unus_edge._acl import JobIdentities, render_acl, users_of
 from unus_edge._passwords import sync_password_file, write_secret
 from unus_edge.errors import ConfigError, ProtocolError, UnusError
 from unus_edge.topics import validate_name
-from unus_edge.transport import redact_url
 
 __all__ = ["CertificatePair", "add_arguments", "make_ca", "make_certificate", "run", "write_secret"]
 
@@ -358,6 +357,8 @@ def _url_host(host: str) -> str:
 
 def redacted(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """A configuration fit for a log: secret values replaced by ``***``."""
+    from unus_edge.transport import redact_url  # here: the CLI builds its parser from this module, paho is heavy
+
     def shown(key: str, value: Any) -> Any:
         if key == "password":
             return "***"

@@ -126,13 +126,13 @@ class SSPAveraging(_AsyncOnly):
             for value in self._pending.values():
                 value.fill(0.0)
             self._dirty = False
-        return {name: value.copy() for name, value in self._base.items()}
+        return dict(self._base)  # fold makes new arrays and nothing writes into them: no copy
 
     def evaluation_params(self, context: AsyncContext) -> Params:
         """The model as :meth:`global_params` would fold it, without folding: an evaluation in the
         middle of a clock must not round the model one extra time (s = 0 stays FedAvg, bit for bit)."""
         if not self._dirty:
-            return {name: value.copy() for name, value in self._base.items()}
+            return dict(self._base)
         return fold(self._base, self._pending, 1.0 / context.total_examples)
 
 
@@ -181,7 +181,7 @@ class FedAsync(_AsyncOnly):
         return True
 
     def global_params(self, context: AsyncContext) -> Params:
-        return {name: value.copy() for name, value in self._params.items()}
+        return dict(self._params)  # each update makes new arrays: no copy
 
     def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
         return {f"params/{n}": v for n, v in self._params.items()}, {}
@@ -301,7 +301,7 @@ class FedBuff(_AsyncOnly):
         return flushes
 
     def global_params(self, context: AsyncContext) -> Params:
-        return {name: value.copy() for name, value in self._params.items()}
+        return dict(self._params)  # each flush makes new arrays: no copy
 
     def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
         tensors = {f"params/{n}": v for n, v in self._params.items()} | {f"sums/{n}": v for n, v in self._sums.items()}

@@ -298,7 +298,8 @@ class Strategy(ABC):
         raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
 
     def global_params(self, context: AsyncContext) -> Params:
-        """The current global model (new arrays the engine may keep)."""
+        """The current global model: arrays the engine may keep, so the strategy must not write into
+        them afterwards (replace them, or return copies)."""
         raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
 
     def finish_async(self, context: AsyncContext) -> int:
