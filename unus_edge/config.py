@@ -62,8 +62,12 @@ class BrokerSettings:
     receive_queue_mb: int = 0
     """Bound of the MQTT receive queue in MB of payload (backpressure beyond it); 0: automatic."""
 
-    def connect_options(self, *, client_id: str, clean_session: bool, will: Will | None = None) -> ConnectOptions:
-        """Transport options for this broker (reads ``password_file`` now, not at load)."""
+    def connect_options(self, *, client_id: str, clean_session: bool, will: Will | None = None,
+                        queue_bytes: int = 0) -> ConnectOptions:
+        """Transport options for this broker (reads ``password_file`` now, not at load).
+
+        ``queue_bytes``: the receive queue's bound when ``receive_queue_mb`` is 0 (automatic);
+        0 keeps the transport's default."""
         password = self.password
         if self.password_file:
             try:
@@ -75,10 +79,9 @@ class BrokerSettings:
             tls = TLSOptions(self.ca_file or None, self.cert_file or None, self.key_file or None, self.check_hostname)
         options = options_from_url(self.url, client_id=self.client_id or client_id, clean_session=clean_session,
                                    keepalive=self.keepalive, will=will)
-        if self.receive_queue_mb:
-            options = replace(options, max_queued_bytes=self.receive_queue_mb << 20)
         return replace(
             options,
+            max_queued_bytes=(self.receive_queue_mb << 20) or queue_bytes or options.max_queued_bytes,
             username=self.username or options.username,
             password=password or options.password,
             tls=tls if tls is not None else options.tls,

@@ -134,11 +134,11 @@ class Aggregator:
                            config.job.name, Channel.AGGREGATOR_STATUS),
         )
         client_id = f"unus-aggregator-{config.job.name}"
-        options = config.broker.connect_options(client_id=client_id, clean_session=False, will=will)
+        options = config.broker.connect_options(client_id=client_id, clean_session=False, will=will,
+                                                queue_bytes=max(32 << 20, 3 * model_bytes))
         # A daemon waits for its broker (it may start later, the network may flap at boot);
         # a refusal by the broker (credentials) still fails at once.
-        queue = options.max_queued_bytes if config.broker.receive_queue_mb else max(32 << 20, 3 * model_bytes)
-        return replace(options, max_queued_bytes=queue, retry_first_connect=True)
+        return replace(options, retry_first_connect=True)
 
     def _limits(self) -> Limits:
         """Decoding limits derived from the model: nothing larger than an update can be."""
@@ -191,9 +191,6 @@ class Aggregator:
     @property
     def audit_count(self) -> int:
         return self.committer.audit_count
-
-    def request_commit(self) -> int:
-        return self.committer.request()
 
     async def commit(self) -> None:
         """Checkpoint everything applied so far, then send the acknowledgements that waited for it."""
@@ -369,13 +366,10 @@ class Aggregator:
         size = await self.publish(topics.device_topic(self.job, device_id, Channel.TASKS), Channel.TASKS, message)
         self.counters.bytes_down += size
 
-    def _ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "", *, clock: int | None = None,
-             version: int | None = None) -> None:
+    def _ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "") -> None:
         record = self.registry.get(update.device_id)
-        if clock is None:
-            clock = record.clock if record else 0
-        ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, clock,
-                  self.version if version is None else version)
+        ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, record.clock if record else 0,
+                  self.version)
         self.spawn(self._send_to_device(update.device_id, ack), "aggregator-ack")
 
 

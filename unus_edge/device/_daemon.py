@@ -56,7 +56,6 @@ from unus_edge.transport import ConnectOptions, Transport, Will
 __all__ = ["Device"]
 
 logger = logging.getLogger("unus_edge.device")
-ssp_logger = logging.getLogger("unus_edge.device.ssp")
 
 DeviceState = Literal["idle", "training", "waiting", "uploading"]
 
