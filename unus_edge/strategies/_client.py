@@ -64,8 +64,7 @@ class ClientStrategy:
     name: ClassVar[str] = "default"
 
     def __init__(self, config: Mapping[str, Scalar]) -> None:
-        self.config = dict(config)
-        self.mu = _number(config, "proximal_mu", 0.0)
+        self.configure(config)
         if self.mu < 0:
             raise StrategyError("proximal_mu must be >= 0", strategy=self.name)
 

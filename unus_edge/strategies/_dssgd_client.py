@@ -118,8 +118,8 @@ def select_upload(delta: Mapping[str, np.ndarray[Any, Any]], settings: UploadSet
     names = list(delta)
     flat = np.concatenate([np.asarray(delta[name], dtype=np.float32).reshape(-1) for name in names])
     count = keep_count(settings.theta_u, flat.shape[0])
-    clipped = np.clip(flat, -settings.gamma, settings.gamma)
     if settings.epsilon > 0:
+        clipped = np.clip(flat, -settings.gamma, settings.gamma)
         chosen = _svt_select(np.abs(clipped), count, settings, rng)
         scale = count * 2.0 * settings.gamma / (settings.epsilon / 9)
         noisy = clipped[chosen].astype(np.float64) + rng.laplace(0.0, scale, size=chosen.shape[0])
@@ -135,7 +135,7 @@ def select_upload(delta: Mapping[str, np.ndarray[Any, Any]], settings: UploadSet
             if candidates.shape[0] > count:
                 candidates = rng.choice(candidates, size=count, replace=False)
         chosen = candidates
-        values = clipped[chosen]
+        values = np.clip(flat[chosen], -settings.gamma, settings.gamma)  # only what goes out
     order = np.argsort(chosen, kind="stable")
     chosen, values = chosen[order], values[order]
     result: dict[str, Tensor] = {}
@@ -169,8 +169,7 @@ class DSSGDClient(ClientStrategy):
     name: ClassVar[str] = "dssgd"
 
     def __init__(self, config: Mapping[str, Scalar]) -> None:
-        super().__init__(config)
-        self.settings = UploadSettings.parse(config, self.name)
+        super().__init__(config)  # parses the settings (configure)
         self.local: Params | None = None
         self.noise = np.random.default_rng()
         """The generator of the privacy noise (fresh OS entropy; tests may replace it)."""
