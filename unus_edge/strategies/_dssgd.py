@@ -34,9 +34,8 @@ from unus_edge.strategies._base import (
     RoundContext,
     Scalar,
     Strategy,
-    add_scaled,
+    WeightedMean,
     fold,
-    new_scratch,
 )
 from unus_edge.strategies._dssgd_client import (
     DSSGDClient,
@@ -62,41 +61,29 @@ def _count(counts: np.ndarray[Any, Any], tensor: Tensor) -> None:
         flat += np.asarray(tensor).reshape(-1) != 0
 
 
-class DeltaSum:
-    """The synchronous accumulator: ``sum_k delta_k`` (float64; the server *adds* uploads, it does
-    not average them) and, per parameter, how many updates changed it."""
+class DeltaSum(WeightedMean):
+    """The synchronous accumulator: ``sum_k delta_k`` (a :class:`WeightedMean` with weight 1 whose
+    sums are used as they are: the server *adds* uploads, it does not average them) and, per
+    parameter, how many updates changed it."""
 
     def __init__(self, template: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        self.sums = {name: np.zeros(value.shape, np.float64) for name, value in template.items()}
+        super().__init__(template, weight=lambda update: 1.0)
         self.touched = {name: np.zeros(value.shape, np.int64) for name, value in template.items()}
-        self._scratch = new_scratch(template)
-        self.count = 0
-        self.num_examples = 0
-        self.loss_sum = 0.0
 
     def add(self, update: ClientUpdate) -> None:
+        super().add(update)
         for name, tensor in update.delta.items():
-            add_scaled(self.sums[name], tensor, 1.0, self._scratch)  # chunked: no float64 copy of the tensor
             _count(self.touched[name], tensor)
-        self.count += 1
-        self.num_examples += update.num_examples
-        self.loss_sum += update.train_loss * update.num_examples
-
-    @property
-    def train_loss(self) -> float | None:
-        return self.loss_sum / self.num_examples if self.num_examples else None
 
     def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
         tensors = {f"sum/{n}": v for n, v in self.sums.items()} | {f"touched/{n}": v for n, v in self.touched.items()}
         return tensors, {"count": self.count, "num_examples": self.num_examples, "loss_sum": self.loss_sum}
 
     def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
-        for name in self.sums:
-            self.sums[name][...] = tensors[f"sum/{name}"]
+        super().load_state_dict({name: tensors[f"sum/{name}"] for name in self.sums},
+                                {**scalars, "total_weight": float(scalars["count"])})
+        for name in self.touched:
             self.touched[name][...] = tensors[f"touched/{name}"]
-        self.count = int(scalars["count"])
-        self.num_examples = int(scalars["num_examples"])
-        self.loss_sum = float(scalars["loss_sum"])
 
 
 class DSSGD(Strategy):
