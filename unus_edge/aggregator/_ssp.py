@@ -59,8 +59,9 @@ class SSPDriver:
         return record.clock if record else 0
 
     def _live(self) -> list[str]:
-        online = {info.device_id for info in self.service.registry.online()}
-        return sorted(self.participants & online)
+        """The online participants, sorted (called several times per update: no scan of the registry)."""
+        registry = self.service.registry
+        return sorted(d for d in self.participants if (record := registry.get(d)) is not None and record.online)
 
     def allowed(self, device_id: str) -> bool:
         return self.bound is None or self._clock(device_id) <= self.c_min + self.bound
