@@ -86,7 +86,7 @@ def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
         "rng_state": json.dumps(checkpoint.rng_state),
         "devices": [dataclasses.asdict(record) for record in checkpoint.devices],
         "history": checkpoint.history,
-        "dedup": [[msg_id, accepted, reason] for msg_id, accepted, reason in checkpoint.dedup],
+        "dedup": checkpoint.dedup,  # (msg_id, accepted, reason) tuples encode as CBOR arrays: no copy
         "finished": checkpoint.finished,
         "driver": json.dumps(checkpoint.driver),
         "audit_count": checkpoint.audit_count,

@@ -176,7 +176,7 @@ class Aggregator:
         return Checkpoint(
             job=self.job, fingerprint=self.fingerprint, server_round=self.server_round, version=self.version,
             params=self.params, rng_state=dict(self.rng.bit_generator.state),
-            devices=list(self.registry), history=[dict(m.body()) for m in self.history],
+            devices=list(self.registry), history=[m.body() for m in self.history],
             dedup=self.dedup.items(), finished=self.state == "finished", driver=driver, tensors=tensors,
             audit_count=self.audit_count, pending_audit=pending_audit or [],
         )
