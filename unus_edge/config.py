@@ -207,6 +207,11 @@ class DeviceSettings:
     """Seconds to wait for an answer to a registration before registering again."""
     slowdown: float = 1.0
     """Simulation only: make each training step take this many times longer (stragglers)."""
+    blas_threads: int = 1
+    """Threads of the BLAS pool the training uses (0: leave OpenBLAS's own default, one per core).
+
+    One by default: several threads gain at most 1.5x on an idle machine (the CNN at batch 50) and
+    stall 30-40x when other work holds the cores (docs/engine.md, "Threads on a shared CPU")."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,7 @@ def load_device_config(
     _check(device.model_wait > 0, "device.model_wait", "must be positive (seconds)")
     _check(device.ack_timeout > 0, "device.ack_timeout", "must be positive (seconds)")
     _check(device.registration_retry > 0, "device.registration_retry", "must be positive (seconds)")
+    _check(device.blas_threads >= 0, "device.blas_threads", "must be 0 (OpenBLAS's default) or a thread count")
     _check(device.slowdown >= 1, "device.slowdown", "must be >= 1")
     _check_broker(config.broker)
     return config

@@ -153,3 +153,8 @@ def test_the_receive_queue_bound_is_a_setting() -> None:
     with pytest.raises(ConfigError) as caught:
         load_job_config(environ={}, overrides=["broker.receive_queue_mb=-1"])
     assert caught.value.key == "broker.receive_queue_mb"
+
+
+def test_blas_threads_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match=r"device\.blas_threads"):
+        load_device_config(environ={}, overrides=["device.id=d", "device.data=x.npz", "device.blas_threads=-1"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 
+from unus_edge._blas import set_blas_threads
 from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset, load_partition
 from unus_edge.device._daemon import Device
@@ -23,7 +24,13 @@ async def run_device(
     shutdown_trigger: asyncio.Event | None = None,
     exit_when_finished: bool = False,
 ) -> Device:
-    """Run a device until shutdown (or the job's end with ``exit_when_finished``)."""
+    """Run a device until shutdown (or the job's end with ``exit_when_finished``).
+
+    Sizes the process's BLAS pool to ``device.blas_threads`` first (process-wide: in-process
+    devices share it, and each sets the same value).
+    """
+    if config.device.blas_threads:
+        set_blas_threads(config.device.blas_threads)
     model = resolve_model(config.device.model, seed=config.device.model_seed)
     graph = Graph(model)
     data = dataset if dataset is not None else load_partition(config.device.data)
