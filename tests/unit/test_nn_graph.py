@@ -330,3 +330,102 @@ def test_batchnorm_with_all_five_outputs_of_opset_9(training: bool) -> None:
     x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
     y = graph.forward(read_parameters(model), x, training=training)
     assert y.shape == (4, 3, 2, 2)
+
+
+# ------------------------------------------------------------------------------ in place, owned gradients
+
+
+def _relu_inplace(graph: Graph) -> dict[str, bool]:
+    return {op.node.name: op.inplace for op in graph.ops if op.node.op_type == "Relu"}
+
+
+def test_relus_after_gemms_run_in_place() -> None:
+    from unus_edge.zoo import resolve_model
+
+    assert _relu_inplace(Graph(resolve_model("mnist_2nn"))) == {"fc1.relu": True, "fc2.relu": True}
+    assert _relu_inplace(Graph(resolve_model("mnist_cnn"))) == {"conv1.relu": True, "conv2.relu": True,
+                                                                 "fc1.relu": True}
+
+
+def test_a_relu_never_overwrites_a_value_someone_else_reads() -> None:
+    """Gemm's output feeds the ReLU and the skip Add: the ReLU must make its own array."""
+    rng = np.random.default_rng(4)
+    weights = _weights(rng, w1=(5, 4), b1=(5,), w2=(3, 5), b2=(3,))
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["a"], name="fc1", transB=1),
+        helper.make_node("Relu", ["a"], ["h"], name="relu"),
+        helper.make_node("Add", ["a", "h"], ["s"], name="skip"),
+        helper.make_node("Gemm", ["s", "w2", "b2"], ["out"], name="fc2", transB=1),
+    ]
+    model = load_model(_build(nodes, weights, ["N", 4]))
+    graph = Graph(model)
+    assert _relu_inplace(graph) == {"relu": False}
+    x = rng.standard_normal((7, 4)).astype(np.float32)
+    session = ort.InferenceSession(_build(nodes, weights, ["N", 4]), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(graph.forward(read_parameters(model), x), expected, rtol=1e-5, atol=1e-6)
+
+
+def _plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switch off every in-place and ownership property: the engine's unoptimised paths."""
+    from unus_edge.nn._base import OPS, Op
+
+    for cls in {*OPS.values(), Op}:
+        for flag in ("private_output", "inplace_capable", "fresh_grads", "view_grads"):
+            if flag in vars(cls):
+                monkeypatch.setattr(cls, flag, False)
+
+
+@pytest.mark.parametrize("name", ["residual", "every_op", "mnist_2nn", "mnist_cnn"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_in_place_paths_are_bit_identical_to_the_plain_ones(
+    name: str, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In place and owned gradients change where results are written, never their bits."""
+    from unus_edge.nn import loss_and_grad
+    from unus_edge.zoo import resolve_model
+
+    model = {"residual": lambda: load_model(residual_model()), "every_op": lambda: load_model(every_op_model()),
+             "mnist_2nn": lambda: resolve_model("mnist_2nn"), "mnist_cnn": lambda: resolve_model("mnist_cnn")}[name]()
+    rng = np.random.default_rng(batch)
+    shape = [batch, *(d if isinstance(d, int) else 1 for d in model.inputs[0].shape[1:])]
+    x = rng.standard_normal(shape).astype(np.float32)
+    classes = Graph(model).forward(read_parameters(model), x).shape[1]
+    y = rng.integers(0, classes, batch)
+
+    def run() -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+        graph = Graph(model)
+        params = read_parameters(model)
+        loss, grads = loss_and_grad(graph, params, x, y, rng=np.random.default_rng(0))
+        return loss, grads, graph.forward(params, x)
+
+    fast = run()
+    with monkeypatch.context() as patch:
+        _plain(patch)
+        plain = run()
+    assert fast[0] == plain[0]
+    assert fast[1].keys() == plain[1].keys()
+    for key in fast[1]:
+        assert np.array_equal(fast[1][key], plain[1][key]), key
+    assert np.array_equal(fast[2], plain[2])
+
+
+def test_relu_gradient_at_exactly_zero_is_zero_in_place_too() -> None:
+    """A batch of one whose pre-activations are exactly 0: no gradient flows through them."""
+    weights = {"w1": np.array([[1.0, -1.0], [2.0, 0.0]], np.float32), "b1": np.zeros(2, np.float32),
+               "w2": np.array([[1.0, 1.0]], np.float32), "b2": np.zeros(1, np.float32)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["a"], name="fc1", transB=1),
+        helper.make_node("Relu", ["a"], ["h"], name="relu"),
+        helper.make_node("Gemm", ["h", "w2", "b2"], ["out"], name="fc2", transB=1),
+    ]
+    model = load_model(_build(nodes, weights, ["N", 2]))
+    graph = Graph(model)
+    assert _relu_inplace(graph) == {"relu": True}
+    params = read_parameters(model)
+    x = np.array([[0.0, 0.0]], np.float32)  # a = [0, 0]: both units exactly at the kink
+    for owned in (False, True):
+        output, tape = graph.forward_with_tape(params, x)
+        grads = graph.backward(tape, np.ones_like(output), owned=owned)
+        assert not grads["w1"].any() and not grads["b1"].any()
+        assert not grads["w2"].any()

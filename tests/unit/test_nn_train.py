@@ -308,3 +308,69 @@ assert not any(m.split(".")[0] in ("onnx", "onnxruntime", "torch") for m in sys.
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "8"
     assert onnx_io.load_model(path).parameter_names == zoo.resolve_model("mnist_cnn").parameter_names
+
+
+# ------------------------------------------------------------------------------ the folded learning rate
+
+
+class ReadsGradients(TrainHook):
+    """Looks at the gradients without changing them: the trainer must hand over true gradients."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_gradients(self, params: dict[str, Array], grads: dict[str, Array]) -> None:
+        self.norms.append(float(np.linalg.norm(grads["fc3.bias"])))
+
+
+def test_a_late_label_out_of_range_is_refused_before_training(two_nn: tuple[Graph, dict[str, Array]]) -> None:
+    graph, params = two_nn
+    x, y = _blobs(10)
+    y[7] = 10
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 10\)"):
+        train(graph, params, x, y, TrainConfig(epochs=1, batch_size=5, learning_rate=0.1))
+
+
+def test_plain_sgd_folds_the_learning_rate_within_rounding(two_nn: tuple[Graph, dict[str, Array]]) -> None:
+    """w -= (lr/n * dL/dz) backpropagated equals w -= lr * g, up to float32 rounding."""
+    graph, params = two_nn
+    x, y = _blobs(200)
+    config = TrainConfig(epochs=2, batch_size=10, learning_rate=0.1, seed=5)
+    folded = train(graph, params, x, y, config)
+    hook = ReadsGradients()
+    classic = train(graph, params, x, y, config, hooks=[hook])
+    assert len(hook.norms) == classic.steps == folded.steps
+    for key in params:
+        assert not np.array_equal(params[key], folded.params[key])
+        np.testing.assert_allclose(folded.params[key], classic.params[key], rtol=1e-4, atol=2e-6)
+    assert folded.mean_loss == pytest.approx(classic.mean_loss, rel=1e-5)
+
+
+def test_a_hook_that_reads_gradients_sees_true_gradients(two_nn: tuple[Graph, dict[str, Array]]) -> None:
+    """With such a hook the update is PyTorch's w -= lr * g, bit for bit, from loss_and_grad's g."""
+    graph, params = two_nn
+    x, y = _blobs(20)
+    config = TrainConfig(epochs=1, batch_size=20, learning_rate=0.1, seed=1)
+    hook = ReadsGradients()
+    trained = train(graph, params, x, y, config, hooks=[hook])
+    order = np.random.default_rng(np.random.SeedSequence(1).spawn(2)[0]).permutation(20)
+    _, grads = loss_and_grad(graph, params, x[order], y[order])
+    assert hook.norms == [float(np.linalg.norm(grads["fc3.bias"]))]
+    for key in params:
+        expected = params[key] - np.multiply(grads[key], np.float32(0.1))
+        assert np.array_equal(trained.params[key], expected), key
+
+
+def test_on_step_begin_can_abandon_training(two_nn: tuple[Graph, dict[str, Array]]) -> None:
+    class Stop(Exception):
+        pass
+
+    class StopAtThree(TrainHook):
+        def on_step_begin(self, step: int) -> None:
+            if step == 3:
+                raise Stop
+
+    graph, params = two_nn
+    x, y = _blobs(100)
+    with pytest.raises(Stop):
+        train(graph, params, x, y, TrainConfig(epochs=1, batch_size=10, learning_rate=0.1), hooks=[StopAtThree()])

@@ -33,7 +33,7 @@ class StopHook(TrainHook):
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
 
-    def on_gradients(self, params: dict[str, np.ndarray[Any, Any]], grads: dict[str, np.ndarray[Any, Any]]) -> None:
+    def on_step_begin(self, step: int) -> None:
         if self.stop.is_set():
             raise Abandoned
 

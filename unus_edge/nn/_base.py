@@ -15,7 +15,18 @@ Every ONNX op the engine knows is a small class with a ``forward``/``backward`` 
 
 Ops never modify their inputs or the incoming gradient in place (a gradient may be shared by
 the two operands of an Add), with one deliberate exception: BatchNormalization in training
-mode updates its running-statistics buffers in place, as ``torch.nn.BatchNorm`` does.
+mode updates its running-statistics buffers in place, as ``torch.nn.BatchNorm`` does. Where the
+graph can prove an array is nobody else's, it lets an op reuse it, through declared properties
+rather than by trusting the op:
+
+* ``private_output``: output 0 is a new array the op does not keep (in its cache or anywhere).
+  An ``inplace_capable`` elementwise op whose input is such an output, read by nobody else,
+  gets ``inplace = True`` from the planner and may overwrite that input (a Gemm's or a Conv's
+  ReLU: no activation-sized copy).
+* ``fresh_grads``: ``backward`` returns new arrays (never ``dy``, a view of it, or anything
+  the op keeps); ``view_grads``: it returns ``dy`` or views of it. The graph tracks, per value,
+  whether the gradient it holds is owned; an owned ``dy`` goes to ``backward_owned``, which may
+  overwrite it (a ReLU's mask applied in place).
 """
 
 from __future__ import annotations
@@ -77,6 +88,14 @@ class Op:
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int] = 1
     max_outputs: ClassVar[int] = 1
+    private_output: ClassVar[bool] = False
+    """Output 0 is a new array this op does not keep: a later op may overwrite it."""
+    inplace_capable: ClassVar[bool] = False
+    """Elementwise on input 0: may write its output into input 0 when the planner allows it."""
+    fresh_grads: ClassVar[bool] = False
+    """``backward`` returns new arrays, never ``dy`` or a view of it, nor anything it keeps."""
+    view_grads: ClassVar[bool] = False
+    """``backward`` returns ``dy`` or views of it (owned exactly when ``dy`` is)."""
 
     def __init__(self, build: Build) -> None:
         self.node = build.node
@@ -89,6 +108,7 @@ class Op:
         if outputs:
             raise self.unsupported(f"output(s) {outputs} are not supported")
         self.differentiable: tuple[bool, ...] = (True,) * count
+        self.inplace = False  # set by the graph's planner, for inplace_capable ops only
 
     # --------------------------------------------------------------------- protocol
 
@@ -97,6 +117,10 @@ class Op:
 
     def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
         raise NotImplementedError
+
+    def backward_owned(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
+        """:meth:`backward` when ``dy`` is this op's to overwrite (the graph proved nobody else holds it)."""
+        return self.backward(dy, cache, needs)
 
     # --------------------------------------------------------------------- helpers
 

@@ -138,6 +138,7 @@ def _window_view(xp: Array, i: int, j: int, strides: tuple[int, ...], height: in
 @register("Conv")
 class Conv(_Window):
     min_inputs, max_inputs = 2, 3
+    private_output = fresh_grads = True  # the cache holds the columns and the weights, not the output
 
     def __init__(self, build: Build) -> None:
         super().__init__(build)
@@ -210,6 +211,8 @@ class Conv(_Window):
 
 
 class _Pool(_Window):
+    private_output = fresh_grads = True  # the caches hold the input, not the output
+
     def __init__(self, build: Build) -> None:
         super().__init__(build)
         kernel = self.attr_ints("kernel_shape", None)
@@ -299,6 +302,7 @@ class AveragePool(_Pool):
 
 @register("GlobalAveragePool")
 class GlobalAveragePool(Op):
+    private_output = fresh_grads = True
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x = inputs[0]
         assert x is not None

@@ -11,11 +11,17 @@ Everything that does not depend on the data is decided once, in :class:`Graph.__
   free once it has run (so inference holds only live activations);
 * the gradient routing is planned: which parameters are *trainable* (reach the output through a
   differentiable input of some op) and which are *buffers* (BatchNormalization running
-  statistics), which steps need a backward call and, per step, which inputs need a gradient.
+  statistics), which steps need a backward call and, per step, which inputs need a gradient;
+* elementwise ops run in place where that is provably safe: an ``inplace_capable`` op (ReLU)
+  overwrites its input when that input is a ``private_output`` of its producer (a Gemm, a
+  Conv) and no other step reads it. So Gemm+ReLU and Conv+ReLU make one activation, not two.
 
 The backward pass walks the planned steps in reverse. A value consumed by several nodes (a
 residual ``Add``'s skip connection) receives one gradient per consumer; they are summed before
-the producer's backward runs, which is always later in the reverse order.
+the producer's backward runs, which is always later in the reverse order. It also tracks, per
+value, whether the gradient it holds is owned (a new array from a ``fresh_grads`` op, a sum, or
+the trainer's loss gradient, or a view of an owned one through a ``view_grads`` op); an owned
+gradient goes to the producer's ``backward_owned``, which may overwrite it.
 """
 
 from __future__ import annotations
@@ -157,11 +163,22 @@ class Graph:
         self._param_slots = tuple((key, slots[key]) for key in model.parameter_names)
 
         last_reader: dict[int, int] = {}
-        for index, (node, _) in enumerate(kept):
+        readers: dict[int, int] = {}
+        producer: dict[int, Op] = {}
+        for index, (node, op) in enumerate(kept):
             for name in node.inputs:
                 last_reader[slots[name]] = index
+                readers[slots[name]] = readers.get(slots[name], 0) + 1
+            if node.outputs and node.outputs[0]:
+                producer[slots[node.outputs[0]]] = op
         pinned = {_ABSENT, self._input_slot, self._output_slot, *(s for _, s in self._param_slots)}
         pinned.update(slots[name] for name in constants)
+        for node, op in kept:
+            if op.inplace_capable and node.inputs and node.inputs[0]:
+                source = slots[node.inputs[0]]
+                owner = producer.get(source)
+                op.inplace = (source not in pinned and readers[source] == 1 and owner is not None
+                              and owner.private_output)
         self._steps: list[_Step] = []
         for index, (node, op) in enumerate(kept):
             free = {s for s in map(slots.__getitem__, node.inputs) if last_reader[s] == index and s not in pinned}
@@ -269,25 +286,36 @@ class Graph:
         output, caches = self._run(params, np.asarray(x), training, rng, record=True)
         return output, Tape(caches, params)
 
-    def backward(self, tape: Tape, grad_output: Array) -> dict[str, Array]:
+    def backward(self, tape: Tape, grad_output: Array, *, owned: bool = False) -> dict[str, Array]:
         """Gradients of the trainable parameters, given the gradient of the graph's output.
 
         Every returned array is freshly allocated and writable (hooks may change it in place).
+        ``owned=True`` hands ``grad_output`` over: the pass may overwrite it.
         """
         grads: list[Array | None] = [None] * len(self._template)
+        mine = [False] * len(self._template)  # whether the gradient in the slot is ours to overwrite
         grads[self._output_slot] = grad_output
+        mine[self._output_slot] = owned
         for step, needs in self._backward_plan:
             slot_out = step.outputs[0][1]
             dy = grads[slot_out]
             if dy is None:
                 continue
             grads[slot_out] = None
-            for slot, need, grad in zip(
-                step.inputs, needs, step.op.backward(dy, tape.caches[step.index], needs), strict=False
-            ):
+            op = step.op
+            cache = tape.caches[step.index]
+            dy_owned = mine[slot_out]
+            results = op.backward_owned(dy, cache, needs) if dy_owned else op.backward(dy, cache, needs)
+            fresh = op.fresh_grads or (op.view_grads and dy_owned)
+            for slot, need, grad in zip(step.inputs, needs, results, strict=False):
                 if need and grad is not None:
                     previous = grads[slot]
-                    grads[slot] = grad if previous is None else previous + grad
+                    if previous is None:
+                        grads[slot], mine[slot] = grad, fresh
+                    elif mine[slot] and previous.shape == grad.shape:
+                        previous += grad
+                    else:
+                        grads[slot], mine[slot] = previous + grad, True
         result: dict[str, Array] = {}
         seen: set[int] = set()
         for key, slot in self._trainable_slots:

@@ -20,6 +20,7 @@ class Gemm(Op):
     """``Y = alpha * A' @ B' + beta * C`` with ``A'``/``B'`` optionally transposed."""
 
     min_inputs, max_inputs = 2, 3
+    private_output = fresh_grads = True
 
     def __init__(self, build: Build) -> None:
         super().__init__(build)
@@ -53,6 +54,8 @@ class Gemm(Op):
             dc = unbroadcast(dy, c_shape)
             if self.beta != 1.0:
                 dc = dc * self.beta
+            elif dc is dy:  # a C of the output's full shape: never hand back dy itself (fresh_grads)
+                dc = dy.copy()
         return da, db, dc
 
 
@@ -61,6 +64,7 @@ class MatMul(Op):
     """NumPy ``matmul`` semantics: batched, broadcasting, 1-D operands promoted."""
 
     min_inputs, max_inputs = 2, 2
+    private_output = fresh_grads = True
 
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         a, b = inputs
@@ -85,6 +89,7 @@ class MatMul(Op):
 
 class _Binary(Op):
     min_inputs, max_inputs = 2, 2
+    private_output = True  # a new array; the caches hold the inputs or their shapes
 
 
 @register("Add")
@@ -119,6 +124,7 @@ class Sub(_Binary):
 
 @register("Mul")
 class Mul(_Binary):
+    fresh_grads = True
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         a, b = inputs
         assert a is not None and b is not None
@@ -134,18 +140,25 @@ class Mul(_Binary):
 
 @register("Relu")
 class Relu(Op):
+    inplace_capable = fresh_grads = True
+
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x = inputs[0]
         assert x is not None
-        y = np.maximum(x, 0)
+        y = np.maximum(x, 0, out=x) if self.inplace else np.maximum(x, 0)
         return (y,), y
 
     def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
         return (dy * (cache > 0),)
 
+    def backward_owned(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
+        np.multiply(dy, cache > 0, out=dy)  # the gradient at exactly 0 is 0, as above and in PyTorch
+        return (dy,)
+
 
 @register("LeakyRelu")
 class LeakyRelu(Op):
+    private_output = fresh_grads = True  # np.where makes new arrays; the cache is the mask
     def __init__(self, build: Build) -> None:
         super().__init__(build)
         self.alpha = self.attr_float("alpha", 0.01)
@@ -164,10 +177,12 @@ class LeakyRelu(Op):
 class Sigmoid(Op):
     """``0.5 * (1 + tanh(x / 2))``: the same function, without overflow for large ``|x|``."""
 
+    inplace_capable = fresh_grads = True
+
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x = inputs[0]
         assert x is not None
-        y = np.tanh(x * 0.5)
+        y = np.tanh(np.multiply(x, 0.5, out=x), out=x) if self.inplace else np.tanh(x * 0.5)
         y += 1
         y *= 0.5
         return (y,), y
@@ -178,10 +193,12 @@ class Sigmoid(Op):
 
 @register("Tanh")
 class Tanh(Op):
+    inplace_capable = fresh_grads = True
+
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x = inputs[0]
         assert x is not None
-        y = np.tanh(x)
+        y = np.tanh(x, out=x) if self.inplace else np.tanh(x)
         return (y,), y
 
     def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
@@ -208,6 +225,7 @@ class _SoftmaxBase(Op):
 
 @register("Softmax")
 class Softmax(_SoftmaxBase):
+    fresh_grads = True
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x = inputs[0]
         assert x is not None
@@ -222,6 +240,7 @@ class Softmax(_SoftmaxBase):
 
 @register("LogSoftmax")
 class LogSoftmax(_SoftmaxBase):
+    private_output = fresh_grads = True  # the cache holds the softmax, not the output
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x = inputs[0]
         assert x is not None
@@ -238,6 +257,7 @@ class LogSoftmax(_SoftmaxBase):
 
 @register("Identity")
 class Identity(Op):
+    view_grads = True
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         x = inputs[0]
         assert x is not None

@@ -21,6 +21,8 @@ from unus_edge.onnx_io import RawAttribute
 
 @register("Flatten")
 class Flatten(Op):
+    view_grads = True
+
     def __init__(self, build: Build) -> None:
         super().__init__(build)
         self.axis = self.attr_int("axis", 1)
@@ -46,6 +48,8 @@ class Reshape(Op):
     ``Shape -> Gather -> Unsqueeze -> Concat`` chain PyTorch exports for ``x.view(x.size(0), -1)``)
     is read at every call.
     """
+
+    view_grads = True
 
     min_inputs, max_inputs = 2, 2
 
@@ -148,6 +152,7 @@ class _Axes(Op):
     """Unsqueeze/Squeeze: ``axes`` is an attribute before opset 13 and a constant input after."""
 
     max_inputs = 2
+    view_grads = True
 
     def __init__(self, build: Build) -> None:
         super().__init__(build)
@@ -192,6 +197,8 @@ class Squeeze(_Axes):
 
 @register("Transpose")
 class Transpose(Op):
+    view_grads = True
+
     def __init__(self, build: Build) -> None:
         super().__init__(build)
         self.perm = self.attr_ints("perm", None)
