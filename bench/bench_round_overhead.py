@@ -83,6 +83,8 @@ class TrainSecondsTap:
 
     def __init__(self) -> None:
         self.by_round: dict[int, list[float]] = {}
+        self.cpu_by_round: dict[int, list[float]] = {}
+        """The updates' ``metrics["cpu_seconds"]``: the training thread's CPU time, without waits for a core."""
         self._original: Any = None
 
     def __enter__(self) -> TrainSecondsTap:
@@ -94,6 +96,9 @@ class TrainSecondsTap:
             current = service.current_round
             if current is not None and current.accepted.get(update.device_id) == envelope.msg_id:
                 tap.by_round.setdefault(update.server_round, []).append(float(update.train_seconds))
+                cpu = update.metrics.get("cpu_seconds")
+                if isinstance(cpu, int | float):
+                    tap.cpu_by_round.setdefault(update.server_round, []).append(float(cpu))
 
         _inbound.on_update = on_update
         return self

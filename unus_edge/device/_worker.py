@@ -148,7 +148,7 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     update = Update(device.device_id, device.session, task.task_id, task.server_round, base_version,
                     result.num_examples, result.train_loss, result.delta, encoding,
                     device.clock if clock is None else clock, time.perf_counter() - started,
-                    {"steps": result.steps})
+                    {"steps": result.steps, "cpu_seconds": result.cpu_seconds})
     msg_id = new_msg_id()
     device.state = "uploading"
     device.acked.clear()
