@@ -362,15 +362,15 @@ def test_a_hook_that_reads_gradients_sees_true_gradients(two_nn: tuple[Graph, di
 
 
 def test_on_step_begin_can_abandon_training(two_nn: tuple[Graph, dict[str, Array]]) -> None:
-    class Stop(Exception):
+    class StopTrainingError(Exception):
         pass
 
     class StopAtThree(TrainHook):
         def on_step_begin(self, step: int) -> None:
             if step == 3:
-                raise Stop
+                raise StopTrainingError
 
     graph, params = two_nn
     x, y = _blobs(100)
-    with pytest.raises(Stop):
+    with pytest.raises(StopTrainingError):
         train(graph, params, x, y, TrainConfig(epochs=1, batch_size=10, learning_rate=0.1), hooks=[StopAtThree()])
