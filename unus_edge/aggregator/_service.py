@@ -199,8 +199,35 @@ class Aggregator:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> JobResult:
-        """Run the job to completion (or failure, or shutdown). The transport must be connected."""
+        """Run the job to completion (or failure, or shutdown). The transport must be connected.
+
+        Every ending goes the same way out: a final checkpoint, the final clock and job state, and
+        a retained ``offline`` status with its reason (``shutdown``, or ``crashed`` when something
+        raised, the exception named in the job metrics' ``reason``). Publishing the status
+        explicitly matters: a graceful disconnect discards the last will. An unexpected exception
+        is raised again after that.
+        """
         started = self._run_started = time.perf_counter()
+        reason = ""
+        crashed = False
+        try:
+            reason = await self._serve()
+        except BaseException as error:  # re-raised below, after the goodbye
+            crashed = not isinstance(error, asyncio.CancelledError | KeyboardInterrupt)
+            self.state = "failed" if crashed else "stopped"
+            reason = f"crashed: {_describe(error)}" if crashed else "cancelled"
+            logger.error("job %s: %s", self.job, reason)
+            raise
+        finally:
+            self._tasks = None
+            await self._goodbye(reason, crashed=crashed)
+        updates, staleness = self.driver.totals()
+        return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
+                         time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
+                         dict(self.counters.rejected), reason, updates, staleness)
+
+    async def _serve(self) -> str:
+        """The service's task group, until the rounds end or the shutdown trigger; the reason it stopped."""
         reason = ""
         async with asyncio.TaskGroup() as group:
             self._tasks = group
@@ -234,23 +261,24 @@ class Aggregator:
                 self.state = "failed"
                 reason = str(self.failure)
                 logger.error("job %s failed: %s", self.job, self.failure)
-        self._tasks = None
-        # Durable first: the final checkpoint does not depend on the broker. The goodbye
-        # messages do, so they get a bounded time (the broker may be unreachable at shutdown).
-        await self.commit()
+        return reason
+
+    async def _goodbye(self, reason: str, *, crashed: bool) -> None:
+        """Durable first: the final checkpoint does not depend on the broker. The goodbye messages
+        do, so they get a bounded time (the broker may be unreachable at shutdown)."""
+        try:
+            await self.commit()
+        except (UnusError, OSError) as error:  # a full disk must not hide why the job ended
+            logger.error("final checkpoint failed: %s", error)
         try:
             async with asyncio.timeout(5):
                 await self.publish_state(reason=reason)
                 await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
                                    Status("aggregator", "offline", self.session, role="aggregator",
-                                          reason="shutdown"))
+                                          reason="crashed" if crashed else "shutdown"))
         except (TimeoutError, TransportError) as error:
             logger.warning("final state not published (%s); the retained topics will say so on the next start",
                            error or "the broker did not answer within 5 s")
-        updates, staleness = self.driver.totals()
-        return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
-                         time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
-                         dict(self.counters.rejected), reason, updates, staleness)
 
     def start_training_clock(self) -> None:
         """Training begins now (the first round or clock); a resumed job continues its clock."""
@@ -378,3 +406,10 @@ _INBOUND = {Channel.STATUS, Channel.HEARTBEAT, Channel.REGISTER, Channel.UPDATE}
 
 def _clock_state(state: str) -> Any:
     return state if state in ("waiting", "running", "finished", "failed") else "failed"
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of the first leaf of an exception (group) raised out of the task group."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"[:200]

@@ -1,0 +1,100 @@
+"""The aggregator's crash path says goodbye: an evaluator that raises, over a real broker.
+
+Before, ``Aggregator.run`` had no ``finally``: the exception left the retained status ``online``
+and the clock ``running``, and the graceful disconnect discarded the last will, so nothing ever
+said ``offline``. Now the final state and a retained ``offline`` (reason ``crashed``) go out,
+and the exception is raised again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import running_broker
+from unus_edge import topics
+from unus_edge.aggregator import Aggregator, prepare_job
+from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, load_job_config
+from unus_edge.data import load_dataset
+from unus_edge.device import run_device
+from unus_edge.messages import Clock, JobMetrics, Message, Status, decode_message
+from unus_edge.strategies import Params
+from unus_edge.transport import ConnectOptions, MqttTransport
+
+JOB = "crash"
+BROKERS = ["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
+
+
+class EvaluatorBroke(RuntimeError):
+    pass
+
+
+def broken_evaluator(params: Params) -> dict[str, float]:
+    raise EvaluatorBroke("the test set is unreadable")
+
+
+async def retained(port: int, *topic_names: str) -> dict[str, Message]:
+    """The retained message of each topic, read by a fresh client.
+
+    amqtt also sends a new client the retained messages of topics other clients subscribed to
+    (docs/brokers.md): anything not asked for is skipped.
+    """
+    found: dict[str, Message] = {}
+    async with MqttTransport(ConnectOptions(port=port, client_id="crash-reader")) as reader:
+        for name in topic_names:
+            await reader.subscribe(name, qos=1)
+        async for message in reader.messages():
+            if message.topic not in topic_names:
+                continue
+            _, decoded = decode_message(message.payload, topics.parse(message.topic).channel)
+            found[message.topic] = decoded
+            if len(found) == len(topic_names):
+                return found
+    raise AssertionError("the reader's connection ended")
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_an_evaluator_that_raises_ends_with_a_retained_offline(kind: str, tmp_path: Path) -> None:
+    async def scenario() -> dict[str, Message]:
+        async with running_broker(kind, tmp_path) as broker:
+            config = load_job_config(environ={}, overrides=[
+                f"job.name={JOB}", "job.rounds=3", "job.min_devices=1", "job.wait_for_devices=60",
+                "model.source=logreg", "evaluation.dataset=none", f"broker.url=mqtt://127.0.0.1:{broker.port}"])
+            parts = prepare_job(config)
+            aggregator = Aggregator(config, MqttTransport(Aggregator.connect_options(config, "agg")),
+                                    params=parts.params, fingerprint=parts.fingerprint, strategy=parts.strategy,
+                                    evaluate=broken_evaluator, session="agg", resume=False)
+            data = load_dataset("synthetic", "train", seed=0, num_examples=100)
+            stop = asyncio.Event()
+            device = asyncio.create_task(run_device(
+                DeviceConfig(DeviceSettings(id="d0", job=JOB, model="logreg", heartbeat_interval=0.5),
+                             BrokerSettings(url=f"mqtt://127.0.0.1:{broker.port}")),
+                dataset=data, shutdown_trigger=stop))
+            try:
+                with pytest.raises(ExceptionGroup) as raised:
+                    async with aggregator.transport:
+                        await aggregator.run()
+                assert raised.value.subgroup(EvaluatorBroke) is not None
+            finally:
+                stop.set()
+                await device
+            return await retained(broker.port, topics.aggregator_status(JOB), topics.metrics(JOB, "job"),
+                                  topics.clock(JOB))
+
+    async def bounded() -> dict[str, Message]:
+        async with asyncio.timeout(120):
+            return await scenario()
+
+    found = asyncio.run(bounded())
+    status = found[topics.aggregator_status(JOB)]
+    assert isinstance(status, Status)
+    assert (status.state, status.reason) == ("offline", "crashed")
+    job = found[topics.metrics(JOB, "job")]
+    assert isinstance(job, JobMetrics)
+    assert job.state == "failed"
+    assert job.reason == "crashed: EvaluatorBroke: the test set is unreadable"
+    clock = found[topics.clock(JOB)]
+    assert isinstance(clock, Clock)
+    assert clock.state == "failed"
