@@ -27,12 +27,12 @@ JOB = "crash"
 BROKERS = ["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
 
 
-class EvaluatorBroke(RuntimeError):
+class EvaluatorBrokeError(RuntimeError):
     pass
 
 
 def broken_evaluator(params: Params) -> dict[str, float]:
-    raise EvaluatorBroke("the test set is unreadable")
+    raise EvaluatorBrokeError("the test set is unreadable")
 
 
 async def retained(port: int, *topic_names: str) -> dict[str, Message]:
@@ -76,7 +76,7 @@ def test_an_evaluator_that_raises_ends_with_a_retained_offline(kind: str, tmp_pa
                 with pytest.raises(ExceptionGroup) as raised:
                     async with aggregator.transport:
                         await aggregator.run()
-                assert raised.value.subgroup(EvaluatorBroke) is not None
+                assert raised.value.subgroup(EvaluatorBrokeError) is not None
             finally:
                 stop.set()
                 await device
@@ -94,7 +94,7 @@ def test_an_evaluator_that_raises_ends_with_a_retained_offline(kind: str, tmp_pa
     job = found[topics.metrics(JOB, "job")]
     assert isinstance(job, JobMetrics)
     assert job.state == "failed"
-    assert job.reason == "crashed: EvaluatorBroke: the test set is unreadable"
+    assert job.reason == "crashed: EvaluatorBrokeError: the test set is unreadable"
     clock = found[topics.clock(JOB)]
     assert isinstance(clock, Clock)
     assert clock.state == "failed"
