@@ -207,6 +207,9 @@ class DeviceSettings:
     """Seconds to wait for an answer to a registration before registering again."""
     slowdown: float = 1.0
     """Simulation only: make each training step take this many times longer (stragglers)."""
+    client_strategies: str = ""
+    """Device halves this device may run besides the built-ins: comma-separated ``package.module:Class``,
+    imported at start. A task only names one; it never makes the device import a module."""
     blas_threads: int = 1
     """Threads of the BLAS pool the training uses (0: leave OpenBLAS's own default, one per core).
 

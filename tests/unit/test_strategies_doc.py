@@ -25,7 +25,7 @@ import pytest
 
 from tests.brokers import REPO
 from unus_edge.cli import build_parser
-from unus_edge.config import load_job_config
+from unus_edge.config import load_device_config, load_job_config
 from unus_edge.strategies import load_strategy
 
 DOCUMENTS = [REPO / "docs" / "strategies.md", REPO / "examples" / "README.md"]
@@ -102,8 +102,11 @@ def test_toml_examples_load(workdir: Path) -> None:
     found = blocks(DOCUMENTS[0], "toml")
     assert found
     for index, (_, code) in enumerate(found):
-        path = workdir / f"job{index}.toml"
+        path = workdir / f"example{index}.toml"
         path.write_text(code)
+        if code.lstrip().startswith("[device]"):  # a device.toml: its keys must exist and validate
+            load_device_config(path, environ={})
+            continue
         config = load_job_config(path, environ={})
         load_strategy(config.strategy.resolved(config.job.mode), config.strategy.options)
 

@@ -11,6 +11,7 @@ from unus_edge.data import Dataset, load_partition
 from unus_edge.device._daemon import Device
 from unus_edge.nn import Graph
 from unus_edge.onnx_io import fingerprint
+from unus_edge.strategies import load_client_strategies
 from unus_edge.transport import MqttTransport
 from unus_edge.zoo import resolve_model
 
@@ -31,6 +32,7 @@ async def run_device(
     """
     if config.device.blas_threads:
         set_blas_threads(config.device.blas_threads)
+    load_client_strategies(config.device.client_strategies)
     model = resolve_model(config.device.model, seed=config.device.model_seed)
     graph = Graph(model)
     data = dataset if dataset is not None else load_partition(config.device.data)

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Literal
 from unus_edge import topics
 from unus_edge.codec import new_msg_id
 from unus_edge.device._training import Abandoned, train_task
-from unus_edge.errors import PublishError
+from unus_edge.errors import ConfigError, MessageError, PublishError, StrategyError
 from unus_edge.messages import Heartbeat, Task, Update, encode_message
 from unus_edge.seeds import device_seed
-from unus_edge.strategies import Params, client_strategy
+from unus_edge.strategies import CLIENT_STRATEGIES, ClientStrategy, Params, client_strategy
 from unus_edge.topics import Channel
 
 if TYPE_CHECKING:
     from unus_edge.device._daemon import Device
 
-__all__ = ["Pending", "do_task", "heartbeat", "run_ssp", "wait_for_model", "wait_gate", "work"]
+__all__ = ["Pending", "do_task", "heartbeat", "prepare_client", "run_ssp", "wait_for_model", "wait_gate", "work"]
 
 logger = logging.getLogger("unus_edge.device")
 ssp_logger = logging.getLogger("unus_edge.device.ssp")
@@ -39,6 +39,30 @@ class Pending:
     msg_id: str
     task_id: str
     payload: bytes
+
+
+def prepare_client(task: Task, current: ClientStrategy | None) -> ClientStrategy:
+    """The device half ``task`` names, configured with its settings; a task the device cannot
+    carry out is refused here, before any training (``MessageError``: ``unknown_client`` or
+    ``bad_config``), and the daemon goes on."""
+    try:
+        return client_strategy(task.config, current)
+    except (StrategyError, ConfigError) as error:
+        known = str(task.config.get("client", "default")) in CLIENT_STRATEGIES
+        raise MessageError("bad_config" if known else "unknown_client", str(error), kind="task",
+                           field="config") from error
+
+
+def _job_seed(task: Task) -> int:
+    value = task.config.get("job_seed", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError("bad_config", f"job_seed must be an integer, got {value!r}", kind="task",
+                           field="config.job_seed")
+    return value
+
+
+def _refused(task: Task, error: MessageError) -> None:
+    logger.warning("task %s refused (%s): %s", task.task_id, error.reason, error.detail)
 
 
 def _over(device: Device) -> bool:
@@ -93,7 +117,11 @@ async def work(device: Device) -> None:
         if device.model_version != task.model_version or device.model is None:
             logger.info("task %s is stale (model is at version %d)", task.task_id, device.model_version)
             continue
-        await do_task(device, task, device.model, task.model_version)
+        try:
+            await do_task(device, task, device.model, task.model_version)
+        except MessageError as error:
+            device.done_tasks.add(task.task_id)  # a redelivery is refused the same way: not retried
+            _refused(task, error)
 
 
 async def wait_gate(device: Device) -> None:
@@ -114,22 +142,35 @@ async def run_ssp(device: Device) -> None:
         if not await wait_for_model(device, required, 3600.0) or device.model is None:
             continue
         task, base, version, clock = device.standing, device.model, device.model_version, device.clock
+        try:
+            job_seed = _job_seed(task)
+        except MessageError as error:
+            _refused(task, error)
+            device.standing = None  # the same standing task would be refused at every clock
+            break
         # The SSP invariant, logged at every start (tests check it over whole runs).
         ssp_logger.info("ssp start device=%s clock=%d c_min=%d bound=%s version=%d", device.device_id, clock,
                         device.c_min, "inf" if device.bound is None else device.bound, version)
-        job_seed = int(task.config.get("job_seed", 0))
         step = dataclasses.replace(task, server_round=clock + 1, model_version=version,
                                    config={**task.config, "seed": device_seed(job_seed, clock + 1,
                                                                               device.device_id)})
-        await do_task(device, step, base, version, clock=clock)
+        try:
+            await do_task(device, step, base, version, clock=clock)
+        except MessageError as error:
+            _refused(task, error)
+            device.standing = None
+            break
     device.state = "idle"
 
 
 async def do_task(device: Device, task: Task, base: Params, base_version: int, *, clock: int | None = None) -> None:
-    """Train, publish the update, and keep it until acknowledged (re-publishing on timeouts)."""
+    """Train, publish the update, and keep it until acknowledged (re-publishing on timeouts).
+
+    Raises ``MessageError`` for a task this device cannot carry out (nothing is published).
+    """
+    device.client = prepare_client(task, device.client)
     device.state = "training"
     started = time.perf_counter()
-    device.client = client_strategy(task.config, device.client)
     start = device.client.starting_point(base, device.download)
     try:
         result = await asyncio.to_thread(train_task, device.graph, start, device.dataset, task, device.stop_training,
@@ -137,6 +178,8 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     except Abandoned:
         logger.info("training of %s abandoned for shutdown", task.task_id)
         return
+    except ConfigError as error:  # settings the local trainer refuses (TrainConfig)
+        raise MessageError("bad_config", str(error), kind="task", field="config") from error
     finally:
         device.state = "idle"
     if device.settings.slowdown > 1:

@@ -28,6 +28,7 @@ from unus_edge.strategies._client import (
     ClientStrategy,
     ProximalHook,
     client_strategy,
+    load_client_strategies,
     register_client_strategy,
 )
 from unus_edge.strategies._dssgd import DSSGD, DSSGDAsync, DSSGDClient  # also registers the "dssgd" device half
@@ -83,6 +84,7 @@ __all__ = [
     "add_scaled",
     "client_strategy",
     "fold",
+    "load_client_strategies",
     "load_strategy",
     "new_scratch",
     "register_client_strategy",

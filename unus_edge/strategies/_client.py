@@ -1,8 +1,9 @@
 """The device half of a strategy: where local training starts, how it trains, what it uploads.
 
 A server-side :class:`~unus_edge.strategies.Strategy` picks the device half for its tasks with
-``config["client"]`` (a name of :data:`CLIENT_STRATEGIES`, or ``package.module:Class``
-importable on the device) and configures it with the rest of the task's ``config``:
+``config["client"]`` (a name of :data:`CLIENT_STRATEGIES`: a built-in, or one the device's own
+``device.client_strategies`` loaded at start) and configures it with the rest of the task's
+``config``:
 
 * :meth:`ClientStrategy.starting_point`: the parameters training starts from. The default is
   the global model; Distributed Selective SGD keeps its own local copy and overwrites only the
@@ -25,11 +26,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from unus_edge.codec import Tensor
-from unus_edge.errors import StrategyError
+from unus_edge.errors import ConfigError, StrategyError
 from unus_edge.nn import TrainHook
 from unus_edge.strategies._base import Params, Scalar
 
-__all__ = ["CLIENT_STRATEGIES", "ClientStrategy", "ProximalHook", "client_strategy", "register_client_strategy"]
+__all__ = ["CLIENT_STRATEGIES", "ClientStrategy", "ProximalHook", "client_strategy", "load_client_strategies",
+           "register_client_strategy"]
 
 
 class ProximalHook(TrainHook):
@@ -98,23 +100,44 @@ def register_client_strategy(cls: type[ClientStrategy]) -> type[ClientStrategy]:
     return cls
 
 
-def client_strategy(config: Mapping[str, Scalar], current: ClientStrategy | None = None) -> ClientStrategy:
-    """The device half named by ``config["client"]``; ``current`` is reused if it is that one."""
-    spec = str(config.get("client", "default"))
-    if spec in CLIENT_STRATEGIES:
-        cls = CLIENT_STRATEGIES[spec]
-    else:
+def load_client_strategies(specs: str) -> list[str]:
+    """Import the device halves a device's own configuration allows; the names they answer to.
+
+    ``specs`` is a comma-separated list of ``package.module:Class`` (``device.client_strategies``).
+    Each class is registered under its ``name`` and under its spec, so a task may name it either
+    way. This is the only place the device imports strategy code: a task never makes it import
+    anything (a module name in a message could be any module on the device).
+    """
+    names = []
+    for spec in (part.strip() for part in specs.split(",")):
+        if not spec:
+            continue
         module_name, colon, class_name = spec.partition(":")
-        if not colon:
-            raise StrategyError(f"unknown device strategy; known: {', '.join(sorted(CLIENT_STRATEGIES))} "
-                                "or package.module:Class", strategy=spec)
+        if not colon or not module_name or not class_name:
+            raise ConfigError("device.client_strategies", f"expected package.module:Class, got {spec!r}")
         try:
             loaded = getattr(importlib.import_module(module_name), class_name, None)
         except ImportError as error:
-            raise StrategyError(f"cannot import {module_name} on this device: {error}", strategy=spec) from error
+            raise ConfigError("device.client_strategies", f"cannot import {module_name}: {error}") from error
         if not (inspect.isclass(loaded) and issubclass(loaded, ClientStrategy)):
-            raise StrategyError(f"{class_name} is not a ClientStrategy", strategy=spec)
-        cls = loaded
+            raise ConfigError("device.client_strategies", f"{spec} is not a ClientStrategy")
+        register_client_strategy(loaded)
+        CLIENT_STRATEGIES[spec] = loaded
+        names += [loaded.name, spec]
+    return names
+
+
+def client_strategy(config: Mapping[str, Scalar], current: ClientStrategy | None = None) -> ClientStrategy:
+    """The device half named by ``config["client"]``; ``current`` is reused if it is that one.
+
+    Only registered names are known: the built-ins, halves registered in this process, and those
+    :func:`load_client_strategies` loaded from the device's configuration.
+    """
+    spec = str(config.get("client", "default"))
+    cls = CLIENT_STRATEGIES.get(spec)
+    if cls is None:
+        raise StrategyError(f"unknown device strategy; this device knows {', '.join(sorted(CLIENT_STRATEGIES))} "
+                            "(others are allowed by device.client_strategies)", strategy=spec)
     if current is not None and type(current) is cls:
         current.configure(config)
         return current
