@@ -28,6 +28,7 @@ from unus_edge.messages import (
     Heartbeat,
     Registration,
     RegistrationReply,
+    RoundMetrics,
     Status,
     Task,
     Update,
@@ -361,3 +362,56 @@ def test_an_ssp_update_beyond_max_staleness_is_refused_as_too_stale() -> None:
             assert (await next_ack(h)).accepted
 
     run(scenario)
+
+
+# ------------------------------------------------------------------------------ metrics that mean what they say
+
+
+def test_num_rejected_counts_the_rounds_own_refusals() -> None:
+    """Round 1 refuses one update and round 2 none: 1 then 0 (it was the job's running total)."""
+
+    async def scenario() -> list[RoundMetrics]:
+        async with harness(job__rounds=2) as h:
+            stale = h.update(base_version=h.task.model_version + 5)
+            await h.send(Channel.UPDATE, encode_message(stale, JOB, Channel.UPDATE))
+            assert await h.rejected() == "stale_base"
+            await h.send(Channel.UPDATE, encode_message(h.update(), JOB, Channel.UPDATE))
+            while not isinstance(second := await h.replies.get(), Task):
+                pass
+            update = replace(h.update(), task_id=second.task_id, server_round=second.server_round,
+                             base_version=second.model_version)
+            await h.send(Channel.UPDATE, encode_message(update, JOB, Channel.UPDATE))
+            while len(h.aggregator.history) < 2:
+                await h.replies.get()
+            return list(h.aggregator.history)
+
+    history = run(scenario)
+    assert [m.num_rejected for m in history] == [1, 0]
+    assert [m.rejected for m in history] == [{"stale_base": 1}, {"stale_base": 1}]  # a job total, by reason
+
+
+def test_ssp_reports_cover_the_updates_since_the_previous_one() -> None:
+    """Per-report fields add up to the job's totals; durations add up to the last wall time."""
+
+    async def scenario() -> JobResult:
+        broker = MemoryBroker()
+        aggregator = make_aggregator(broker, config(job__mode="ssp", strategy__name="ssp", job__rounds=4,
+                                                    job__min_devices=3, job__staleness_bound="inf"))
+        devices = [make_device(broker, f"d{i}", shard) for i, shard in enumerate(shards(3))]
+        device_tasks = [asyncio.create_task(run_device(d)) for d in devices]
+        async with aggregator.transport:
+            result = await aggregator.run()
+        await asyncio.gather(*device_tasks)
+        return result
+
+    result = run(scenario)
+    history = result.history
+    assert len(history) >= 2
+    assert sum(m.num_updates for m in history) == result.updates
+    assert sum(m.num_examples for m in history) == 200 * result.updates  # 600 examples over 3 devices
+    assert all(m.duration_seconds >= 0 for m in history)
+    assert sum(m.duration_seconds for m in history) == pytest.approx(history[-1].wall_seconds)
+    # A fast device may send an update after the last clock: refused (not_running) in the last
+    # report. Never negative, never more than the job refused.
+    assert all(m.num_rejected >= 0 for m in history)
+    assert sum(m.num_rejected for m in history) <= sum(result.rejected.values())

@@ -62,6 +62,8 @@ class RoundDriver:
         self._tasks: dict[str, Task] = {}
         self._planned = 0
         self._started = 0.0
+        self._refused_at_start = 0
+        """Updates refused over the job when the current round started (num_rejected is per round)."""
         self._resumed = False
 
     # ------------------------------------------------------------------ updates and presence
@@ -172,6 +174,7 @@ class RoundDriver:
             current = service.current_round
             current.deadline = asyncio.get_running_loop().time() + service.config.job.round_deadline
             self._started = time.perf_counter()
+            self._refused_at_start = service.counters.refused
             service.start_training_clock()
             await self._finish_round(current)
         budget = service.config.job.time_budget
@@ -243,6 +246,7 @@ class RoundDriver:
         service = self.service
         loop = asyncio.get_running_loop()
         self._started = time.perf_counter()
+        self._refused_at_start = service.counters.refused
         service.start_training_clock()
         service.state = "running"
         assignments = service.strategy.configure_round(self._context(server_round), service.registry.online())
@@ -301,11 +305,13 @@ class RoundDriver:
                                                       service.params, service.evaluate_fn))
         elapsed = time.perf_counter() - self._started
         metrics = RoundMetrics(
-            current.server_round, service.version, len(current.assignments), len(current.accepted), len(failures),
-            getattr(service.accumulator, "num_examples", 0), elapsed,
-            getattr(service.accumulator, "train_loss", None), evaluation.get("loss"), evaluation.get("accuracy"),
-            service.counters.bytes_up, service.counters.bytes_down, dict(service.counters.rejected),
-            service.wall_seconds(), service.counters.refused,
+            server_round=current.server_round, version=service.version, num_selected=len(current.assignments),
+            num_updates=len(current.accepted), num_failures=len(failures),
+            num_examples=getattr(service.accumulator, "num_examples", 0), duration_seconds=elapsed,
+            train_loss=getattr(service.accumulator, "train_loss", None), eval_loss=evaluation.get("loss"),
+            eval_accuracy=evaluation.get("accuracy"), bytes_up=service.counters.bytes_up,
+            bytes_down=service.counters.bytes_down, rejected=dict(service.counters.rejected),
+            wall_seconds=service.wall_seconds(), num_rejected=service.counters.refused - self._refused_at_start,
         )
         service.history.append(metrics)
         await service.publish(topics.metrics(service.job, "round"), Channel.METRICS, metrics)

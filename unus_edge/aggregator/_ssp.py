@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from unus_edge import topics
@@ -34,6 +35,17 @@ if TYPE_CHECKING:
 __all__ = ["SSPDriver"]
 
 logger = logging.getLogger("unus_edge.aggregator")
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The job's running totals at one moment (a report covers the difference of two)."""
+
+    updates: int
+    examples: int
+    loss_sum: float
+    at: float
+    refused: int
 
 
 class SSPDriver:
@@ -165,7 +177,12 @@ class SSPDriver:
     _examples_sum = 0
     _staleness_sum = 0
     _recorded_version = -1
-    _recorded_updates = 0
+    _recorded = _Snapshot(0, 0, 0.0, 0.0, 0)
+    """The job's totals at the previous report: each report covers the updates since."""
+
+    def _snapshot(self, at: float) -> _Snapshot:
+        return _Snapshot(self.updates, self._examples_sum, self._train_loss_sum, at,
+                         self.service.counters.refused)
 
     @property
     def mean_staleness(self) -> float:
@@ -197,31 +214,37 @@ class SSPDriver:
         service = self.service
         try:
             params = service.strategy.evaluation_params(self.context)  # never folds: reading changes nothing
-            version, updates, captured = service.version, self.updates, service.wall_seconds()
+            version, taken = service.version, self._snapshot(service.wall_seconds())
             assert service.evaluate_fn is not None
             metrics = await asyncio.to_thread(service.evaluate_fn, params)
-            self._record(version, updates, metrics, captured)  # stamped with when the model was taken
+            self._record(version, taken, metrics)  # stamped with when the model was taken
         finally:
             self._evaluating = False
 
-    def _record(self, version: int, updates: int, evaluation: dict[str, float], at: float) -> None:
+    def _record(self, version: int, taken: _Snapshot, evaluation: dict[str, float]) -> None:
+        """A report on the updates since the previous one (per-period fields) and the job's totals."""
         service = self.service
         if version == self._recorded_version:
             return
         self._recorded_version = version
         live = max(1, len(self.participants))  # devices may already have left at the end
-        since, self._recorded_updates = updates - self._recorded_updates, updates
+        previous, self._recorded = self._recorded, taken
+        examples = taken.examples - previous.examples
         metrics = RoundMetrics(
-            updates // live, version, live, since, 0, self._examples_sum, at,
-            (self._train_loss_sum / self._examples_sum) if self._examples_sum else None, evaluation.get("loss"),
-            evaluation.get("accuracy"), service.counters.bytes_up, service.counters.bytes_down,
-            dict(service.counters.rejected), at, service.counters.refused,
+            server_round=taken.updates // live, version=version, num_selected=live,
+            num_updates=taken.updates - previous.updates, num_failures=0, num_examples=examples,
+            duration_seconds=taken.at - previous.at,
+            train_loss=(taken.loss_sum - previous.loss_sum) / examples if examples else None,
+            eval_loss=evaluation.get("loss"), eval_accuracy=evaluation.get("accuracy"),
+            bytes_up=service.counters.bytes_up, bytes_down=service.counters.bytes_down,
+            rejected=dict(service.counters.rejected), wall_seconds=taken.at,
+            num_rejected=taken.refused - previous.refused,
         )
         service.history.append(metrics)
         service.server_round = self.c_min
         service.spawn(service.publish(topics.metrics(service.job, "round"), Channel.METRICS, metrics),
                       "aggregator-ssp-metrics")
-        logger.info("ssp: %d updates, version %d, c_min %d, mean staleness %.2f%s", updates, version, self.c_min,
+        logger.info("ssp: %d updates, version %d, c_min %d, mean staleness %.2f%s", taken.updates, version, self.c_min,
                     self.mean_staleness,
                     f", accuracy {metrics.eval_accuracy:.4f}" if metrics.eval_accuracy is not None else "")
         if service.on_round is not None:
@@ -266,9 +289,9 @@ class SSPDriver:
             self.context.version = service.version
         service.params = service.strategy.global_params(self.context)
         if service.evaluate_fn is not None:
-            captured = service.wall_seconds()
+            taken = self._snapshot(service.wall_seconds())
             evaluation = await asyncio.to_thread(service.evaluate_fn, service.params)
-            self._record(service.version, self.updates, evaluation, captured)
+            self._record(service.version, taken, evaluation)
         service.server_round = self.c_min
         logger.info("ssp finished: %d updates, c_min %d, version %d, mean staleness %.2f", self.updates, self.c_min,
                     service.version, self.mean_staleness)
@@ -306,6 +329,7 @@ class SSPDriver:
         self._examples_sum = int(state["examples_sum"])
         self._staleness_sum = int(state["staleness_sum"])
         self._evaluated_at = self.updates
+        self._recorded = self._snapshot(service.wall_seconds())
         self.context = AsyncContext(service.version, max(1, sum(self.examples.values())), self.bound)
         service.strategy.start_async(service.params, self.context)
         service.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()}, state["strategy"])
