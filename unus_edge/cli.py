@@ -133,6 +133,7 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
         scheme=args.scheme, alpha=args.alpha, train_examples=args.train_examples,
         embedded_broker=args.broker is None, processes=args.processes, out_dir=out_dir,
         slowdowns=stragglers(args.stragglers, args.devices, config.job.seed) if args.stragglers else {},
+        compute_slots=args.compute_slots,
     )
     print(f"simulating job {config.job.name}: {args.devices} devices ({'processes' if args.processes else 'tasks'}),"
           f" {config.model.source}, {config.strategy.resolved(config.job.mode)}, {dataset} {args.scheme}, "
@@ -289,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
         sim.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
         sim.add_argument("--processes", action="store_true", help="devices as separate OS processes")
+        sim.add_argument("--compute-slots", type=int, metavar="K", help="in-process devices: at most K train at "
+                         "once (default: the usable cores; 0: no limit)")
         sim.add_argument("--sync-bound", metavar="S", help="SSP with staleness bound S (an integer, or inf for "
                          "fully asynchronous training); default: synchronous rounds")
         sim.add_argument("--stragglers", metavar="FRAC:FACTOR", help="make a seeded FRAC of the devices FACTOR "

@@ -58,6 +58,13 @@ class SimulationOptions:
     device_settings: DeviceSettings = field(default_factory=DeviceSettings)
     slowdowns: dict[int, float] = field(default_factory=dict)
     """Device index -> compute slowdown factor (stragglers)."""
+    compute_slots: int | None = None
+    """In-process devices: how many may train at once (default: the usable cores; 0: no limit).
+
+    In-process devices share one interpreter, hence one GIL: more concurrent trainings than
+    cores only add switching and cache misses (docs/engine.md, "Training under contention").
+    Ignored with ``processes``, whose devices each have their own interpreter.
+    """
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,13 @@ class SimulationReport:
     num_devices: int
     out_dir: Path | None
     plot: Path | None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def stragglers(spec: str, num_devices: int, seed: int) -> dict[int, float]:
@@ -143,6 +157,8 @@ async def simulate(
     config = options.config
     if options.num_devices < 1:
         raise ConfigError("--devices", "must be at least 1")
+    if options.compute_slots is not None and options.compute_slots < 0:
+        raise ConfigError("--compute-slots", f"must be 0 (no limit) or more, not {options.compute_slots}")
     if options.processes and options.out_dir is None:
         raise ConfigError("--out", "is required with --processes (partition files live there)")
     train = load_dataset(options.dataset, "train", data_dir=options.data_dir or None, seed=config.job.seed,
@@ -166,10 +182,13 @@ async def simulate(
             devices.append(asyncio.create_task(_run_processes(paths, options.out_dir, finished),
                                                name="simulation-device-processes"))
         else:
+            slots = usable_cores() if options.compute_slots is None else options.compute_slots
+            compute_slots = asyncio.Semaphore(slots) if slots > 0 else None
             for index, shard in enumerate(shards):
                 device_config = _device_config(options, index, config.broker, "memory")
                 devices.append(asyncio.create_task(
-                    run_device(device_config, dataset=shard, exit_when_finished=True, shutdown_trigger=finished),
+                    run_device(device_config, dataset=shard, exit_when_finished=True, shutdown_trigger=finished,
+                               compute_slots=compute_slots),
                     name=f"simulation-{device_config.device.id}"))
         try:
             result = await run_aggregator(config, on_round=on_round, on_progress=on_progress,

@@ -74,6 +74,7 @@ class Device:
         session: str | None = None,
         shutdown_trigger: asyncio.Event | None = None,
         exit_when_finished: bool = False,
+        compute_slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.settings = config.device
         self.job = config.device.job
@@ -85,6 +86,9 @@ class Device:
         self.session = session or secrets.token_hex(8)
         self.shutdown_trigger = shutdown_trigger or asyncio.Event()
         self.exit_when_finished = exit_when_finished
+        self.compute_slots: contextlib.AbstractAsyncContextManager[object] = (
+            compute_slots if compute_slots is not None else contextlib.nullcontext())
+        """Held while training: shared by the devices of one process to bound concurrent trainings."""
         self.template = graph.model.initializers
         # Twice the dense model: a partial (sparse) model costs index + value per entry.
         self.limits = Limits(max_payload_bytes=2 * sum(v.nbytes for v in self.template.values()) + 65_536)

@@ -24,11 +24,13 @@ async def run_device(
     dataset: Dataset | None = None,
     shutdown_trigger: asyncio.Event | None = None,
     exit_when_finished: bool = False,
+    compute_slots: asyncio.Semaphore | None = None,
 ) -> Device:
     """Run a device until shutdown (or the job's end with ``exit_when_finished``).
 
     Sizes the process's BLAS pool to ``device.blas_threads`` first (process-wide: in-process
-    devices share it, and each sets the same value).
+    devices share it, and each sets the same value). ``compute_slots``, shared by the devices
+    of one process, bounds how many of them train at once (the simulator passes one).
     """
     if config.device.blas_threads:
         set_blas_threads(config.device.blas_threads)
@@ -40,7 +42,8 @@ async def run_device(
     options = Device.connect_options(config, session)
     transport = MqttTransport(options)
     device = Device(config, transport, graph=graph, fingerprint=fingerprint(model), dataset=data, session=session,
-                    shutdown_trigger=shutdown_trigger, exit_when_finished=exit_when_finished)
+                    shutdown_trigger=shutdown_trigger, exit_when_finished=exit_when_finished,
+                    compute_slots=compute_slots)
     async with transport:
         await device.run()
     return device

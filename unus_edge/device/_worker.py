@@ -173,8 +173,9 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     started = time.perf_counter()
     start = device.client.starting_point(base, device.download)
     try:
-        result = await asyncio.to_thread(train_task, device.graph, start, device.dataset, task, device.stop_training,
-                                         device.client)
+        async with device.compute_slots:
+            result = await asyncio.to_thread(train_task, device.graph, start, device.dataset, task,
+                                             device.stop_training, device.client)
     except Abandoned:
         logger.info("training of %s abandoned for shutdown", task.task_id)
         return
