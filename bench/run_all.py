@@ -20,6 +20,7 @@ BENCHMARKS = [
     ["bench_transport.py"],
     ["bench_aggregation.py"],
     ["bench_train.py", "all"],
+    ["bench_time_to_accuracy.py"],
     ["bench_round_overhead.py"],
     ["bench_memory.py"],
     ["bench_rounds_to_accuracy.py"],
