@@ -60,8 +60,9 @@ class EmbeddedBroker:
 
     async def start(self) -> None:
         try:
-            from amqtt.broker import Broker
             from amqtt.errors import BrokerError as AmqttBrokerError
+
+            from unus_edge._amqtt_fixes import FixedBroker
         except ImportError as error:
             raise BrokerError(
                 "amqtt is not installed: pip install 'unus-edge[broker]'", host=self.host, port=self.requested_port
@@ -77,7 +78,7 @@ class EmbeddedBroker:
             },
         }
         try:
-            self._broker = Broker(config)
+            self._broker = FixedBroker(config)
             await self._broker.start()
         except (AmqttBrokerError, OSError) as error:
             raise BrokerError(str(error), host=self.host, port=self.requested_port) from error

@@ -85,6 +85,27 @@ def test_retained_message_reaches_late_subscriber(kind: str, tmp_path: Path) -> 
     run(scenario)
 
 
+@pytest.mark.parametrize("kind", BROKERS)
+def test_a_client_gets_no_retained_message_it_did_not_subscribe_to(kind: str, tmp_path: Path) -> None:
+    """amqtt 0.12 sent a connecting client the retained messages of every filter anyone had
+    subscribed to (``unus_edge/_amqtt_fixes.py``); Mosquitto is the control."""
+
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as publisher, MqttTransport(options(broker)) as watcher:
+                await publisher.publish("test/private/model", b"secret", qos=1, retain=True)
+                await watcher.subscribe("test/private/#", qos=1)
+                (seen,) = await receive(watcher, 1)
+                assert seen.payload == b"secret"
+                async with MqttTransport(options(broker)) as newcomer:
+                    await newcomer.subscribe("test/probe", qos=1)
+                    await publisher.publish("test/probe", b"probe", qos=1)
+                    (first,) = await receive(newcomer, 1)
+        assert (first.topic, first.payload) == ("test/probe", b"probe")
+
+    run(scenario)
+
+
 _VICTIM = """
 import asyncio, sys
 from unus_edge.transport import ConnectOptions, MqttTransport, Will
