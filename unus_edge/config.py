@@ -105,6 +105,8 @@ class JobSettings:
     """Rounds below quorum are retried with newly selected devices this many times."""
     heartbeat_timeout: float = 30.0
     """A device without a heartbeat for this long is offline, whatever the broker says."""
+    fleet_interval: float = 1.0
+    """Seconds between two publications of the fleet summary (``metrics/devices``) at most."""
     wait_for_devices: float = 600.0
     """Seconds to wait for ``min_devices`` before the job fails."""
     max_update_norm: float = 0.0
@@ -251,6 +253,7 @@ def validate_job_config(config: JobConfig) -> None:
     _check(0 <= job.min_fraction <= 1, "job.min_fraction", "must lie in [0, 1]")
     _check(job.max_retries >= 0, "job.max_retries", "must be >= 0")
     _check(job.heartbeat_timeout > 0, "job.heartbeat_timeout", "must be positive (seconds)")
+    _check(job.fleet_interval >= 0, "job.fleet_interval", "must be 0 or more (seconds)")
     _check(job.wait_for_devices > 0, "job.wait_for_devices", "must be positive (seconds)")
     _check(job.max_update_norm >= 0, "job.max_update_norm", "must be >= 0 (0: no bound)")
     for key, value in (("job.staleness_bound", job.staleness_bound), ("job.max_staleness", job.max_staleness)):

@@ -279,7 +279,7 @@ class DeviceFacts(Message):
 
 @dataclass(frozen=True, slots=True)
 class FleetMetrics(Message):
-    """The registry, published on ``metrics/devices`` whenever it changes."""
+    """The registry, published on ``metrics/devices`` after it changes, at most once per ``job.fleet_interval``."""
 
     KIND: ClassVar[str] = "devices"
     devices: tuple[Mapping[str, Scalar | None], ...]

@@ -136,4 +136,4 @@ async def liveness(service: Aggregator) -> None:
                            service.registry.heartbeat_timeout)
             service.driver.device_offline(device_id, "heartbeat timeout")
         if expired:
-            service.spawn(service.publish_fleet(), "aggregator-fleet-metrics")
+            service.fleet.mark()

@@ -27,6 +27,7 @@ import numpy as np
 from unus_edge import __version__, topics
 from unus_edge.aggregator import _inbound
 from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint
+from unus_edge.aggregator._coalesce import Coalescer
 from unus_edge.aggregator._commit import GroupCommit
 from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
@@ -108,6 +109,9 @@ class Aggregator:
         self.failure: UnusError | None = None
         self.limits = self._limits()
         self._tasks: asyncio.TaskGroup | None = None
+        self.fleet = Coalescer(lambda: self.spawn(self.publish_fleet(), "aggregator-fleet-metrics"),
+                               config.job.fleet_interval)
+        """Registry changes mark it; the fleet summary goes out at most once per ``job.fleet_interval``."""
         self.committer = GroupCommit(self)
         """Accepted updates are acknowledged only once a checkpoint holds them."""
         self._run_started = time.perf_counter()
@@ -220,6 +224,7 @@ class Aggregator:
             raise
         finally:
             self._tasks = None
+            self.fleet.cancel()  # the goodbye publishes the final fleet itself
             await self._goodbye(reason, crashed=crashed)
         updates, staleness = self.driver.totals()
         return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
@@ -388,7 +393,7 @@ class Aggregator:
     def _registry_updated(self) -> None:
         self.registry_changed.set()
         self.devices_changed.set()
-        self.spawn(self.publish_fleet(), "aggregator-fleet-metrics")
+        self.fleet.mark()
 
     async def _send_to_device(self, device_id: str, message: Message) -> None:
         size = await self.publish(topics.device_topic(self.job, device_id, Channel.TASKS), Channel.TASKS, message)
