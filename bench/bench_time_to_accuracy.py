@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -69,7 +68,7 @@ from unus_edge.messages import RoundMetrics, Task
 from unus_edge.nn import Graph
 from unus_edge.onnx_io import read_parameters
 from unus_edge.seeds import device_seed
-from unus_edge.simulation import SimulationOptions, simulate
+from unus_edge.simulation import SimulationOptions, simulate, usable_cores
 from unus_edge.zoo import resolve_model
 
 NUM_DEVICES = 10
@@ -79,10 +78,6 @@ CONTENTION_GOAL = 1.3
 MODES = ("inprocess-mosquitto", "processes-mosquitto", "inprocess-amqtt", "processes-amqtt")
 
 Params = dict[str, np.ndarray[Any, Any]]
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def job_config(rounds: int, url: str, learning_rate: float) -> JobConfig:
@@ -266,7 +261,7 @@ def main() -> None:
     modes = [m for m in args.modes if not m.endswith("mosquitto") or mosquitto_binary() is not None]
     if len(modes) != len(args.modes):
         say("NOTE: mosquitto is not installed: its modes are skipped")
-    parallel = cores()
+    parallel = usable_cores()  # the simulator's compute slots for in-process devices, too
     say(f"FedAvg, 2NN, {NUM_DEVICES} devices x {train_examples // NUM_DEVICES} {dataset} examples (IID), E=1 B=10 "
         f"lr {args.learning_rate}, central evaluation every round, target {target:.0%}; {parallel} cores, "
         f"BLAS threads {blas_threads()}, load average {load_average():.2f}")

@@ -20,6 +20,21 @@ from unus_edge.simulation import SimulationOptions, simulate, usable_cores
 from unus_edge.transport import MemoryBroker
 
 
+async def run_job(num_devices: int, *, rounds: int, slots: asyncio.Semaphore | None = None) -> None:
+    """A FedAvg job in memory; the devices share ``slots`` when given."""
+    broker = MemoryBroker()
+    aggregator = make_aggregator(broker, config(job__min_devices=num_devices, job__rounds=rounds))
+    devices = [make_device(broker, f"d{i}", shard) for i, shard in enumerate(shards(num_devices))]
+    if slots is not None:
+        for device in devices:
+            device.compute_slots = slots
+    tasks = [asyncio.create_task(run_device(d)) for d in devices]
+    async with aggregator.transport:
+        result = await aggregator.run()
+    await asyncio.gather(*tasks)
+    assert result.state == "finished"
+
+
 def test_devices_sharing_one_slot_never_train_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     slots = asyncio.Semaphore(1)
     lock = threading.Lock()
@@ -40,19 +55,7 @@ def test_devices_sharing_one_slot_never_train_at_once(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(_worker, "train_task", counted)
 
-    async def scenario() -> None:
-        broker = MemoryBroker()
-        aggregator = make_aggregator(broker, config(job__min_devices=4))
-        devices = [make_device(broker, f"d{i}", shard) for i, shard in enumerate(shards(4))]
-        for device in devices:
-            device.compute_slots = slots
-        tasks = [asyncio.create_task(run_device(d)) for d in devices]
-        async with aggregator.transport:
-            result = await aggregator.run()
-        await asyncio.gather(*tasks)
-        assert result.state == "finished"
-
-    run(scenario)
+    run(lambda: run_job(4, rounds=2, slots=slots))
     assert len(seen) == 8  # 4 devices x 2 rounds
     assert all(count == 1 and held for count, held in seen), seen
 
@@ -71,17 +74,7 @@ def test_without_slots_in_process_devices_train_together(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(_worker, "train_task", meet)
 
-    async def scenario() -> None:
-        broker = MemoryBroker()
-        aggregator = make_aggregator(broker, config(job__min_devices=2, job__rounds=1))
-        devices = [make_device(broker, f"d{i}", shard) for i, shard in enumerate(shards(2))]
-        tasks = [asyncio.create_task(run_device(d)) for d in devices]
-        async with aggregator.transport:
-            result = await aggregator.run()
-        await asyncio.gather(*tasks)
-        assert result.state == "finished"
-
-    run(scenario)
+    run(lambda: run_job(2, rounds=1))
     assert met
 
 

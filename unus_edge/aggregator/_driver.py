@@ -173,9 +173,7 @@ class RoundDriver:
             self._resumed = False
             current = service.current_round
             current.deadline = asyncio.get_running_loop().time() + service.config.job.round_deadline
-            self._started = time.perf_counter()
-            self._refused_at_start = service.counters.refused
-            service.start_training_clock()
+            self._begin_round_clock()
             await self._finish_round(current)
         budget = service.config.job.time_budget
         while service.server_round < service.config.job.rounds:
@@ -242,12 +240,16 @@ class RoundDriver:
                     await service.round_changed.wait()
             self._progress(current)
 
+    def _begin_round_clock(self) -> None:
+        """The round's duration and its own refusals count from here (a new or a resumed round)."""
+        self._started = time.perf_counter()
+        self._refused_at_start = self.service.counters.refused
+        self.service.start_training_clock()
+
     async def _start_round(self, server_round: int) -> SyncRound:
         service = self.service
         loop = asyncio.get_running_loop()
-        self._started = time.perf_counter()
-        self._refused_at_start = service.counters.refused
-        service.start_training_clock()
+        self._begin_round_clock()
         service.state = "running"
         assignments = service.strategy.configure_round(self._context(server_round), service.registry.online())
         if not assignments:
