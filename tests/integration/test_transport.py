@@ -71,6 +71,30 @@ def test_qos0_and_qos2_round_trip(kind: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", BROKERS)
+def test_multi_megabyte_messages_arrive_intact(kind: str, tmp_path: Path) -> None:
+    """Larger than any socket buffer, so every send and receive is partial (LargeMessageClient's paths)."""
+    payloads = [secrets.token_bytes(6_000_000 + index) for index in range(3)]
+
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            big = options(broker)
+            async with MqttTransport(big) as subscriber, MqttTransport(big) as publisher:
+                await subscriber.subscribe("test/large/+", qos=1)
+                await asyncio.gather(*(publisher.publish(f"test/large/{qos}", payload, qos=qos)
+                                       for qos, payload in zip((1, 0, 1), payloads, strict=True)))
+                received = await receive(subscriber, len(payloads))
+                await publisher.publish("test/large/model", payloads[0], qos=1, retain=True)
+            async with MqttTransport(big) as late:
+                await late.subscribe("test/large/model", qos=1)
+                (retained,) = await receive(late, 1)
+        assert sorted(m.payload for m in received) == sorted(payloads)
+        assert {m.topic for m in received} == {"test/large/0", "test/large/1"}
+        assert retained.payload == payloads[0] and retained.retain
+
+    run(scenario, timeout=120)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
 def test_retained_message_reaches_late_subscriber(kind: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_broker(kind, tmp_path) as broker:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -28,16 +29,68 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from unus_edge.transport._base import ConnectOptions
 
-__all__ = ["SocketPump", "new_client"]
+__all__ = ["LargeMessageClient", "SocketPump", "new_client"]
 
 _MISC_INTERVAL = 1.0
 _READ_BATCH = 256
 """Packets read per readiness event at most (see ``SocketPump._on_readable``)."""
+_RECV_CHUNK = 1 << 20
+"""Bytes asked of the socket per ``recv`` at most (see :class:`LargeMessageClient`)."""
+
+
+class LargeMessageClient(paho.Client):
+    """paho's client without the copies that make it slow on multi-megabyte messages.
+
+    paho 2.x does three things that cost little on small messages and a lot on a 40 MB model
+    (measured in ``bench/bench_large_model.py``; docs/design.md, "Transport"):
+
+    * every partial ``send`` slices the rest of the queued packet, a copy of up to the whole
+      packet each time: here the queued packet is a ``memoryview``, whose slices are free;
+    * every ``recv`` asks for the whole rest of the packet, so each call allocates (and the
+      kernel zero-fills) a buffer of that size: here a call asks for at most 1 MiB;
+    * a received PUBLISH is taken apart with ``struct.unpack``, three copies of the payload:
+      here one (MQTT 3.1.1, QoS 0 and 1; anything else is paho's own code).
+
+    Only these private methods of paho are replaced; the wire behaviour is paho's.
+    """
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: paho.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        return super()._packet_queue(command, memoryview(packet), mid, qos, info)  # type: ignore[arg-type]
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        return super()._sock_recv(min(bufsize, _RECV_CHUNK))
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if self._protocol != paho.MQTTv311 or qos > 1:
+            return super()._handle_publish()
+        view = memoryview(self._in_packet["packet"])
+        if len(view) < 2:
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        (length,) = struct.unpack_from("!H", view)
+        offset = 2 + length
+        if length == 0 or len(view) < offset + 2 * qos:
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL  # MQTT 3.1.1 forbids an empty topic
+        message = paho.MQTTMessage(topic=bytes(view[2:offset]))
+        if qos:
+            (message.mid,) = struct.unpack_from("!H", view, offset)
+            offset += 2
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.payload = bytes(view[offset:])
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if qos == 0 or self._manual_ack:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(message.mid)
 
 
 def new_client(options: ConnectOptions, client_id: str) -> paho.Client:
     """A paho client configured from ``options``; protocol callbacks are the caller's to set."""
-    client = paho.Client(
+    client = LargeMessageClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=options.clean_session,
