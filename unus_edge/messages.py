@@ -232,6 +232,9 @@ class Clock(Message):
     staleness_bound: int | None = 0
     live_devices: int = 0
     clocks: Mapping[str, int] = field(default_factory=dict)
+    model_version: int = -1
+    """Version of the retained model when this clock was published (-1: unknown, an older
+    aggregator). An SSP device may start from any model of at least this version."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,9 @@ def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
         if envelope.msg_id not in service.committer.pending_ids:  # else its acknowledgement follows its commit
             service._ack(update, envelope.msg_id, known[0], known[1])
         return
+    model_bytes = update.metrics.get("model_bytes")  # what reached the device since its last update
+    if isinstance(model_bytes, int) and not isinstance(model_bytes, bool) and model_bytes > 0:
+        service.counters.bytes_down += model_bytes
     verdict: tuple[str, str] | None
     if update.device_id not in service.registry:
         verdict = "unregistered", "the device has not registered"

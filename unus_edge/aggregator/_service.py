@@ -93,6 +93,8 @@ class Aggregator:
         self.registry = Registry(fingerprint, config.job.heartbeat_timeout)
         self.rng = np.random.default_rng(config.job.seed)
         self.version = 0
+        self.published_version = -1
+        """Version of the last model whose publication the broker acknowledged (the retained one)."""
         self.server_round = 0
         self.history: list[RoundMetrics] = []
         self.dedup = DedupWindow()
@@ -318,17 +320,19 @@ class Aggregator:
         return len(payload)
 
     async def publish_model(self) -> None:
+        """Publish the retained model. Devices fetch it when they start a computation, so what
+        reaches them is counted from their own reports (``model_bytes`` in their updates)."""
         payload = self.strategy.model_payload(self.params)
-        size = await self.publish(topics.model(self.job), Channel.MODEL,
-                                  GlobalModel(self.version, self.server_round, self.fingerprint, self.session,
-                                              payload))
-        self.counters.bytes_down += size * max(1, sum(1 for r in self.registry if r.online))
+        version = self.version
+        await self.publish(topics.model(self.job), Channel.MODEL,
+                           GlobalModel(version, self.server_round, self.fingerprint, self.session, payload))
+        self.published_version = max(self.published_version, version)
 
     async def publish_state(self, reason: str = "") -> None:
         online = [r for r in self.registry if r.online]
         c_min, bound, clocks = self.driver.clock_state()
         clock = Clock(self.version, self.server_round, self.session, _clock_state(self.state), c_min, bound,
-                      len(online), clocks)
+                      len(online), clocks, self.published_version)
         await self.publish(topics.clock(self.job), Channel.CLOCK, clock)
         last = self.history[-1] if self.history else None
         job = JobMetrics(_clock_state(self.state), self.strategy.name or type(self.strategy).__name__,

@@ -98,6 +98,13 @@ class Device:
         self._latest_model: GlobalModel | None = None
         self.download: dict[str, Tensor] = {}
         """What the last model message carried (the device strategy may use only that part)."""
+        self.model_messages = 0
+        """Model messages received (the device subscribes to the model only to fetch one)."""
+        self.model_bytes = 0
+        """Bytes of model messages received; each update reports those since the previous one."""
+        self.model_bytes_reported = 0
+        self.models_while_training = 0
+        """Model messages that arrived while this device trained (the protocol says none should)."""
         self.client: ClientStrategy | None = None
         self._latest_clock: Clock | None = None
         self.clock = 0
@@ -114,6 +121,8 @@ class Device:
         self.bound: int | None = 0
         self.clock_version = 0
         self.ack_version = 0
+        self.published_version = -1
+        """The retained model's version as the last clock names it (-1: an aggregator that does not say)."""
         self.gate = asyncio.Event()
         self.standing: Task | None = None
         self.job_over = False
@@ -143,8 +152,11 @@ class Device:
                 self._group = group
                 tasks = [group.create_task(self._receive(), name="device-receive")]
                 await self.transport.subscribe(topics.device_topic(self.job, self.device_id, Channel.TASKS), qos=1)
-                for topic in (topics.model(self.job), topics.clock(self.job), topics.aggregator_status(self.job)):
+                for topic in (topics.clock(self.job), topics.aggregator_status(self.job)):
                     await self.transport.subscribe(topic, qos=1)
+                # The model is fetched per computation (_worker.fetch_model), never followed: drop
+                # the subscription a persistent session may still hold from an older daemon.
+                await self.transport.unsubscribe(topics.model(self.job))
                 tasks += [
                     group.create_task(self._registration(), name="device-registration"),
                     group.create_task(_worker.heartbeat(self), name="device-heartbeat"),
@@ -227,6 +239,8 @@ class Device:
                 parsed = topics.parse(message.topic)
                 if parsed.job != self.job or (parsed.device_id and parsed.device_id != self.device_id):
                     continue  # not ours (brokers may leak retained topics: docs/brokers.md)
+                if parsed.channel is Channel.MODEL:
+                    self.model_bytes += len(message.payload)
                 _, decoded = decode_message(message.payload, parsed.channel, limits=self.limits)
             except ProtocolError as error:
                 logger.warning("ignoring a message on %s: %s", message.topic, error)
@@ -248,6 +262,10 @@ class Device:
         elif isinstance(message, Ack):
             self._on_ack(message)
         elif isinstance(message, GlobalModel):
+            self.model_messages += 1
+            if self.state == "training":
+                self.models_while_training += 1
+                logger.warning("model version %d arrived while training", message.version)
             self._latest_model = message
             self._apply_model()
         elif isinstance(message, RegistrationReply):
@@ -312,6 +330,7 @@ class Device:
         self.model_version = -1
         self.clock_version = 0
         self.ack_version = 0
+        self.published_version = -1
         self._apply_model()
         self._apply_clock()
 
@@ -322,6 +341,7 @@ class Device:
         self.c_min = message.c_min
         self.bound = message.staleness_bound
         self.clock_version = max(self.clock_version, message.version)
+        self.published_version = max(self.published_version, message.model_version)
         self.gate.set()
         if message.state in ("finished", "failed"):
             self.job_over = True

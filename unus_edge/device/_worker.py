@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from unus_edge import topics
 from unus_edge.codec import new_msg_id
 from unus_edge.device._training import Abandoned, train_task
-from unus_edge.errors import ConfigError, MessageError, PublishError, StrategyError
+from unus_edge.errors import ConfigError, MessageError, PublishError, StrategyError, TransportError
 from unus_edge.messages import Heartbeat, Task, Update, encode_message
 from unus_edge.seeds import device_seed
 from unus_edge.strategies import CLIENT_STRATEGIES, ClientStrategy, Params, client_strategy
@@ -26,7 +26,10 @@ from unus_edge.topics import Channel
 if TYPE_CHECKING:
     from unus_edge.device._daemon import Device
 
-__all__ = ["Pending", "do_task", "heartbeat", "prepare_client", "run_ssp", "wait_for_model", "wait_gate", "work"]
+__all__ = [
+    "Pending", "do_task", "fetch_model", "heartbeat", "prepare_client", "run_ssp", "ssp_required_version",
+    "wait_for_model", "wait_gate", "work",
+]
 
 logger = logging.getLogger("unus_edge.device")
 ssp_logger = logging.getLogger("unus_edge.device.ssp")
@@ -82,11 +85,30 @@ async def heartbeat(device: Device) -> None:
         await asyncio.sleep(device.settings.heartbeat_interval)
 
 
-async def wait_for_model(device: Device, version: int, budget: float) -> bool:
-    """Wait until the model of ``version`` (or newer) is here; re-subscribe if it is late."""
+async def fetch_model(device: Device, version: int, budget: float) -> bool:
+    """Fetch the model for one computation: subscribe to the retained model, take it, unsubscribe.
+
+    The device receives a model only when it is about to train, and one model per computation
+    (docs/protocol.md, "Model delivery"): it waits for the retained copy the subscription
+    brings, and for a publication if that copy is older than ``version``. False if no model of
+    ``version`` or newer came within ``budget`` seconds.
+    """
+    topic = topics.model(device.job)
+    seen = device.model_messages
+    await device.transport.subscribe(topic, qos=1)
+    try:
+        return await wait_for_model(device, version, budget, after=seen)
+    finally:
+        with contextlib.suppress(TransportError):  # closing: the subscription goes with the session
+            await device.transport.unsubscribe(topic)
+
+
+async def wait_for_model(device: Device, version: int, budget: float, *, after: int = -1) -> bool:
+    """Wait until the model of ``version`` (or newer) is here, and more than ``after`` model
+    messages have arrived; re-subscribe if it is late (the broker re-sends the retained copy)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + budget
-    while device.model_version < version:
+    while device.model_version < version or device.model_messages <= after:
         remaining = end - loop.time()
         if remaining <= 0:
             return False
@@ -111,7 +133,8 @@ async def work(device: Device) -> None:
             await run_ssp(device)
             continue
         budget = task.deadline_seconds or 3600.0
-        if not await wait_for_model(device, task.model_version, budget):
+        have = device.model is not None and device.model_version == task.model_version  # e.g. a retried round
+        if not have and not await fetch_model(device, task.model_version, budget):
             logger.warning("task %s dropped: model version %d never arrived", task.task_id, task.model_version)
             continue
         if device.model_version != task.model_version or device.model is None:
@@ -132,14 +155,27 @@ async def wait_gate(device: Device) -> None:
         await device.gate.wait()
 
 
+def ssp_required_version(device: Device) -> int:
+    """The oldest model an SSP computation may start from: any model within the staleness bound.
+
+    The aggregator publishes the model whenever a device becomes allowed to start, before the
+    clock that says so, and each clock names the retained model's version: a model of at least
+    that version holds every update of the clocks below ``c_min``, which is what the bound asks
+    (``c_i <= c_min + s``). It need not hold the device's own last update. An aggregator that
+    does not name it (-1) gets the older, stricter wait: the device's own update included.
+    """
+    if device.published_version >= 0:
+        return device.published_version
+    return max(device.ack_version, device.clock_version)
+
+
 async def run_ssp(device: Device) -> None:
     """SSP: update after update, each started only when the clock allows it."""
     while not device.job_over and device.standing is not None:
         await wait_gate(device)
         if _over(device):
             break
-        required = max(device.ack_version, device.clock_version)
-        if not await wait_for_model(device, required, 3600.0) or device.model is None:
+        if not await fetch_model(device, ssp_required_version(device), 3600.0) or device.model is None:
             continue
         task, base, version, clock = device.standing, device.model, device.model_version, device.clock
         try:
@@ -192,7 +228,9 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     update = Update(device.device_id, device.session, task.task_id, task.server_round, base_version,
                     result.num_examples, result.train_loss, result.delta, encoding,
                     device.clock if clock is None else clock, time.perf_counter() - started,
-                    {"steps": result.steps, "cpu_seconds": result.cpu_seconds})
+                    {"steps": result.steps, "cpu_seconds": result.cpu_seconds,
+                     "model_bytes": device.model_bytes - device.model_bytes_reported})
+    device.model_bytes_reported = device.model_bytes
     msg_id = new_msg_id()
     device.state = "uploading"
     device.acked.clear()

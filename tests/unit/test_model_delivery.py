@@ -1,0 +1,72 @@
+"""Model delivery: a device fetches one model per computation and none while it trains.
+
+Whole jobs in memory (the in-memory broker keeps retained messages and sessions as a broker
+does); every device's deliveries are counted by the device itself and checked against the
+computations it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.unit.test_service_memory import config, make_aggregator, make_device, run, run_device, shards
+from unus_edge import topics
+from unus_edge.aggregator import Aggregator
+from unus_edge.device import Device
+from unus_edge.device._worker import ssp_required_version
+from unus_edge.transport import MemoryBroker
+
+
+async def job(num_devices: int, **settings: Any) -> tuple[Aggregator, list[Device], MemoryBroker]:
+    broker = MemoryBroker()
+    aggregator = make_aggregator(broker, config(job__min_devices=num_devices, **settings))
+    devices = [make_device(broker, f"d{i}", shard) for i, shard in enumerate(shards(num_devices))]
+    tasks = [asyncio.create_task(run_device(d)) for d in devices]
+    async with aggregator.transport:
+        result = await aggregator.run()
+    await asyncio.gather(*tasks)
+    assert result.state == "finished", result.reason
+    return aggregator, devices, broker
+
+
+@pytest.mark.parametrize("bound", ["0", "1", "inf"])
+def test_an_ssp_device_receives_one_model_per_computation_and_none_while_training(bound: str) -> None:
+    aggregator, devices, _ = run(lambda: job(3, job__mode="ssp", job__staleness_bound=bound, job__rounds=4))
+    model_size = len(aggregator.transport.broker.retained[topics.model(aggregator.job)].payload)  # type: ignore[attr-defined]
+    for device in devices:
+        assert device.models_while_training == 0, device.device_id
+        # One fetch per computation; a computation the job's end cut short still fetched.
+        assert device.updates_sent <= device.model_messages <= device.updates_sent + 1, device.device_id
+        assert device.model_bytes <= device.model_messages * model_size
+    updates = sum(d.updates_sent for d in devices)
+    assert aggregator.counters.bytes_down >= updates * model_size  # counted from the devices' reports
+
+
+def test_a_device_not_selected_for_a_round_receives_no_model() -> None:
+    _, devices, _ = run(lambda: job(4, job__fraction="0.5", job__rounds=3))
+    for device in devices:
+        assert device.models_while_training == 0
+        assert device.model_messages == device.updates_sent, device.device_id  # one per round it trained in
+    assert sum(d.updates_sent for d in devices) == 2 * 3  # 2 of 4 devices selected per round
+
+
+def test_a_device_holds_no_model_subscription_between_computations() -> None:
+    aggregator, devices, broker = run(lambda: job(2, job__mode="ssp", job__staleness_bound="1", job__rounds=2))
+    model = topics.model(aggregator.job)
+    for device in devices:
+        assert model not in broker._sessions[device.transport.client_id].subscriptions  # type: ignore[attr-defined]
+
+
+def test_ssp_needs_the_version_the_clock_names_not_the_devices_own_update() -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        device = make_device(broker, "d0", shards(1)[0])
+        device.ack_version, device.clock_version = 9, 8  # its own update made version 9
+        assert ssp_required_version(device) == 9  # an aggregator that names no model version: the old wait
+        device.published_version = 7  # the clock says the retained model is version 7
+        assert ssp_required_version(device) == 7
+
+    run(scenario)
