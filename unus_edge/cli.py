@@ -108,6 +108,7 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
     from unus_edge._progress import RoundProgressBar, format_bytes
     from unus_edge.config import load_job_config
     from unus_edge.data import resolve_data_dir
+    from unus_edge.profiles import assign_profiles, parse_profiles
     from unus_edge.simulation import SimulationOptions, simulate, stragglers
 
     dataset = args.dataset
@@ -134,6 +135,8 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
         embedded_broker=args.broker is None, processes=args.processes, out_dir=out_dir,
         slowdowns=stragglers(args.stragglers, args.devices, config.job.seed) if args.stragglers else {},
         compute_slots=args.compute_slots,
+        profiles=(assign_profiles(parse_profiles(args.device_profiles), args.devices, config.job.seed)
+                  if args.device_profiles else None),
     )
     print(f"simulating job {config.job.name}: {args.devices} devices ({'processes' if args.processes else 'tasks'}),"
           f" {config.model.source}, {config.strategy.resolved(config.job.mode)}, {dataset} {args.scheme}, "
@@ -150,6 +153,10 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
           f"final accuracy {accuracy}, loss {loss}")
     print(f"bytes up {format_bytes(result.bytes_up)}, down {format_bytes(result.bytes_down)}"
           + (f"; rejected {result.rejected}" if result.rejected else ""))
+    if report.paces:
+        overruns, trainings = report.pace_overruns
+        print(f"device profiles: {overruns} of {trainings} trainings took the host longer than their profile"
+              + (" (the host, not the profiles, set those devices' speed)" if overruns else ""))
     print(f"metrics: {out_dir / 'metrics.csv'}, {out_dir / 'metrics.json'}; model: {out_dir / 'model.onnx'}")
     print(f"plot: {report.plot}" if report.plot else "plot: none (pip install 'unus-edge[plot]')")
     return 0 if result.state == "finished" else 1
@@ -296,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "fully asynchronous training); default: synchronous rounds")
         sim.add_argument("--stragglers", metavar="FRAC:FACTOR", help="make a seeded FRAC of the devices FACTOR "
                          "times slower, e.g. 0.2:5")
+        sim.add_argument("--device-profiles", metavar="SPEC", help="in-process devices: device speeds by profile, "
+                         "e.g. pi-zero-2:0.2,pi-4:0.6,pi-5:0.2 or fast=0.005:0.8,slow=0.025:0.2 "
+                         "(NAME=STEP_SECONDS[/MBPS[/LATENCY_MS]]:SHARE; docs/aggregator.md, 'Simulation')")
         sim.add_argument("--out", metavar="DIR", help="output folder (default: runs/<job>-<time>)")
         sim.set_defaults(handler=(lambda a: _cmd_simulate(a, demo=True)) if is_demo else _cmd_simulate)
         if is_demo:

@@ -34,7 +34,8 @@ from unus_edge.data import Dataset, load_dataset, partition, save_partition
 from unus_edge.device import run_device
 from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
-from unus_edge.onnx_io import save_model
+from unus_edge.onnx_io import read_parameters, save_model
+from unus_edge.profiles import DeviceProfile, ProfilePace, workload_cost
 from unus_edge.zoo import resolve_model
 
 __all__ = ["SimulationOptions", "SimulationReport", "simulate", "stragglers"]
@@ -58,6 +59,10 @@ class SimulationOptions:
     device_settings: DeviceSettings = field(default_factory=DeviceSettings)
     slowdowns: dict[int, float] = field(default_factory=dict)
     """Device index -> compute slowdown factor (stragglers)."""
+    profiles: list[DeviceProfile] | None = None
+    """In-process devices: a profile per device (:mod:`unus_edge.profiles`), which paces its
+    trainings and transfers; stragglers (``slowdowns``) then get their profile that many times
+    slower. None: the devices run at the host's speed (stragglers wait out extra CPU time)."""
     compute_slots: int | None = None
     """In-process devices: how many may train at once (default: the usable cores; 0: no limit).
 
@@ -73,6 +78,13 @@ class SimulationReport:
     num_devices: int
     out_dir: Path | None
     plot: Path | None
+    paces: tuple[ProfilePace, ...] = ()
+    """The in-process devices' paces (with ``profiles``): their trainings and overruns."""
+
+    @property
+    def pace_overruns(self) -> tuple[int, int]:
+        """(trainings the host computed more slowly than the profile asked, trainings)."""
+        return sum(p.overruns for p in self.paces), sum(p.trainings for p in self.paces)
 
 
 def usable_cores() -> int:
@@ -98,9 +110,9 @@ def stragglers(spec: str, num_devices: int, seed: int) -> dict[int, float]:
 
 def _device_config(options: SimulationOptions, index: int, broker: BrokerSettings, data: str) -> DeviceConfig:
     config = options.config
+    slowdown = 1.0 if options.profiles else options.slowdowns.get(index, 1.0)  # profiles slow by pacing
     settings = replace(options.device_settings, id=f"device-{index:03d}", job=config.job.name, data=data,
-                       model=config.model.source, model_seed=config.model.seed,
-                       slowdown=options.slowdowns.get(index, 1.0))
+                       model=config.model.source, model_seed=config.model.seed, slowdown=slowdown)
     return DeviceConfig(device=settings, broker=broker)
 
 
@@ -161,6 +173,12 @@ async def simulate(
         raise ConfigError("--compute-slots", f"must be 0 (no limit) or more, not {options.compute_slots}")
     if options.processes and options.out_dir is None:
         raise ConfigError("--out", "is required with --processes (partition files live there)")
+    if options.profiles is not None:
+        if options.processes:
+            raise ConfigError("--device-profiles", "paces in-process devices only (not yet --processes)")
+        if len(options.profiles) != options.num_devices:
+            raise ConfigError("--device-profiles",
+                              f"{len(options.profiles)} profiles for {options.num_devices} devices")
     train = load_dataset(options.dataset, "train", data_dir=options.data_dir or None, seed=config.job.seed,
                          num_examples=options.train_examples or None)
     indices = partition(train.y, options.num_devices, options.scheme, seed=config.job.seed, alpha=options.alpha)
@@ -176,6 +194,7 @@ async def simulate(
                                                                           options.num_devices)))
         finished = asyncio.Event()
         devices: list[asyncio.Task[object]] = []
+        paces: list[ProfilePace] = []
         if options.processes:
             assert options.out_dir is not None
             paths = _write_device_files(options, shards, config.broker)
@@ -184,11 +203,12 @@ async def simulate(
         else:
             slots = usable_cores() if options.compute_slots is None else options.compute_slots
             compute_slots = asyncio.Semaphore(slots) if slots > 0 else None
+            paces = _paces(options, config)
             for index, shard in enumerate(shards):
                 device_config = _device_config(options, index, config.broker, "memory")
                 devices.append(asyncio.create_task(
                     run_device(device_config, dataset=shard, exit_when_finished=True, shutdown_trigger=finished,
-                               compute_slots=compute_slots),
+                               compute_slots=compute_slots, pace=paces[index] if paces else None),
                     name=f"simulation-{device_config.device.id}"))
         try:
             result = await run_aggregator(config, on_round=on_round, on_progress=on_progress,
@@ -201,7 +221,18 @@ async def simulate(
             for task in devices:
                 task.cancel()
     plot = _write_outputs(options.out_dir, config, result) if options.out_dir else None
-    return SimulationReport(result, options.num_devices, options.out_dir, plot)
+    return SimulationReport(result, options.num_devices, options.out_dir, plot, tuple(paces))
+
+
+def _paces(options: SimulationOptions, config: JobConfig) -> list[ProfilePace]:
+    """A pace per in-process device from its profile (a straggler's made slower), or none."""
+    if not options.profiles:
+        return []
+    parameters = sum(int(v.size) for v in read_parameters(resolve_model(config.model.source,
+                                                                         seed=config.model.seed)).values())
+    cost = workload_cost(parameters, config.train.batch_size)
+    return [ProfilePace(profile.scaled(options.slowdowns[index]) if index in options.slowdowns else profile, cost)
+            for index, profile in enumerate(options.profiles)]
 
 
 def _write_outputs(out_dir: Path, config: JobConfig, result: JobResult) -> Path | None:

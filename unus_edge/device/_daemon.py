@@ -34,6 +34,7 @@ from unus_edge.codec import Limits, Tensor
 from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset
 from unus_edge.device import _worker
+from unus_edge.device._pace import NO_PACE, Pace
 from unus_edge.device._worker import Pending
 from unus_edge.errors import ProtocolError, PublishError, RejectedError
 from unus_edge.messages import (
@@ -89,6 +90,8 @@ class Device:
         self.compute_slots: contextlib.AbstractAsyncContextManager[object] = (
             compute_slots if compute_slots is not None else contextlib.nullcontext())
         """Held while training: shared by the devices of one process to bound concurrent trainings."""
+        self.pace: Pace = NO_PACE
+        """Simulation only: makes computations and transfers as slow as a device profile says."""
         self.template = graph.model.initializers
         # Twice the dense model: a partial (sparse) model costs index + value per entry.
         self.limits = Limits(max_payload_bytes=2 * sum(v.nbytes for v in self.template.values()) + 65_536)

@@ -9,6 +9,7 @@ from unus_edge._blas import set_blas_threads
 from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset, load_partition
 from unus_edge.device._daemon import Device
+from unus_edge.device._pace import Pace
 from unus_edge.nn import Graph
 from unus_edge.onnx_io import fingerprint
 from unus_edge.strategies import load_client_strategies
@@ -25,12 +26,14 @@ async def run_device(
     shutdown_trigger: asyncio.Event | None = None,
     exit_when_finished: bool = False,
     compute_slots: asyncio.Semaphore | None = None,
+    pace: Pace | None = None,
 ) -> Device:
     """Run a device until shutdown (or the job's end with ``exit_when_finished``).
 
     Sizes the process's BLAS pool to ``device.blas_threads`` first (process-wide: in-process
     devices share it, and each sets the same value). ``compute_slots``, shared by the devices
-    of one process, bounds how many of them train at once (the simulator passes one).
+    of one process, bounds how many of them train at once (the simulator passes one), and
+    ``pace`` makes a simulated device as slow as its profile (:mod:`unus_edge.profiles`).
     """
     if config.device.blas_threads:
         set_blas_threads(config.device.blas_threads)
@@ -44,6 +47,8 @@ async def run_device(
     device = Device(config, transport, graph=graph, fingerprint=fingerprint(model), dataset=data, session=session,
                     shutdown_trigger=shutdown_trigger, exit_when_finished=exit_when_finished,
                     compute_slots=compute_slots)
+    if pace is not None:
+        device.pace = pace
     async with transport:
         await device.run()
     return device

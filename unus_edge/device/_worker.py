@@ -94,13 +94,15 @@ async def fetch_model(device: Device, version: int, budget: float) -> bool:
     ``version`` or newer came within ``budget`` seconds.
     """
     topic = topics.model(device.job)
-    seen = device.model_messages
+    seen, received = device.model_messages, device.model_bytes
     await device.transport.subscribe(topic, qos=1)
     try:
-        return await wait_for_model(device, version, budget, after=seen)
+        arrived = await wait_for_model(device, version, budget, after=seen)
     finally:
         with contextlib.suppress(TransportError):  # closing: the subscription goes with the session
             await device.transport.unsubscribe(topic)
+    await device.pace.transfer(device.model_bytes - received)
+    return arrived
 
 
 async def wait_for_model(device: Device, version: int, budget: float, *, after: int = -1) -> bool:
@@ -207,11 +209,13 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     device.client = prepare_client(task, device.client)
     device.state = "training"
     started = time.perf_counter()
+    paced_from = device.pace.now()
     start = device.client.starting_point(base, device.download)
     try:
         async with device.compute_slots:
             result = await asyncio.to_thread(train_task, device.graph, start, device.dataset, task,
                                              device.stop_training, device.client)
+        await device.pace.training(paced_from, result.steps)  # a simulated device's own speed
     except Abandoned:
         logger.info("training of %s abandoned for shutdown", task.task_id)
         return
@@ -235,6 +239,7 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     device.state = "uploading"
     device.acked.clear()
     payload = encode_message(update, device.job, Channel.UPDATE, msg_id=msg_id)
+    await device.pace.transfer(len(payload))
     device.pending = Pending(msg_id, task.task_id, payload)
     if task.mode == "sync":
         device.done_tasks.add(task.task_id)

@@ -1,0 +1,169 @@
+"""Device profiles: parsing, assignment, and the pace's waits on a fake clock (no timing assertions)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from unus_edge.errors import ConfigError
+from unus_edge.profiles import (
+    PROFILES,
+    DeviceProfile,
+    ProfilePace,
+    assign_profiles,
+    parse_profiles,
+    workload_cost,
+)
+
+
+class FakeClock:
+    """Time that moves only when the code under test sleeps, or the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_the_pace_waits_out_exactly_what_the_profile_asks_beyond_the_real_computation() -> None:
+    clock = FakeClock()
+    pace = ProfilePace(DeviceProfile("slow", step_seconds=0.05), cost=2.0, clock=clock, sleep=clock.sleep)
+    started = pace.now()
+    clock.now += 1.5  # the real training took 1.5 s
+    asyncio.run(pace.training(started, steps=30))  # the profile: 30 x 0.05 x 2 = 3 s
+    assert clock.sleeps == [pytest.approx(1.5)]
+    assert clock.now == pytest.approx(started + 3.0)
+    assert (pace.trainings, pace.overruns) == (1, 0)
+
+
+def test_a_host_slower_than_the_profile_is_an_overrun_and_no_wait() -> None:
+    clock = FakeClock()
+    pace = ProfilePace(DeviceProfile("fast", step_seconds=0.001), clock=clock, sleep=clock.sleep)
+    started = pace.now()
+    clock.now += 2.0  # the host needed 2 s for what the profile says takes 0.1 s
+    asyncio.run(pace.training(started, steps=100))
+    assert clock.sleeps == []
+    assert (pace.trainings, pace.overruns) == (1, 1)
+
+
+def test_a_5x_slower_profile_is_5x_slower_whatever_the_host_took() -> None:
+    base = PROFILES["pi-4"]
+    for host_seconds in (0.0, 0.1, 0.5):  # an idle and a loaded host, both faster than the profiles
+        ends = []
+        for profile in (base, base.scaled(5)):
+            clock = FakeClock()
+            pace = ProfilePace(profile, clock=clock, sleep=clock.sleep)
+            started = pace.now()
+            clock.now += host_seconds
+            asyncio.run(pace.training(started, steps=60))
+            ends.append(clock.now - started)
+        assert ends[1] == pytest.approx(5 * ends[0])
+
+
+def test_a_transfer_takes_latency_plus_bytes_over_bandwidth() -> None:
+    clock = FakeClock()
+    pace = ProfilePace(DeviceProfile("link", 0.0, bandwidth_mbps=8.0, latency_ms=20.0), clock=clock,
+                       sleep=clock.sleep)
+    asyncio.run(pace.transfer(1_000_000))  # 8 Mbit over 8 Mbit/s = 1 s, + 20 ms
+    assert clock.sleeps == [pytest.approx(1.02)]
+    unlimited = ProfilePace(DeviceProfile("host", 0.0), clock=clock, sleep=clock.sleep)
+    asyncio.run(unlimited.transfer(10**9))
+    assert clock.sleeps == [pytest.approx(1.02)]  # no link given: no wait
+
+
+def test_profiles_parse_built_in_and_custom() -> None:
+    mix = parse_profiles("pi-zero-2:0.2, pi-4:0.6, edge=0.02/50/10:0.2")
+    assert [(p.name, share) for p, share in mix] == [("pi-zero-2", 0.2), ("pi-4", 0.6), ("edge", 0.2)]
+    assert mix[2][0] == DeviceProfile("edge", 0.02, 50.0, 10.0)
+    assert parse_profiles("x=0.5:1")[0][0] == DeviceProfile("x", 0.5)
+
+
+@pytest.mark.parametrize("spec", ["", "pi-9:1", "pi-4:0.5", "pi-4:zero", "x=:1", "x=1/2/3/4:1", "x=-1:1",
+                                  "x=0.1/0:1", "pi-4", ":1", "x=0.1:-1"])
+def test_bad_profiles_are_refused_with_the_flag_named(spec: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_profiles(spec)
+    assert caught.value.key == "--device-profiles"
+
+
+def test_each_profile_gets_its_share_of_the_fleet() -> None:
+    mix = parse_profiles("pi-zero-2:0.2,pi-4:0.6,pi-5:0.2")
+    for devices in (1, 7, 10, 21, 100):
+        profiles = assign_profiles(mix, devices, seed=3)
+        counts = Counter(p.name for p in profiles)
+        assert len(profiles) == devices
+        for profile, share in mix:
+            assert abs(counts[profile.name] - share * devices) < 1
+    assert assign_profiles(mix, 10, seed=3) == assign_profiles(mix, 10, seed=3)
+    assert assign_profiles(mix, 10, seed=3) != assign_profiles(mix, 10, seed=4)
+
+
+def test_a_bigger_model_costs_more_per_step() -> None:
+    assert workload_cost(199_210, 10) == 1.0
+    assert workload_cost(199_210, 50) == 5.0
+    assert workload_cost(7_850, 10) == pytest.approx(0.0394, abs=1e-4)
+
+
+class RecordingPace:
+    """A pace that records what the device asked of it, on a fake clock."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.trainings: list[tuple[float, int]] = []
+        self.transfers: list[int] = []
+
+    def now(self) -> float:
+        return self.clock()
+
+    async def training(self, started: float, steps: int) -> None:
+        self.trainings.append((started, steps))
+
+    async def transfer(self, num_bytes: int) -> None:
+        self.transfers.append(num_bytes)
+
+
+def test_a_device_asks_its_pace_after_every_training_download_and_before_every_upload() -> None:
+    from tests.unit.test_model_delivery import job
+    from tests.unit.test_service_memory import run
+    from unus_edge.device import _daemon
+
+    paces: list[RecordingPace] = []
+    original = _daemon.Device.__init__
+
+    def with_pace(self: _daemon.Device, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        paces.append(RecordingPace())
+        self.pace = paces[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_daemon.Device, "__init__", with_pace)
+        _, devices, _ = run(lambda: job(2, job__rounds=2))
+    for device, pace in zip(devices, paces, strict=True):
+        assert len(pace.trainings) == device.updates_sent == 2
+        assert all(steps > 0 for _, steps in pace.trainings)
+        downloads, uploads = pace.transfers[0::2], pace.transfers[1::2]  # fetch, then upload, per round
+        assert sum(downloads) == device.model_bytes and all(size > 0 for size in uploads)
+
+
+def test_simulate_refuses_profiles_it_cannot_apply(tmp_path: Path) -> None:
+    from tests.unit.test_service_memory import config
+    from unus_edge.simulation import SimulationOptions, simulate
+
+    profiles = [PROFILES["pi-4"]] * 2
+    for options, message in (
+        (SimulationOptions(config(), num_devices=3, dataset="synthetic", profiles=profiles), "2 profiles for 3"),
+        (SimulationOptions(config(), num_devices=2, dataset="synthetic", profiles=profiles, processes=True,
+                           out_dir=tmp_path), "in-process devices only"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            asyncio.run(simulate(options))
+        assert message in str(caught.value)
