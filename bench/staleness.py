@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from _common import (
     add_blas_flag,
     add_common_flags,
     blas_threads,
+    broker_process,
     ensure_blas_threads,
     finish,
     load_average,
@@ -69,6 +71,8 @@ from _common import (
 )
 
 THRESHOLDS = (0.90, 0.95, 0.97)
+MODEL_BYTES = 199_210 * 4
+"""The 2NN's float32 parameters: one model on the wire, less its envelope."""
 FULL_BOUNDS = ["0", "1", "2", "4", "8", "inf"]
 QUICK_BOUNDS = ["0", "2", "inf"]
 
@@ -103,6 +107,9 @@ class Outcome:
     seconds: float
     load_before: float
     load_after: float
+    overruns: int = 0
+    """Trainings the host computed more slowly than the device's profile (its speed was the host's)."""
+    trainings: int = 0
 
 
 class StartTap(logging.Handler):
@@ -184,14 +191,17 @@ def job_overrides(args: argparse.Namespace, run: Run, dataset: str, data_dir: st
     return overrides
 
 
-def execute(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slowdowns: dict[int, float]) -> Outcome:
+def execute(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slowdowns: dict[int, float],
+            profiles: list[Any] | None) -> Outcome:
     from unus_edge.config import load_job_config
     from unus_edge.simulation import SimulationOptions, simulate
 
     config = load_job_config(environ={}, overrides=job_overrides(args, run, dataset, data_dir))
+    if args.broker_url:
+        config = replace(config, broker=replace(config.broker, url=args.broker_url))
     options = SimulationOptions(config=config, num_devices=args.devices, dataset=dataset,  # type: ignore[arg-type]
-                                data_dir=data_dir, scheme="iid", train_examples=args.train_examples,
-                                slowdowns=slowdowns)
+                                data_dir=data_dir, scheme=args.scheme, train_examples=args.train_examples,
+                                slowdowns=slowdowns, profiles=profiles, embedded_broker=not args.broker_url)
 
     async def main() -> Any:
         async with asyncio.timeout(args.budget + 600):
@@ -247,9 +257,10 @@ def execute(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slo
         times.setdefault(device, []).append(when)
     cycles = {device: median(b - a for a, b in itertools.pairwise(moments))
               for device, moments in times.items() if len(moments) > 2}
+    overruns, trainings = report.pace_overruns
     return Outcome(run, points, result.state, result.updates - past_budget, result.updates, result.mean_staleness,
                    starts, cycles, dict(result.rejected), broker_errors.count, result.bytes_up, result.bytes_down,
-                   seconds, load_before, load_average())
+                   seconds, load_before, load_average(), overruns, trainings)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -311,6 +322,9 @@ def summarise(outcomes: list[Outcome], stragglers: set[str], budget: float) -> l
             "state": outcome.state,
             "rejected": outcome.rejected, "broker_errors": outcome.broker_errors,
             "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down,
+            "bytes_down_per_update_over_model": (outcome.bytes_down / outcome.updates_total / MODEL_BYTES
+                                                 if outcome.updates_total else None),
+            "pace_overruns": outcome.overruns, "pace_trainings": outcome.trainings,
             "run_seconds": outcome.seconds, "load_before": outcome.load_before, "load_after": outcome.load_after,
             "points": outcome.points,
         })
@@ -338,7 +352,7 @@ def show(value: float | None, fmt: str, width: int = 0) -> str:
 def print_table(rows: list[dict[str, Any]], budget: float) -> None:
     say(f"\n{'run':14} {'t90 s':>7} {'t95 s':>7} {'x sync':>7} {'t97 s':>7} {'x sync':>7} "
         f"{'acc@' + format(budget, '.0f') + 's':>9} {'updates':>8} {'staleness':>10} {'eval every':>13} "
-        f"{'strag.':>7} {'cycle':>6}")
+        f"{'strag.':>7} {'cycle':>6} {'down/upd':>8} {'overruns':>9}")
     for row in rows:
         every = f"{show(row['eval_every_seconds'], '.1f')} s/{show(row['eval_every_updates'], '.0f')} u"
         say(f"{row['run']:14} {show(row['seconds_to_90'], '.1f', 7)} {show(row['seconds_to_95'], '.1f', 7)} "
@@ -346,12 +360,16 @@ def print_table(rows: list[dict[str, Any]], budget: float) -> None:
             f"{show(row['speedup_97_vs_sync'], '.2f', 7)} {show(row['accuracy_at_budget'], '.4f', 9)} "
             f"{row['updates']:8d} {show(row['mean_staleness'], '.2f', 10)} {every:>13} "
             f"{show(row['straggler_share'], '.1%', 7)} "
-            f"{show(row['cycle_ratio_straggler_over_fast'], '.1f', 6)}")
+            f"{show(row['cycle_ratio_straggler_over_fast'], '.1f', 6)} "
+            f"{show(row['bytes_down_per_update_over_model'], '.2f', 8)} "
+            f"{row['pace_overruns']:4d}/{row['pace_trainings']:<4d}")
     say("t90/t95/t97: wall seconds from the start to when the first model evaluated at or above 90/95/97% was taken "
         "('-': not within the budget); x sync: sync's time / this run's time (> 1: faster than sync).")
     say("staleness: mean versions applied between an update's base and its application (JobResult.mean_staleness); "
         "eval every: median seconds/updates between evaluations; strag.: the stragglers' share of the updates "
-        "started; cycle: median seconds between a straggler's update starts / a fast device's.")
+        "started; cycle: median seconds between a straggler's update starts / a fast device's; down/upd: bytes "
+        "down (what the devices report receiving, plus tasks and acks) per accepted update, in models "
+        "(goal <= 1.1); overruns: trainings the host computed more slowly than their profile / all trainings.")
 
 
 def plot(outcomes: list[Outcome], path: Path, budget: float, title: str) -> Path | None:
@@ -412,6 +430,12 @@ def main() -> None:
     parser.add_argument("--no-async", action="store_true", help="skip FedAsync and FedBuff")
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--stragglers", default="0.2:5", help="FRACTION:FACTOR (default 0.2:5)")
+    parser.add_argument("--device-profiles", default="fast=0.01:1",
+                        help="device speeds (unus_edge.profiles; default fast=0.01:1, 10 ms a 2NN step, the pi-4 "
+                             "profile without its link; 'host': no profiles, the stragglers wait extra CPU time)")
+    parser.add_argument("--scheme", choices=["iid", "shards"], default="iid", help="partition (default iid)")
+    parser.add_argument("--broker", choices=["amqtt", "mosquitto"], default="amqtt",
+                        help="the embedded amqtt (default) or a Mosquitto process started here")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -429,36 +453,54 @@ def main() -> None:
     args.budget = args.budget or (20.0 if args.quick else 160.0)
     args.bounds = args.bounds or (QUICK_BOUNDS if args.quick else FULL_BOUNDS)
     dataset, data_dir = resolve_dataset(args)
+    args.dataset_used = dataset
 
+    from unus_edge.profiles import assign_profiles, parse_profiles
     from unus_edge.simulation import stragglers
 
     slowdowns = stragglers(args.stragglers, args.devices, args.seed)
+    profiles = (None if args.device_profiles == "host"
+                else assign_profiles(parse_profiles(args.device_profiles), args.devices, args.seed))
     slow_ids = {f"device-{index:03d}" for index in slowdowns}
     runs = build_runs(args)
-    settings = (f"2NN, {dataset} IID, {args.devices} in-process devices, stragglers {args.stragglers} "
+    settings = (f"2NN, {dataset} {args.scheme}, {args.devices} in-process devices, profiles {args.device_profiles}, "
+                f"stragglers {args.stragglers} "
                 f"({', '.join(sorted(slow_ids))}), E={args.epochs} B={args.batch_size} lr={args.lr}, seed {args.seed}, "
                 f"budget {args.budget:.0f} s per run, FedBuff K={args.buffer_size}")
     say(f"{settings}\n{os.cpu_count()} CPUs, BLAS threads {blas_threads()}, load average {load_average():.2f}; "
         f"{len(runs)} runs: {', '.join(r.name for r in runs)}")
     started = time.perf_counter()
     outcomes: list[Outcome] = []
-    for run in runs:
-        outcome = execute(args, run, dataset, data_dir, slowdowns)
-        outcomes.append(outcome)
-        final = budget_accuracy(outcome)
-        say(f"... {run.name:14} {outcome.state:9} {len(outcome.points):3d} evaluations, {outcome.updates:5d} updates, "
-            f"accuracy at the budget {show(final, '.4f')}, t95 {show(first_time(outcome, 0.95), '.1f')} s, "
-            f"t97 {show(first_time(outcome, 0.97), '.1f')} s ({outcome.seconds:.0f} s, load "
-            f"{outcome.load_before:.1f} -> {outcome.load_after:.1f})")
+    broker = broker_process("mosquitto") if args.broker == "mosquitto" else contextlib.nullcontext(None)
+    with broker as port:
+        args.broker_url = f"mqtt://127.0.0.1:{port}" if port else ""
+        outcomes.extend(run_one(args, run, dataset, data_dir, slowdowns, profiles) for run in runs)
     total = time.perf_counter() - started
+    finish_experiment(args, runs, outcomes, slow_ids, settings, total)
+
+
+def run_one(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slowdowns: dict[int, float],
+            profiles: list[Any] | None) -> Outcome:
+    outcome = execute(args, run, dataset, data_dir, slowdowns, profiles)
+    final = budget_accuracy(outcome)
+    say(f"... {run.name:14} {outcome.state:9} {len(outcome.points):3d} evaluations, {outcome.updates:5d} updates, "
+        f"accuracy at the budget {show(final, '.4f')}, t95 {show(first_time(outcome, 0.95), '.1f')} s, "
+        f"t97 {show(first_time(outcome, 0.97), '.1f')} s, overruns {outcome.overruns}/{outcome.trainings} "
+        f"({outcome.seconds:.0f} s, load {outcome.load_before:.1f} -> {outcome.load_after:.1f})")
+    return outcome
+
+
+def finish_experiment(args: argparse.Namespace, runs: list[Run], outcomes: list[Outcome], slow_ids: set[str],
+                      settings: str, total: float) -> None:
     rows = summarise(outcomes, slow_ids, args.budget)
     print_table(rows, args.budget)
     zero = next((o for o in outcomes if o.run.strategy == "ssp" and o.run.bound == "0"), None)
     results: dict[str, Any] = {
-        "machine": machine(), "settings": settings, "dataset": dataset, "devices": args.devices,
+        "machine": machine(), "settings": settings, "dataset": args.dataset_used, "devices": args.devices,
         "stragglers": args.stragglers, "straggler_ids": sorted(slow_ids), "epochs": args.epochs,
         "batch_size": args.batch_size, "learning_rate": args.lr, "seed": args.seed, "budget_seconds": args.budget,
         "buffer_size": args.buffer_size, "train_examples": args.train_examples, "thresholds": THRESHOLDS,
+        "device_profiles": args.device_profiles, "scheme": args.scheme, "broker": args.broker,
         "experiment_seconds": total, "runs": rows,
     }
     if zero is not None:

@@ -95,6 +95,31 @@ def test_multi_megabyte_messages_arrive_intact(kind: str, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("kind", BROKERS)
+def test_subscribe_and_unsubscribe_back_to_back_fetch_exactly_the_retained_copy(kind: str, tmp_path: Path) -> None:
+    """How a device fetches the model (device/_worker.fetch_model): the broker sends the retained
+    copy for the SUBSCRIBE although the UNSUBSCRIBE follows at once, and nothing after it."""
+
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as publisher, MqttTransport(options(broker)) as device:
+                fetched = []
+                for version in range(10):
+                    await publisher.publish("test/fetch/model", f"v{version}".encode(), qos=1, retain=True)
+                    await asyncio.gather(device.subscribe("test/fetch/model", qos=1),
+                                         device.unsubscribe("test/fetch/model"))
+                    (message,) = await receive(device, 1)
+                    fetched.append(message.payload)
+                await publisher.publish("test/fetch/model", b"not fetched", qos=1, retain=True)
+                await device.subscribe("test/fetch/barrier", qos=1)  # a later message proves the queue is drained
+                await publisher.publish("test/fetch/barrier", b"barrier", qos=1)
+                (after,) = await receive(device, 1)
+        assert fetched == [f"v{version}".encode() for version in range(10)]  # one copy per fetch, the latest
+        assert after.payload == b"barrier"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
 def test_retained_message_reaches_late_subscriber(kind: str, tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_broker(kind, tmp_path) as broker:

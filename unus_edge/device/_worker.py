@@ -89,18 +89,32 @@ async def fetch_model(device: Device, version: int, budget: float) -> bool:
     """Fetch the model for one computation: subscribe to the retained model, take it, unsubscribe.
 
     The device receives a model only when it is about to train, and one model per computation
-    (docs/protocol.md, "Model delivery"): it waits for the retained copy the subscription
-    brings, and for a publication if that copy is older than ``version``. False if no model of
-    ``version`` or newer came within ``budget`` seconds.
+    (docs/protocol.md, "Model delivery"). When the last clock says the retained copy is recent
+    enough (``version`` at most the clock's ``model_version``), the SUBSCRIBE and the
+    UNSUBSCRIBE go out back to back: the broker queues the retained copy for the first and
+    removes the subscription with the second, so no later publication slips in between (holding
+    the subscription until the copy arrived let one in for a third of the fetches, measured).
+    Otherwise, or if that copy does not come within ``device.model_wait``, the device holds the
+    subscription until a model of ``version`` or newer arrives. False if none came within
+    ``budget`` seconds.
     """
     topic = topics.model(device.job)
     seen, received = device.model_messages, device.model_bytes
-    await device.transport.subscribe(topic, qos=1)
-    try:
-        arrived = await wait_for_model(device, version, budget, after=seen)
-    finally:
-        with contextlib.suppress(TransportError):  # closing: the subscription goes with the session
-            await device.transport.unsubscribe(topic)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + budget
+    arrived = False
+    if version <= device.published_version:
+        await asyncio.gather(device.transport.subscribe(topic, qos=1), device.transport.unsubscribe(topic))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(budget, device.settings.model_wait)):
+                arrived = await wait_for_model(device, version, budget, after=seen)
+    if not arrived:
+        await device.transport.subscribe(topic, qos=1)
+        try:
+            arrived = await wait_for_model(device, version, max(0.0, end - loop.time()), after=seen)
+        finally:
+            with contextlib.suppress(TransportError):  # closing: the subscription goes with the session
+                await device.transport.unsubscribe(topic)
     await device.pace.transfer(device.model_bytes - received)
     return arrived
 
