@@ -304,6 +304,17 @@ class JobMetrics(Message):
     eval_accuracy: float | None = None
     eval_loss: float | None = None
     reason: str = ""
+    staleness: Mapping[str, int] = field(default_factory=dict)
+    """Applied updates by staleness (model versions between an update's base and its
+    application), in buckets ``"0"``, ``"1"``, ``"2-3"``, ``"4-7"``, ... (:func:`staleness_bucket`)."""
+
+
+def staleness_bucket(staleness: int) -> str:
+    """The histogram bucket of a staleness: 0, 1, then powers of two (``"2-3"``, ``"4-7"``, ...)."""
+    if staleness < 2:
+        return str(max(0, staleness))
+    low = 1 << (staleness.bit_length() - 1)
+    return f"{low}-{2 * low - 1}"
 
 
 CHANNEL_KINDS: dict[Channel, tuple[type[Message], ...]] = {

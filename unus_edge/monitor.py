@@ -68,6 +68,9 @@ def render(state: MonitorState, job: str, now: float | None = None) -> str:
                      f"model v{j.version}  accuracy {accuracy}  loss {loss}")
         if j.reason:
             lines.append(f"  reason: {j.reason}")
+        if j.staleness and set(j.staleness) != {"0"}:
+            buckets = sorted(j.staleness.items(), key=lambda item: int(item[0].split("-")[0]))
+            lines.append("  staleness of applied updates: " + "  ".join(f"{k}: {v}" for k, v in buckets))
     if state.last_round is not None:
         r = state.last_round
         lines.append(f"last round {r.server_round}: {r.num_updates}/{r.num_selected} updates, "

@@ -70,3 +70,21 @@ def test_ssp_needs_the_version_the_clock_names_not_the_devices_own_update() -> N
         assert ssp_required_version(device) == 7
 
     run(scenario)
+
+
+def test_the_staleness_of_applied_updates_is_a_histogram_in_the_job_metrics() -> None:
+    from unus_edge.messages import JobMetrics, decode_message, staleness_bucket
+    from unus_edge.monitor import MonitorState, render
+
+    assert [staleness_bucket(s) for s in (0, 1, 2, 3, 4, 7, 8, 100)] == ["0", "1", "2-3", "2-3", "4-7", "4-7",
+                                                                         "8-15", "64-127"]
+    aggregator, _, broker = run(lambda: job(3, job__mode="ssp", job__staleness_bound="inf", job__rounds=3))
+    histogram = aggregator.driver.staleness_histogram()
+    assert sum(histogram.values()) == aggregator.driver.totals()[0] > 0
+    assert set(histogram) - {"0"}  # asynchronous: some updates were applied on a newer model
+    retained = broker.retained[topics.metrics(aggregator.job, "job")]
+    _, message = decode_message(retained.payload, topics.Channel.METRICS)
+    assert isinstance(message, JobMetrics) and dict(message.staleness) == histogram
+    state = MonitorState()
+    state.job = message
+    assert "staleness of applied updates: 0:" in render(state, aggregator.job)

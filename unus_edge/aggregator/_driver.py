@@ -190,6 +190,11 @@ class RoundDriver:
         """Updates applied over the job, and their mean staleness (always 0 in rounds)."""
         return sum(m.num_updates for m in self.service.history), 0.0
 
+    def staleness_histogram(self) -> dict[str, int]:
+        """Applied updates by staleness bucket: in rounds every update is fresh."""
+        updates, _ = self.totals()
+        return {"0": updates} if updates else {}
+
     def _context(self, server_round: int) -> RoundContext:
         config = self.service.config
         return RoundContext(server_round, config.job.fraction, config.train.epochs, config.train.batch_size,

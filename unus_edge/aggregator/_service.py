@@ -338,7 +338,8 @@ class Aggregator:
         job = JobMetrics(_clock_state(self.state), self.strategy.name or type(self.strategy).__name__,
                          self.server_round, self.config.job.rounds, self.version, self.session, bound, c_min,
                          eval_accuracy=last.eval_accuracy if last else None,
-                         eval_loss=last.eval_loss if last else None, reason=reason)
+                         eval_loss=last.eval_loss if last else None, reason=reason,
+                         staleness=self.driver.staleness_histogram())
         await self.publish(topics.metrics(self.job, "job"), Channel.METRICS, job)
         await self.publish_fleet()
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from unus_edge import topics
-from unus_edge.messages import RoundMetrics, Task, Update
+from unus_edge.messages import RoundMetrics, Task, Update, staleness_bucket
 from unus_edge.strategies import AsyncContext, ClientUpdate
 from unus_edge.topics import Channel
 
@@ -63,6 +63,8 @@ class SSPDriver:
         self._evaluated_at = 0
         self._evaluating = False
         self._tasks: dict[str, Task] = {}
+        self.staleness_counts: dict[str, int] = {}
+        """Applied updates by staleness bucket (``messages.staleness_bucket``)."""
 
     # ------------------------------------------------------------------ membership
 
@@ -159,6 +161,8 @@ class SSPDriver:
         self._train_loss_sum += update.train_loss * update.num_examples
         self._examples_sum += update.num_examples
         self._staleness_sum += staleness
+        bucket = staleness_bucket(staleness)
+        self.staleness_counts[bucket] = self.staleness_counts.get(bucket, 0) + 1
         risen = self._recompute()
         clock = self._clock(update.device_id)
         # Finished shows in the same clock message that lets the devices go, so none starts a
@@ -306,6 +310,7 @@ class SSPDriver:
             "mode": "ssp", "started": True, "c_min": self.c_min, "participants": sorted(self.participants),
             "examples": self.examples, "updates": self.updates, "train_loss_sum": self._train_loss_sum,
             "examples_sum": self._examples_sum, "staleness_sum": self._staleness_sum, "strategy": scalars,
+            "staleness_counts": dict(self.staleness_counts),
         }
         return state, {f"strategy/{name}": value for name, value in tensors.items()}
 
@@ -328,6 +333,7 @@ class SSPDriver:
         self._train_loss_sum = float(state["train_loss_sum"])
         self._examples_sum = int(state["examples_sum"])
         self._staleness_sum = int(state["staleness_sum"])
+        self.staleness_counts = {str(k): int(v) for k, v in state.get("staleness_counts", {}).items()}
         self._evaluated_at = self.updates
         self._recorded = self._snapshot(service.wall_seconds())
         self.context = AsyncContext(service.version, max(1, sum(self.examples.values())), self.bound)
@@ -340,6 +346,9 @@ class SSPDriver:
     def totals(self) -> tuple[int, float]:
         """Updates applied over the job, and their mean staleness."""
         return self.updates, self.mean_staleness
+
+    def staleness_histogram(self) -> dict[str, int]:
+        return dict(self.staleness_counts)
 
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         return self.c_min, self.bound, {device_id: self._clock(device_id) for device_id in self._live()}
