@@ -69,7 +69,11 @@ def render(state: MonitorState, job: str, now: float | None = None) -> str:
         if j.reason:
             lines.append(f"  reason: {j.reason}")
         if j.staleness and set(j.staleness) != {"0"}:
-            buckets = sorted(j.staleness.items(), key=lambda item: int(item[0].split("-")[0]))
+            def low(bucket: str) -> int:
+                head = bucket.split("-")[0]
+                return int(head) if head.isdigit() else 1 << 62  # a bucket we do not know goes last
+
+            buckets = sorted(j.staleness.items(), key=lambda item: low(item[0]))
             lines.append("  staleness of applied updates: " + "  ".join(f"{k}: {v}" for k, v in buckets))
     if state.last_round is not None:
         r = state.last_round

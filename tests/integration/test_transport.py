@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.brokers import PYTHON, Broker, free_port, python_env, running_broker
-from unus_edge.errors import ConnectError
+from unus_edge.errors import ConnectError, SubscribeError
 from unus_edge.transport import ConnectOptions, MqttTransport, ReceivedMessage, Will
 
 BROKERS = ["amqtt", pytest.param("mosquitto", marks=pytest.mark.mosquitto)]
@@ -115,6 +116,38 @@ def test_subscribe_and_unsubscribe_back_to_back_fetch_exactly_the_retained_copy(
                 (after,) = await receive(device, 1)
         assert fetched == [f"v{version}".encode() for version in range(10)]  # one copy per fetch, the latest
         assert after.payload == b"barrier"
+
+    run(scenario)
+
+
+@pytest.mark.mosquitto
+def test_unsubscribing_while_the_broker_is_away_holds_after_the_persistent_session_resumes(tmp_path: Path) -> None:
+    """A device drops its model subscription between fetches: a broker restart must neither hang
+    the fetch nor leave the subscription in the persistent session (it would stream every model)."""
+
+    async def scenario() -> None:
+        async with running_broker("mosquitto", tmp_path, persistence=True) as broker:
+            reconnected = asyncio.Event()
+            persistent = options(broker, client_id="unsubscriber", clean_session=False, reconnect_min_delay=0.05,
+                                 reconnect_max_delay=0.5)
+            async with MqttTransport(persistent) as device:
+                device.add_connection_listener(lambda session_present: reconnected.set())
+                await device.subscribe("test/unsub/model", qos=1)
+                await broker.stop()
+                async with asyncio.timeout(10):  # neither call may wait for the broker's return
+                    with contextlib.suppress(SubscribeError):
+                        await asyncio.gather(device.subscribe("test/unsub/fetch", qos=1),
+                                             device.unsubscribe("test/unsub/fetch"))
+                    await device.unsubscribe("test/unsub/model")
+                await broker.start()
+                await reconnected.wait()
+                await device.subscribe("test/unsub/barrier", qos=1)
+                async with MqttTransport(options(broker)) as publisher:
+                    await publisher.publish("test/unsub/model", b"must not arrive", qos=1)
+                    await publisher.publish("test/unsub/fetch", b"must not arrive", qos=1)
+                    await publisher.publish("test/unsub/barrier", b"barrier", qos=1)
+                (message,) = await receive(device, 1)
+        assert message.payload == b"barrier"
 
     run(scenario)
 

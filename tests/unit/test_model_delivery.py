@@ -8,6 +8,7 @@ computations it started.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from tests.unit.test_service_memory import config, make_aggregator, make_device, run, run_device, shards
 from unus_edge import topics
 from unus_edge.aggregator import Aggregator
+from unus_edge.aggregator._ssp import SSPDriver
 from unus_edge.device import Device
 from unus_edge.device._worker import ssp_required_version
 from unus_edge.transport import MemoryBroker
@@ -88,3 +90,48 @@ def test_the_staleness_of_applied_updates_is_a_histogram_in_the_job_metrics() ->
     state = MonitorState()
     state.job = message
     assert "staleness of applied updates: 0:" in render(state, aggregator.job)
+
+
+def test_fedbuff_between_flushes_fetches_nothing_and_never_stalls() -> None:
+    """FedBuff changes the model only once per buffer: a device that already holds the retained
+    model starts again at once (it used to wait ``model_wait`` for a newer one that never came)."""
+    _, devices, _ = run(lambda: job(3, job__mode="ssp", job__staleness_bound="2", job__rounds=4,
+                                             strategy__name="fedbuff", strategy__buffer_size="3"), timeout=30)
+    for device in devices:
+        assert device.models_while_training == 0
+        assert device.model_messages <= device.updates_sent + 1, device.device_id
+
+
+def test_the_clock_never_announces_a_c_min_the_retained_model_does_not_hold() -> None:
+    async def scenario() -> None:
+        aggregator = make_aggregator(MemoryBroker(), config(job__mode="ssp", job__staleness_bound="0"))
+        driver = aggregator.driver
+        assert isinstance(driver, SSPDriver)
+        driver.c_min, driver.published_c_min = 3, 2
+        aggregator.version, aggregator.published_version = 10, 9  # the model with c_min 3 is still on its way
+        assert driver.clock_state()[0] == 2
+        aggregator.published_version = 10  # it is retained now
+        assert driver.clock_state()[0] == 3
+
+    run(scenario)
+
+
+def test_a_fetch_ends_when_the_retained_copy_arrives_even_if_the_device_already_has_it() -> None:
+    """Over MQTT the retained copy follows the SUBACK; if it is the version the device holds
+    (FedBuff between flushes), its arrival must still end the wait (not ``model_wait`` later)."""
+    from unus_edge.device._worker import wait_for_model
+    from unus_edge.messages import GlobalModel
+
+    async def scenario() -> None:
+        device = make_device(MemoryBroker(), "d0", shards(1)[0])
+        device.settings = dataclasses.replace(device.settings, model_wait=3600.0)
+        device.aggregator_session = "agg"
+        device.model, device.model_version = dict(device.template), 5
+        seen = device.model_messages
+        waiting = asyncio.create_task(wait_for_model(device, 5, 3600.0, after=seen))
+        await asyncio.sleep(0)  # the wait has begun
+        device._dispatch(GlobalModel(5, 5, device.fingerprint, "agg", dict(device.template)))
+        async with asyncio.timeout(5):  # a missed wake-up would wait an hour
+            assert await waiting
+
+    run(scenario)

@@ -64,6 +64,10 @@ class SSPDriver:
         self._evaluating = False
         self._tasks: dict[str, Task] = {}
         self.staleness_counts: dict[str, int] = {}
+        self.published_c_min = 0
+        """``c_min`` when the retained model was taken: every update of the clocks below it is in it."""
+        self._requested_version = -1
+        """The newest version a model publication was started for."""
         """Applied updates by staleness bucket (``messages.staleness_bucket``)."""
 
     # ------------------------------------------------------------------ membership
@@ -170,7 +174,11 @@ class SSPDriver:
         self._check_done()
         # Publish the model only when someone may start from it: the device that just
         # reported (if it is within the bound), or everybody waiting when c_min rose.
-        publish_model = changed and (risen or self.allowed(update.device_id)) and not self.done.is_set()
+        # (A version applied earlier but not published yet counts too: FedBuff may raise c_min
+        # with an update it only buffers, and the clock must not announce that c_min before a
+        # model holding the updates below it is retained; see clock_state.)
+        publish_model = ((risen or self.allowed(update.device_id)) and service.version > self._requested_version
+                         and not self.done.is_set())
         service.spawn(self._publish(model=publish_model), "aggregator-ssp-publish")
         every = self.service.config.evaluation.every_updates or max(1, len(self._live()))
         if self.updates - self._evaluated_at >= every and not self.done.is_set():
@@ -203,8 +211,11 @@ class SSPDriver:
     async def _publish(self, *, model: bool) -> None:
         service = self.service
         if model:
+            taken_c_min = self.c_min
+            self._requested_version = max(self._requested_version, service.version)
             service.params = service.strategy.global_params(self.context)
             await service.publish_model()
+            self.published_c_min = max(self.published_c_min, taken_c_min)
         await service.publish_state()
 
     def _evaluate(self) -> None:
@@ -351,4 +362,10 @@ class SSPDriver:
         return dict(self.staleness_counts)
 
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
-        return self.c_min, self.bound, {device_id: self._clock(device_id) for device_id in self._live()}
+        """The clock to announce. Its ``c_min`` never runs ahead of the retained model: devices
+        start from that model (protocol.md, "Model delivery"), so until the model holding the
+        updates that raised ``c_min`` is published, the clock names the ``c_min`` of the model
+        that is (concurrent publications may finish in any order)."""
+        current = self.service.version == self.service.published_version
+        c_min = self.c_min if current else min(self.c_min, self.published_c_min)
+        return c_min, self.bound, {device_id: self._clock(device_id) for device_id in self._live()}

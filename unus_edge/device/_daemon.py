@@ -271,6 +271,7 @@ class Device:
                 logger.warning("model version %d arrived while training", message.version)
             self._latest_model = message
             self._apply_model()
+            self.model_changed.set()  # a fetch waits for the arrival even of a model it already has
         elif isinstance(message, RegistrationReply):
             self._on_registration_reply(message)
         elif isinstance(message, Clock):
@@ -334,6 +335,7 @@ class Device:
         self.clock_version = 0
         self.ack_version = 0
         self.published_version = -1
+        self.model_changed.set()  # a fetch for the old session gives up
         self._apply_model()
         self._apply_clock()
 

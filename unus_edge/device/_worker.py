@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from unus_edge import topics
 from unus_edge.codec import new_msg_id
 from unus_edge.device._training import Abandoned, train_task
-from unus_edge.errors import ConfigError, MessageError, PublishError, StrategyError, TransportError
+from unus_edge.errors import ConfigError, MessageError, PublishError, StrategyError, SubscribeError, TransportError
 from unus_edge.messages import Heartbeat, Task, Update, encode_message
 from unus_edge.seeds import device_seed
 from unus_edge.strategies import CLIENT_STRATEGIES, ClientStrategy, Params, client_strategy
@@ -98,15 +98,17 @@ async def fetch_model(device: Device, version: int, budget: float) -> bool:
     subscription until a model of ``version`` or newer arrives. False if none came within
     ``budget`` seconds.
     """
+    if device.model is not None and device.model_version >= max(version, device.published_version):
+        return True  # it already holds the retained model (e.g. FedBuff between two flushes)
     topic = topics.model(device.job)
     seen, received = device.model_messages, device.model_bytes
     loop = asyncio.get_running_loop()
     end = loop.time() + budget
     arrived = False
     if version <= device.published_version:
-        await asyncio.gather(device.transport.subscribe(topic, qos=1), device.transport.unsubscribe(topic))
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, SubscribeError):  # then hold the subscription instead
             async with asyncio.timeout(min(budget, device.settings.model_wait)):
+                await asyncio.gather(device.transport.subscribe(topic, qos=1), device.transport.unsubscribe(topic))
                 arrived = await wait_for_model(device, version, budget, after=seen)
     if not arrived:
         await device.transport.subscribe(topic, qos=1)
@@ -124,10 +126,11 @@ async def wait_for_model(device: Device, version: int, budget: float, *, after: 
     messages have arrived; re-subscribe if it is late (the broker re-sends the retained copy)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + budget
+    session = device.aggregator_session
     while device.model_version < version or device.model_messages <= after:
         remaining = end - loop.time()
-        if remaining <= 0:
-            return False
+        if remaining <= 0 or device.aggregator_session != session:
+            return False  # a new aggregator session: the caller decides again what it needs
         device.model_changed.clear()
         try:
             async with asyncio.timeout(min(remaining, device.settings.model_wait)):

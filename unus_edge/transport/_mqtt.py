@@ -68,6 +68,10 @@ class MqttTransport(Transport):
         self._subscribe_waiters: dict[str, list[asyncio.Future[int]]] = {}
         self._subscribe_mids: dict[int, list[str]] = {}
         self._unsubscribe_waiters: dict[int, asyncio.Future[None]] = {}
+        self._unsubscribed: set[str] = set()
+        self._unsubscribe_mids: dict[int, str] = {}
+        """Filters unsubscribed but not yet acknowledged: sent again after a reconnection, since a
+        persistent session would otherwise keep them on the broker."""
         self._pending_publishes: dict[int, tuple[int, asyncio.Future[None]]] = {}
         self._queue = ReceiveQueue(options.max_queued_messages, options.max_queued_bytes)
         self._listeners: list[ConnectionListener] = []
@@ -231,6 +235,7 @@ class MqttTransport(Transport):
         async with self._paho_lock:
             self._require_client()
             self._subscriptions[topic_filter] = qos
+            self._unsubscribed.discard(topic_filter)
             self._subscribe_waiters.setdefault(topic_filter, []).append(future)
             if self._connected.is_set():
                 self._send_subscribe([(topic_filter, qos)])
@@ -240,12 +245,15 @@ class MqttTransport(Transport):
     async def unsubscribe(self, topic_filter: str) -> None:
         assert self._loop is not None
         async with self._paho_lock:
-            client = self._require_client()
+            self._require_client()
             self._subscriptions.pop(topic_filter, None)
+            self._unsubscribed.add(topic_filter)
             if not self._connected.is_set():
-                return
-            result, mid = client.unsubscribe(topic_filter)
-            if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                # A SUBSCRIBE of it waiting for the reconnection would never be sent: settle it.
+                self._fail_subscription(topic_filter, "unsubscribed before the broker acknowledged it")
+                return  # the UNSUBSCRIBE goes out after the reconnection
+            mid = self._send_unsubscribe(topic_filter)
+            if mid is None:
                 return
             future: asyncio.Future[None] = self._loop.create_future()
             self._unsubscribe_waiters[mid] = future
@@ -265,6 +273,14 @@ class MqttTransport(Transport):
             return
         if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._subscribe_mids[mid] = [topic_filter for topic_filter, _ in pairs]
+
+    def _send_unsubscribe(self, topic_filter: str) -> int | None:
+        assert self._client is not None
+        result, mid = self._client.unsubscribe(topic_filter)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        self._unsubscribe_mids[mid] = topic_filter
+        return mid
 
     def _fail_subscription(self, topic_filter: str, reason: str) -> None:
         for waiter in self._subscribe_waiters.pop(topic_filter, []):
@@ -316,6 +332,8 @@ class MqttTransport(Transport):
         self._ever_connected = True
         if self._subscriptions:
             self._send_subscribe(list(self._subscriptions.items()))
+        for topic_filter in sorted(self._unsubscribed):
+            self._send_unsubscribe(topic_filter)
         if attempt is not None and not attempt.done():
             attempt.set_result(flags.session_present)
         assert self._loop is not None
@@ -346,6 +364,16 @@ class MqttTransport(Transport):
                 future.set_exception(PublishError("*", "connection lost before a QoS 0 message was sent"))
                 self._pending_publishes.pop(mid, None)
         self._subscribe_mids.clear()
+        self._unsubscribe_mids.clear()
+        # paho forgets its packets in flight: an UNSUBSCRIBE is sent again after the reconnection
+        # (the filter is still in _unsubscribed), so nobody waits for this one's UNSUBACK; and a
+        # SUBSCRIBE of a filter unsubscribed since will not be sent again.
+        for future in self._unsubscribe_waiters.values():
+            if not future.done():
+                future.set_result(None)
+        self._unsubscribe_waiters.clear()
+        for topic_filter in [f for f in self._subscribe_waiters if f not in self._subscriptions]:
+            self._fail_subscription(topic_filter, "connection lost; unsubscribed before the broker acknowledged it")
         if self._pump is not None:
             self._pump.paused = False
         if was_connected and not self._closing:
@@ -386,6 +414,9 @@ class MqttTransport(Transport):
     def _on_unsubscribe(
         self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
     ) -> None:
+        topic_filter = self._unsubscribe_mids.pop(mid, None)
+        if topic_filter is not None and topic_filter not in self._subscriptions:
+            self._unsubscribed.discard(topic_filter)
         future = self._unsubscribe_waiters.pop(mid, None)
         if future is not None and not future.done():
             future.set_result(None)

@@ -73,15 +73,17 @@ class LargeMessageClient(paho.Client):
         offset = 2 + length
         if length == 0 or len(view) < offset + 2 * qos:
             return MQTTErrorCode.MQTT_ERR_PROTOCOL  # MQTT 3.1.1 forbids an empty topic
-        message = paho.MQTTMessage(topic=bytes(view[2:offset]))
-        if qos:
-            (message.mid,) = struct.unpack_from("!H", view, offset)
-            offset += 2
+        topic = bytes(view[2:offset])
+        mid = struct.unpack_from("!H", view, offset)[0] if qos else 0
+        message = paho.MQTTMessage(mid=mid, topic=topic)
+        offset += 2 * qos
         message.dup = bool(header & 0x08)
         message.qos = qos
         message.retain = bool(header & 0x01)
         message.payload = bytes(view[offset:])
         message.timestamp = paho.time_func()
+        self._easy_log(paho.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), %r, ...  (%d bytes)",
+                       message.dup, qos, message.retain, mid, topic, len(message.payload))
         self._handle_on_message(message)
         if qos == 0 or self._manual_ack:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
