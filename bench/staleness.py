@@ -1,11 +1,16 @@
 """The staleness experiment: SSP with s in {0, 1, 2, 4, 8, inf}, FedAsync and FedBuff, with stragglers.
 
 Setup (the SSP issue; results in ``docs/staleness-experiment.md``): the 2NN on MNIST, 20
-in-process devices, IID, a seeded 20% of them 5 times slower (``simulation.stragglers``: busy
-4 more times their training's CPU time after each training), E, B and the learning rate the
-same for every run, the same seeds and partition. Every run is a real
-``unus_edge.simulation.simulate`` (aggregator + 20 devices over the embedded amqtt broker on
-127.0.0.1, in this one process) that stops after the same wall-clock budget, ``job.time_budget``:
+in-process devices, IID (``--scheme shards`` for non-IID), each paced by a device profile
+(``--device-profiles``, default ``fast=0.01:1``: a training step of 10 ms whatever the host
+runs, ``unus_edge.profiles``), a seeded 20% of them 5 times slower (``--stragglers 0.2:5``:
+their profile's step is 5 times longer), E, B and the learning rate the same for every run, the
+same seeds and partition. Every run is a real ``unus_edge.simulation.simulate`` (aggregator +
+devices over the embedded amqtt, or ``--broker mosquitto``, on 127.0.0.1) that stops after the
+same wall-clock budget, ``job.time_budget``. ``--device-profiles host`` restores the old
+stragglers (they wait 4 more times their training's CPU time), whose speed the host's load
+decides. Every run reports its *overruns*: trainings the host computed more slowly than the
+profile asked, where the host and not the profile set the device's speed.
 
 * ``sync``: synchronous FedAvg, C = 1 (``job.mode = "sync"``): the baseline of every ratio;
 * ``ssp s=K``: SSP delta averaging (``strategy ssp``) with staleness bound K;
@@ -37,6 +42,7 @@ How the figures are obtained:
 
     python bench/staleness.py [--quick] [--json] [--budget S] [--bounds 0 1 2 4 8 inf]
                               [--buffer-size K] [--eval-every N] [--plot PNG] [--results JSON]
+                              [--device-profiles SPEC] [--scheme iid|shards] [--broker amqtt|mosquitto]
 """
 
 from __future__ import annotations
