@@ -65,11 +65,11 @@ from unus_edge.aggregator import Aggregator, _inbound
 from unus_edge.config import JobConfig, load_job_config
 from unus_edge.data import Dataset, load_dataset, partition
 from unus_edge.messages import RoundMetrics, Update, decode_message, encode_message
-from unus_edge.onnx_io import Node, ValueInfo, encode_model, read_parameters
+from unus_edge.onnx_io import read_parameters
 from unus_edge.seeds import device_seed
 from unus_edge.simulation import SimulationOptions, simulate, usable_cores
 from unus_edge.topics import Channel
-from unus_edge.zoo import resolve_model
+from unus_edge.zoo import build_mlp, resolve_model
 
 NUM_DEVICES = 10
 EXAMPLES_PER_DEVICE = 250
@@ -81,30 +81,6 @@ GOAL = 1.5
 MODES = ("processes-mosquitto", "inprocess-mosquitto", "processes-amqtt", "inprocess-amqtt")
 
 Params = dict[str, np.ndarray[Any, Any]]
-
-
-def mlp_bytes(hidden: int, seed: int) -> bytes:
-    """The ONNX bytes of 784-hidden-hidden-10 with the zoo's layout (fc1..fc3, Gemm transB=1, ReLU)."""
-    rng = np.random.default_rng(seed)
-    f32 = np.dtype(np.float32)
-    initializers: dict[str, np.ndarray[Any, Any]] = {}
-    nodes: list[Node] = []
-    x = "x"
-    sizes = [(784, hidden), (hidden, hidden), (hidden, 10)]
-    for index, (fan_in, fan_out) in enumerate(sizes, start=1):
-        name = f"fc{index}"
-        std = np.float32(np.sqrt(2.0 / fan_in))
-        initializers[f"{name}.weight"] = rng.standard_normal((fan_out, fan_in), dtype=np.float32) * std
-        initializers[f"{name}.bias"] = np.zeros(fan_out, np.float32)
-        last = index == len(sizes)
-        y = "logits" if last else f"{name}.out"
-        nodes.append(Node("Gemm", (x, f"{name}.weight", f"{name}.bias"), (y,), name, "", {"transB": 1}))
-        if not last:
-            nodes.append(Node("Relu", (y,), (f"{name}.relu",), f"{name}.relu", "", {}))
-            y = f"{name}.relu"
-        x = y
-    return encode_model(nodes=nodes, initializers=initializers, inputs=[ValueInfo("x", f32, ("N", 784))],
-                        outputs=[ValueInfo("logits", f32, ("N", 10))], opset=13, graph_name=f"mlp_{hidden}")
 
 
 def job_config(rounds: int, url: str, model_path: Path) -> JobConfig:
@@ -329,7 +305,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="unus-large-model-") as folder:
         model_path = Path(folder) / f"mlp_{args.hidden}.onnx"
-        model_path.write_bytes(mlp_bytes(args.hidden, SEED))
+        model_path.write_bytes(build_mlp((args.hidden, args.hidden), seed=SEED))
         params = read_parameters(resolve_model(str(model_path)))
         model_bytes = sum(int(v.nbytes) for v in params.values())
         say(f"FedAvg, MLP 784-{args.hidden}-{args.hidden}-10 ({sum(v.size for v in params.values()):,} parameters, "

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from unus_edge.errors import ModelError
 from unus_edge.onnx_io import Node, OnnxModel, ValueInfo, encode_model, load_model
 
-__all__ = ["OPSET", "ZOO_NAMES", "build_model", "build_zoo", "resolve_model"]
+__all__ = ["OPSET", "ZOO_NAMES", "build_mlp", "build_model", "build_zoo", "resolve_model"]
 
 OPSET = 13
 ZOO_NAMES: tuple[str, ...] = ("logreg", "mnist_2nn", "mnist_cnn")
@@ -105,11 +105,17 @@ def _logreg(builder: _Builder) -> bytes:
     return builder.finish("logreg", ("N", 784))
 
 
+def _mlp(builder: _Builder, hidden: Sequence[int], name: str) -> bytes:
+    """784 -> hidden... -> 10 with ReLU: layers ``fc1``... as the 2NN's."""
+    h, width = "x", 784
+    for index, size in enumerate(hidden, start=1):
+        h, width = builder.dense(f"fc{index}", h, width, size, relu=True), size
+    builder.dense(f"fc{len(hidden) + 1}", h, width, 10, relu=False, output="logits")
+    return builder.finish(name, ("N", 784))
+
+
 def _mnist_2nn(builder: _Builder) -> bytes:
-    h = builder.dense("fc1", "x", 784, 200, relu=True)
-    h = builder.dense("fc2", h, 200, 200, relu=True)
-    builder.dense("fc3", h, 200, 10, relu=False, output="logits")
-    return builder.finish("mnist_2nn", ("N", 784))
+    return _mlp(builder, (200, 200), "mnist_2nn")
 
 
 def _mnist_cnn(builder: _Builder) -> bytes:
@@ -134,6 +140,14 @@ def build_model(name: str, *, seed: int = 0) -> bytes:
     if builder is None:
         raise ModelError(f"unknown_model: {name!r} is not in the zoo ({', '.join(ZOO_NAMES)})", model=name)
     return builder(_Builder(seed))
+
+
+def build_mlp(hidden: Sequence[int], *, seed: int = 0) -> bytes:
+    """The ONNX bytes of an MNIST MLP ``784 -> hidden... -> 10`` in the 2NN's layout and
+    initialisation (``build_mlp((200, 200))`` is the zoo's ``mnist_2nn``, but for its graph name)."""
+    if not hidden or any(size < 1 for size in hidden):
+        raise ModelError(f"bad_model: hidden widths must be >= 1, got {list(hidden)}", model="mlp")
+    return _mlp(_Builder(seed), hidden, "mlp_" + "_".join(str(size) for size in hidden))
 
 
 def build_zoo(out_dir: str | os.PathLike[str], *, seed: int = 0) -> list[Path]:

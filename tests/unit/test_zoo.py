@@ -110,3 +110,14 @@ def test_resolve_model(tmp_path: Path) -> None:
     assert "neither a zoo model" in str(info.value)
     with pytest.raises(ModelError, match="not in the zoo"):
         zoo.build_model("resnet50")
+
+
+def test_build_mlp_makes_the_2nn_for_its_widths_and_refuses_bad_ones() -> None:
+    def params(model: bytes) -> dict[str, np.ndarray]:
+        return onnx_io.read_parameters(onnx_io.load_model(model))
+
+    ours, theirs = params(zoo.build_mlp((200, 200), seed=3)), params(zoo.build_model("mnist_2nn", seed=3))
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert params(zoo.build_mlp((50,)))["fc2.weight"].shape == (10, 50)
+    with pytest.raises(ModelError):
+        zoo.build_mlp(())

@@ -69,9 +69,9 @@ class MqttTransport(Transport):
         self._subscribe_mids: dict[int, list[str]] = {}
         self._unsubscribe_waiters: dict[int, asyncio.Future[None]] = {}
         self._unsubscribed: set[str] = set()
-        self._unsubscribe_mids: dict[int, str] = {}
         """Filters unsubscribed but not yet acknowledged: sent again after a reconnection, since a
         persistent session would otherwise keep them on the broker."""
+        self._unsubscribe_mids: dict[int, str] = {}
         self._pending_publishes: dict[int, tuple[int, asyncio.Future[None]]] = {}
         self._queue = ReceiveQueue(options.max_queued_messages, options.max_queued_bytes)
         self._listeners: list[ConnectionListener] = []
