@@ -303,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "fully asynchronous training); default: synchronous rounds")
         sim.add_argument("--stragglers", metavar="FRAC:FACTOR", help="make a seeded FRAC of the devices FACTOR "
                          "times slower, e.g. 0.2:5")
-        sim.add_argument("--device-profiles", metavar="SPEC", help="in-process devices: device speeds by profile, "
-                         "e.g. pi-zero-2:0.2,pi-4:0.6,pi-5:0.2 or fast=0.005:0.8,slow=0.025:0.2 "
+        sim.add_argument("--device-profiles", metavar="SPEC", help="device speeds by profile "
+                         "(in-process or --processes devices), e.g. pi-zero-2:0.2,pi-4:0.6,pi-5:0.2 or "
+                         "fast=0.005:0.8,slow=0.025:0.2 "
                          "(NAME=STEP_SECONDS[/MBPS[/LATENCY_MS]]:SHARE; docs/aggregator.md, 'Simulation')")
         sim.add_argument("--out", metavar="DIR", help="output folder (default: runs/<job>-<time>)")
         sim.set_defaults(handler=(lambda a: _cmd_simulate(a, demo=True)) if is_demo else _cmd_simulate)

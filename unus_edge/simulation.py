@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 
+from unus_edge._paced_device import profile_to_json, read_pace_report
 from unus_edge.aggregator import JobResult, RoundProgress, run_aggregator
 from unus_edge.broker import EmbeddedBroker
 from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, JobConfig
@@ -60,9 +61,10 @@ class SimulationOptions:
     slowdowns: dict[int, float] = field(default_factory=dict)
     """Device index -> compute slowdown factor (stragglers)."""
     profiles: list[DeviceProfile] | None = None
-    """In-process devices: a profile per device (:mod:`unus_edge.profiles`), which paces its
-    trainings and transfers; stragglers (``slowdowns``) then get their profile that many times
-    slower. None: the devices run at the host's speed (stragglers wait out extra CPU time)."""
+    """A profile per device (:mod:`unus_edge.profiles`), which paces its trainings and transfers
+    (with ``processes``, each device process runs :mod:`unus_edge._paced_device`); stragglers
+    (``slowdowns``) then get their profile that many times slower. None: the devices run at the
+    host's speed (stragglers wait out extra CPU time)."""
     compute_slots: int | None = None
     """In-process devices: how many may train at once (default: the usable cores; 0: no limit).
 
@@ -79,7 +81,8 @@ class SimulationReport:
     out_dir: Path | None
     plot: Path | None
     paces: tuple[ProfilePace, ...] = ()
-    """The in-process devices' paces (with ``profiles``): their trainings and overruns."""
+    """The devices' paces (with ``profiles``): their trainings and overruns (a device process's as
+    it reported them at exit)."""
 
     @property
     def pace_overruns(self) -> tuple[int, int]:
@@ -133,17 +136,33 @@ def _write_device_files(options: SimulationOptions, shards: list[Dataset], broke
     return configs
 
 
-async def _run_processes(configs: list[Path], out_dir: Path, finished: asyncio.Event) -> None:
+def _pace_path(out_dir: Path, index: int) -> Path:
+    return out_dir / "paces" / f"device_{index:03d}.json"
+
+
+def _device_command(config: Path, index: int, out_dir: Path, paces: list[ProfilePace]) -> list[str]:
+    """``unus-edge device``, or with profiles the paced wrapper (:mod:`unus_edge._paced_device`)."""
+    if not paces:
+        return [sys.executable, "-m", "unus_edge.cli", "device", "--config", str(config), "--exit-when-finished"]
+    report = _pace_path(out_dir, index)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.unlink(missing_ok=True)
+    return [sys.executable, "-m", "unus_edge._paced_device", "--config", str(config),
+            "--profile", profile_to_json(paces[index].profile), "--cost", repr(paces[index].cost),
+            "--report", str(report)]
+
+
+async def _run_processes(configs: list[Path], out_dir: Path, finished: asyncio.Event,
+                         paces: list[ProfilePace]) -> None:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     processes = []
-    for config in configs:
+    for index, config in enumerate(configs):
         # A small local log file per device, created before the process starts; closed below.
         log = open(logs / f"{config.stem}.log", "wb")  # noqa: SIM115, ASYNC230
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "unus_edge.cli", "device", "--config", str(config), "--exit-when-finished",
-            stdout=log, stderr=subprocess.STDOUT, env=environment)
+            *_device_command(config, index, out_dir, paces), stdout=log, stderr=subprocess.STDOUT, env=environment)
         processes.append((process, log))
     try:
         await finished.wait()
@@ -173,12 +192,8 @@ async def simulate(
         raise ConfigError("--compute-slots", f"must be 0 (no limit) or more, not {options.compute_slots}")
     if options.processes and options.out_dir is None:
         raise ConfigError("--out", "is required with --processes (partition files live there)")
-    if options.profiles is not None:
-        if options.processes:
-            raise ConfigError("--device-profiles", "paces in-process devices only (not yet --processes)")
-        if len(options.profiles) != options.num_devices:
-            raise ConfigError("--device-profiles",
-                              f"{len(options.profiles)} profiles for {options.num_devices} devices")
+    if options.profiles is not None and len(options.profiles) != options.num_devices:
+        raise ConfigError("--device-profiles", f"{len(options.profiles)} profiles for {options.num_devices} devices")
     train = load_dataset(options.dataset, "train", data_dir=options.data_dir or None, seed=config.job.seed,
                          num_examples=options.train_examples or None)
     indices = partition(train.y, options.num_devices, options.scheme, seed=config.job.seed, alpha=options.alpha)
@@ -194,16 +209,15 @@ async def simulate(
                                                                           options.num_devices)))
         finished = asyncio.Event()
         devices: list[asyncio.Task[object]] = []
-        paces: list[ProfilePace] = []
+        paces = _paces(options, config)
         if options.processes:
             assert options.out_dir is not None
             paths = _write_device_files(options, shards, config.broker)
-            devices.append(asyncio.create_task(_run_processes(paths, options.out_dir, finished),
+            devices.append(asyncio.create_task(_run_processes(paths, options.out_dir, finished, paces),
                                                name="simulation-device-processes"))
         else:
             slots = usable_cores() if options.compute_slots is None else options.compute_slots
             compute_slots = asyncio.Semaphore(slots) if slots > 0 else None
-            paces = _paces(options, config)
             for index, shard in enumerate(shards):
                 device_config = _device_config(options, index, config.broker, "memory")
                 devices.append(asyncio.create_task(
@@ -221,6 +235,10 @@ async def simulate(
             for task in devices:
                 task.cancel()
     plot = _write_outputs(options.out_dir, config, result) if options.out_dir else None
+    if options.processes and paces:
+        assert options.out_dir is not None
+        paces = [read_pace_report(_pace_path(options.out_dir, index), pace.profile, pace.cost)
+                 for index, pace in enumerate(paces)]
     return SimulationReport(result, options.num_devices, options.out_dir, plot, tuple(paces))
 
 

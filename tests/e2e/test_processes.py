@@ -204,3 +204,21 @@ def test_models_build_writes_the_zoo(tmp_path: Path) -> None:
     result = cli("models", "build", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["logreg.onnx", "mnist_2nn.onnx", "mnist_cnn.onnx"]
+
+
+@pytest.mark.slow
+def test_device_processes_are_paced_by_their_profiles(tmp_path: Path) -> None:
+    """``simulate --processes --device-profiles``: each device process runs the paced wrapper
+    (``unus_edge._paced_device``), and reports its trainings back to the simulator at exit."""
+    out = tmp_path / "run"
+    result = cli("simulate", "--processes", "--dataset", "synthetic", "--devices", "2", "--rounds", "2",
+                 "--train-examples", "400", "--eval-examples", "200", "--device-profiles", "slow=0.02:0.5,fast=0:0.5",
+                 "--job", "paced", "--out", str(out), timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "of 4 trainings took the host longer" in result.stdout, result.stdout
+    reports = sorted((out / "paces").glob("device_*.json"))
+    assert [path.name for path in reports] == ["device_000.json", "device_001.json"]
+    counters = [json.loads(path.read_text()) for path in reports]
+    assert [c["trainings"] for c in counters] == [2, 2]
+    waited = sorted(c["waited_seconds"] for c in counters)
+    assert waited[0] == 0.0 and waited[1] > 0  # the zero-step profile never waits; the slow one does

@@ -188,6 +188,40 @@ def test_a_client_gets_no_retained_message_it_did_not_subscribe_to(kind: str, tm
     run(scenario)
 
 
+@pytest.mark.parametrize("kind", BROKERS)
+def test_a_fetch_gets_one_model_when_a_publication_follows_its_suback(kind: str, tmp_path: Path) -> None:
+    """A device fetches the retained model with SUBSCRIBE and UNSUBSCRIBE back to back. amqtt 0.12
+    kept the subscription until the retained copy's PUBACK, so a publication right after the SUBACK
+    reached the device as well: two models (``unus_edge/_amqtt_fixes.py``, the fourth defect).
+    Mosquitto is the control."""
+
+    received: list[list[bytes]] = []
+
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker:
+            async with MqttTransport(options(broker)) as publisher, MqttTransport(options(broker)) as device:
+                stream = device.messages()
+                for _ in range(3):
+                    await publisher.publish("test/fetch/model", b"old" * 3_000_000, qos=1, retain=True)
+                    subscribed = asyncio.ensure_future(device.subscribe("test/fetch/model", qos=1))
+                    unsubscribed = asyncio.ensure_future(device.unsubscribe("test/fetch/model"))
+                    await subscribed
+                    await publisher.publish("test/fetch/model", b"new", qos=1, retain=True)
+                    await unsubscribed
+                    await device.subscribe("test/fetch/marker", qos=1)
+                    await publisher.publish("test/fetch/marker", b"end", qos=1)
+                    models: list[bytes] = []
+                    async for message in stream:
+                        if message.topic == "test/fetch/marker":
+                            break
+                        models.append(message.payload[:3])
+                    await device.unsubscribe("test/fetch/marker")
+                    received.append(models)
+
+    run(scenario)
+    assert received == [[b"old"]] * 3
+
+
 _VICTIM = """
 import asyncio, sys
 from unus_edge.transport import ConnectOptions, MqttTransport, Will

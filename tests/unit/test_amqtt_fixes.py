@@ -36,6 +36,7 @@ def test_a_broadcast_is_formatted_without_its_payload() -> None:
 
     broadcast = asyncio.run(queued())
     assert isinstance(broadcast, QuietBroadcast)
-    assert dict(broadcast) == {"session": None, "topic": "job/model", "data": b"\x00" * 5_000_000, "qos": 1}
+    assert dict(broadcast) == {"session": None, "topic": "job/model", "data": b"\x00" * 5_000_000, "qos": 1,
+                               "recipients": []}  # nobody subscribed when it was queued
     text = f"Processing broadcast message: {broadcast}"  # what amqtt builds for every message
     assert "5000000 bytes" in text and "job/model" in text and len(text) < 200

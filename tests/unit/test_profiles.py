@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from unus_edge._paced_device import pace_report, profile_from_json, profile_to_json, read_pace_report
 from unus_edge.errors import ConfigError
 from unus_edge.profiles import (
     PROFILES,
@@ -154,16 +156,32 @@ def test_a_device_asks_its_pace_after_every_training_download_and_before_every_u
         assert sum(downloads) == device.model_bytes and all(size > 0 for size in uploads)
 
 
-def test_simulate_refuses_profiles_it_cannot_apply(tmp_path: Path) -> None:
+def test_simulate_refuses_a_profile_count_that_is_not_the_fleet() -> None:
     from tests.unit.test_service_memory import config
     from unus_edge.simulation import SimulationOptions, simulate
 
-    profiles = [PROFILES["pi-4"]] * 2
-    for options, message in (
-        (SimulationOptions(config(), num_devices=3, dataset="synthetic", profiles=profiles), "2 profiles for 3"),
-        (SimulationOptions(config(), num_devices=2, dataset="synthetic", profiles=profiles, processes=True,
-                           out_dir=tmp_path), "in-process devices only"),
-    ):
-        with pytest.raises(ConfigError) as caught:
-            asyncio.run(simulate(options))
-        assert message in str(caught.value)
+    options = SimulationOptions(config(), num_devices=3, dataset="synthetic", profiles=[PROFILES["pi-4"]] * 2)
+    with pytest.raises(ConfigError) as caught:
+        asyncio.run(simulate(options))
+    assert "2 profiles for 3" in str(caught.value)
+
+
+@pytest.mark.parametrize("profile", [PROFILES["pi-zero-2"], DeviceProfile("bare", 0.002)])
+def test_a_profile_crosses_to_a_device_process_unchanged(profile: DeviceProfile) -> None:
+    assert profile_from_json(profile_to_json(profile)) == profile
+
+
+def test_a_device_process_pace_report_reads_back(tmp_path: Path) -> None:
+    pace = ProfilePace(PROFILES["pi-4"], 0.5)
+    pace.trainings, pace.overruns, pace.waited_seconds = 7, 2, 1.25
+    (tmp_path / "pace.json").write_text(json.dumps(pace_report(pace)))
+    read = read_pace_report(tmp_path / "pace.json", pace.profile, pace.cost)
+    assert (read.trainings, read.overruns, read.waited_seconds, read.cost) == (7, 2, 1.25, 0.5)
+    missing = read_pace_report(tmp_path / "absent.json", pace.profile, pace.cost)  # a process that died
+    assert (missing.trainings, missing.overruns) == (0, 0)
+
+
+@pytest.mark.parametrize("text", ["{}", "not json", '{"name": "x", "step_seconds": -1}'])
+def test_a_bad_profile_for_a_device_process_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        profile_from_json(text)
