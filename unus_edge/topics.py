@@ -36,6 +36,8 @@ Why these QoS and retain flags
     * **model** and **clock** are *state*, not events: a device that (re)connects must get the
       latest global model and clock at once, so both are retained, QoS 1. The clock carries the
       model version, so a device can tell whether the retained model it holds is current.
+      Devices *subscribe* to the model at QoS 0, so a persistent session never has models
+      queued for it while its device is away (docs/protocol.md, section 2).
     * **aggregator/status** is retained with a last will, so devices notice an aggregator that
       restarts (its ``session`` changes) or dies.
     * **metrics** are for people: JSON that ``mosquitto_sub -t 'unus/v1/JOB/metrics/#' -v``

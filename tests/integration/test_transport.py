@@ -222,6 +222,61 @@ def test_a_fetch_gets_one_model_when_a_publication_follows_its_suback(kind: str,
     assert received == [[b"old"]] * 3
 
 
+_FETCHER = """
+import asyncio, sys
+from unus_edge.transport import ConnectOptions, MqttTransport
+async def main():
+    options = ConnectOptions(port=int(sys.argv[1]), client_id="fetcher", clean_session=False, keepalive=60)
+    async with MqttTransport(options) as transport:
+        await transport.subscribe("test/killed/model", qos=int(sys.argv[2]))
+        print("subscribed", flush=True)
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("kind", "fetch_qos"), [
+    ("amqtt", 0), pytest.param("mosquitto", 0, marks=pytest.mark.mosquitto),
+    pytest.param("mosquitto", 1, marks=pytest.mark.mosquitto, id="mosquitto-qos1-control"),
+])
+def test_a_device_killed_during_a_fetch_gets_no_queued_models_when_it_returns(kind: str, fetch_qos: int,
+                                                                               tmp_path: Path) -> None:
+    """A device holds the model subscription while it waits for a newer model (protocol.md,
+    "Model delivery"). Killed then, its persistent session keeps the subscription: at QoS 1 the
+    broker queues every model published while it is away and delivers them all when it returns,
+    before the new daemon can unsubscribe (the QoS 1 case is the control, on Mosquitto, whose
+    offline queue this is; amqtt's QoS 1 behaviour is not what the device relies on). Devices
+    fetch at QoS 0, which no broker queues for an offline client: at most the retained copy
+    comes back (amqtt re-sends retained messages to a returning session's subscriptions)."""
+    models: list[bytes] = []
+
+    async def scenario() -> None:
+        async with running_broker(kind, tmp_path) as broker, MqttTransport(options(broker)) as aggregator:
+            fetcher = await asyncio.create_subprocess_exec(
+                PYTHON, "-c", _FETCHER, str(broker.port), str(fetch_qos), stdout=asyncio.subprocess.PIPE,
+                env=python_env())
+            assert fetcher.stdout is not None
+            assert (await fetcher.stdout.readline()).strip() == b"subscribed"
+            fetcher.kill()
+            await fetcher.wait()
+            for version in range(5):
+                await aggregator.publish("test/killed/model", f"model {version}".encode(), qos=1, retain=True)
+            returning = ConnectOptions(host="127.0.0.1", port=broker.port, client_id="fetcher", clean_session=False)
+            async with MqttTransport(returning) as device:
+                await device.subscribe("test/killed/marker", qos=1)
+                await aggregator.publish("test/killed/marker", b"end", qos=1)
+                async for message in device.messages():
+                    if message.topic == "test/killed/marker":
+                        break
+                    models.append(message.payload)
+
+    run(scenario)
+    if fetch_qos == 0:
+        assert models in ([], [b"model 4"])  # nothing queued; at most the retained copy
+    else:
+        assert models == [f"model {version}".encode() for version in range(5)]  # what QoS 1 would cost
+
+
 _VICTIM = """
 import asyncio, sys
 from unus_edge.transport import ConnectOptions, MqttTransport, Will

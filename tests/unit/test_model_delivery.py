@@ -62,6 +62,34 @@ def test_a_device_holds_no_model_subscription_between_computations() -> None:
         assert model not in broker._sessions[device.transport.client_id].subscriptions  # type: ignore[attr-defined]
 
 
+def test_a_device_subscribes_to_the_model_at_qos_0_only() -> None:
+    """At QoS 1 a device killed mid-fetch would find every model published in its absence queued
+    in its persistent session (tests/integration/test_transport.py, the killed-during-a-fetch test)."""
+    requests: list[tuple[str, int]] = []
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        aggregator = make_aggregator(broker, config(job__min_devices=2, job__mode="ssp", job__staleness_bound="1",
+                                                    job__rounds=3))
+        devices = [make_device(broker, f"d{i}", shard) for i, shard in enumerate(shards(2))]
+        for device in devices:
+            subscribe = device.transport.subscribe
+
+            async def recording(topic_filter: str, *, qos: int = 1, subscribe: Any = subscribe) -> int:
+                requests.append((topic_filter, qos))
+                return int(await subscribe(topic_filter, qos=qos))
+
+            device.transport.subscribe = recording  # type: ignore[method-assign]
+        tasks = [asyncio.create_task(run_device(d)) for d in devices]
+        async with aggregator.transport:
+            await aggregator.run()
+        await asyncio.gather(*tasks)
+
+    run(scenario)
+    fetches = [qos for topic_filter, qos in requests if topic_filter.endswith("/model")]
+    assert fetches and set(fetches) == {0}, requests
+
+
 def test_ssp_needs_the_version_the_clock_names_not_the_devices_own_update() -> None:
     async def scenario() -> None:
         broker = MemoryBroker()

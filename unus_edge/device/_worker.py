@@ -85,6 +85,15 @@ async def heartbeat(device: Device) -> None:
         await asyncio.sleep(device.settings.heartbeat_interval)
 
 
+FETCH_QOS = 0
+"""The model subscription's QoS. Not 1: a device killed while it holds the subscription keeps
+it in its persistent session, and at QoS 1 the broker would queue every model published while
+the device is away and deliver them all when it returns (Mosquitto's production limits allow
+512 MB); no broker queues QoS 0 for an offline client. A copy lost to a dropped connection
+comes again: the transport re-subscribes on reconnect, which makes the broker re-send the
+retained copy, and :func:`wait_for_model` re-subscribes when it waits too long."""
+
+
 async def fetch_model(device: Device, version: int, budget: float) -> bool:
     """Fetch the model for one computation: subscribe to the retained model, take it, unsubscribe.
 
@@ -108,10 +117,11 @@ async def fetch_model(device: Device, version: int, budget: float) -> bool:
     if version <= device.published_version:
         with contextlib.suppress(TimeoutError, SubscribeError):  # then hold the subscription instead
             async with asyncio.timeout(min(budget, device.settings.model_wait)):
-                await asyncio.gather(device.transport.subscribe(topic, qos=1), device.transport.unsubscribe(topic))
+                await asyncio.gather(device.transport.subscribe(topic, qos=FETCH_QOS),
+                                     device.transport.unsubscribe(topic))
                 arrived = await wait_for_model(device, version, budget, after=seen)
     if not arrived:
-        await device.transport.subscribe(topic, qos=1)
+        await device.transport.subscribe(topic, qos=FETCH_QOS)
         try:
             arrived = await wait_for_model(device, version, max(0.0, end - loop.time()), after=seen)
         finally:
@@ -138,7 +148,7 @@ async def wait_for_model(device: Device, version: int, budget: float, *, after: 
         except TimeoutError:
             logger.warning("model version %d has not arrived; fetching the retained copy again", version)
             await device.transport.unsubscribe(topics.model(device.job))
-            await device.transport.subscribe(topics.model(device.job), qos=1)
+            await device.transport.subscribe(topics.model(device.job), qos=FETCH_QOS)
     return True
 
 
