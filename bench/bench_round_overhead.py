@@ -93,7 +93,7 @@ class TrainSecondsTap:
 
         def on_update(service: Aggregator, envelope: Any, update: Any) -> None:
             original(service, envelope, update)
-            current = service.current_round
+            current = getattr(service.driver, "current_round", None)
             if current is not None and current.accepted.get(update.device_id) == envelope.msg_id:
                 tap.by_round.setdefault(update.server_round, []).append(float(update.train_seconds))
                 cpu = update.metrics.get("cpu_seconds")

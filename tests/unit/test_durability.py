@@ -15,6 +15,7 @@ from tests.unit.test_service_memory import JOB, aggregator_online, config, make_
 from unus_edge import topics
 from unus_edge.aggregator import load_checkpoint
 from unus_edge.aggregator._checkpoint import read_audit
+from unus_edge.aggregator._driver import RoundDriver
 from unus_edge.messages import Ack, Registration, Status, Task, Update, decode_message, encode_message
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, MemoryBroker, MemoryTransport
@@ -79,8 +80,9 @@ def test_a_restarted_aggregator_resumes_the_round_and_applies_every_update_once(
             with pytest.raises(asyncio.CancelledError):
                 await job
         second = make_aggregator(broker, settings, resume=True)  # same checkpoint dir
-        assert second.current_round is not None  # the round in progress came back with the checkpoint
-        assert list(second.current_round.accepted) == ["d0"]
+        assert isinstance(second.driver, RoundDriver)
+        assert second.driver.current_round is not None  # the round in progress came back with the checkpoint
+        assert list(second.driver.current_round.accepted) == ["d0"]
         async with second.transport:
             job = asyncio.create_task(second.run())
             await aggregator_online(broker)

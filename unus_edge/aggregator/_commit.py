@@ -11,22 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from unus_edge.aggregator._checkpoint import append_audit, encode_checkpoint, write_checkpoint
+from unus_edge.aggregator._checkpoint import Checkpoint, append_audit, encode_checkpoint, write_checkpoint
+from unus_edge.aggregator._ports import Outbox
 from unus_edge.errors import TransportError
 from unus_edge.messages import Ack
-
-if TYPE_CHECKING:
-    from unus_edge.aggregator._service import Aggregator
 
 __all__ = ["GroupCommit"]
 
 
 class GroupCommit:
-    def __init__(self, service: Aggregator) -> None:
-        self.service = service
+    """Commits to ``directory`` (none: acknowledge at once) the checkpoints ``snapshot`` takes.
+
+    ``snapshot`` is given the audit entries the checkpoint must carry; ``running`` says whether
+    the service's task group is up (acknowledgements are then spawned through ``outbox``).
+    """
+
+    def __init__(self, directory: str, snapshot: Callable[[list[dict[str, Any]]], Checkpoint], outbox: Outbox,
+                 running: Callable[[], bool]) -> None:
+        self.directory = directory
+        self.snapshot = snapshot
+        self.outbox = outbox
+        self.running = running
         self.unacked: list[Ack] = []
         self.pending_ids: set[str] = set()
         """Accepted updates whose acknowledgement waits for the next commit."""
@@ -67,23 +76,22 @@ class GroupCommit:
             await self._commit_once()
 
     async def _commit_once(self) -> None:
-        service = self.service
         target = self._requested
         acks, self.unacked = self.unacked, []
         audit, self.audit_pending = self.audit_pending, []
-        if service.config.checkpoint.dir:
-            directory = Path(service.config.checkpoint.dir)
+        if self.directory:
+            directory = Path(self.directory)
             self.audit_count += len(audit)
-            payload = encode_checkpoint(service.checkpoint(audit))  # a consistent snapshot, taken in the loop
+            payload = encode_checkpoint(self.snapshot(audit))  # a consistent snapshot, taken in the loop
             await asyncio.to_thread(write_checkpoint, directory, payload)
             await asyncio.to_thread(append_audit, directory, audit)
         for ack in acks:
             self.pending_ids.discard(ack.update_msg_id)
-            if service.running:
-                service.spawn(service._send_to_device(ack.device_id, ack), "aggregator-ack")
+            if self.running():
+                self.outbox.spawn(self.outbox.send_to_device(ack.device_id, ack), "aggregator-ack")
             else:  # shutting down: try, briefly (a device re-publishes an unacknowledged update anyway)
                 with contextlib.suppress(TimeoutError, TransportError):
                     async with asyncio.timeout(2):
-                        await service._send_to_device(ack.device_id, ack)
+                        await self.outbox.send_to_device(ack.device_id, ack)
         self._done = max(self._done, target)
         self._progress.set()

@@ -22,9 +22,10 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from unus_edge import topics
+from unus_edge.aggregator._ports import JobView, Outbox
 from unus_edge.aggregator._round import SyncRound
 from unus_edge.errors import JobError, StrategyError
 from unus_edge.messages import RoundMetrics, Task, Update
@@ -32,33 +33,37 @@ from unus_edge.seeds import device_seed
 from unus_edge.strategies import Assignment, ClientUpdate, Failure, Params, RoundContext
 from unus_edge.topics import Channel
 
-if TYPE_CHECKING:
-    from unus_edge.aggregator._service import Aggregator
-
 __all__ = ["RoundDriver", "wait_for_devices"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
 
-async def wait_for_devices(service: Aggregator) -> None:
+async def wait_for_devices(view: JobView) -> None:
     """Wait until ``job.min_devices`` devices are online; fail the job after ``job.wait_for_devices``."""
-    needed = service.config.job.min_devices
-    limit = service.config.job.wait_for_devices
-    if len(service.registry.online()) < needed:
-        logger.info("waiting for %d device(s) to be online (%d now)", needed, len(service.registry.online()))
+    needed = view.config.job.min_devices
+    limit = view.config.job.wait_for_devices
+    if len(view.registry.online()) < needed:
+        logger.info("waiting for %d device(s) to be online (%d now)", needed, len(view.registry.online()))
     try:
         async with asyncio.timeout(limit):
-            while len(service.registry.online()) < needed:
-                service.devices_changed.clear()
-                await service.devices_changed.wait()
+            while len(view.registry.online()) < needed:
+                view.devices_changed.clear()
+                await view.devices_changed.wait()
     except TimeoutError:
-        raise JobError(service.job, f"only {len(service.registry.online())} of the {needed} devices needed "
+        raise JobError(view.job, f"only {len(view.registry.online())} of the {needed} devices needed "
                                     f"(job.min_devices) came online within {limit:.0f} s") from None
 
 
 class RoundDriver:
-    def __init__(self, service: Aggregator) -> None:
-        self.service = service
+    """Synchronous rounds, given the job's state (:class:`JobView`) and what it may send (:class:`Outbox`)."""
+
+    def __init__(self, view: JobView, outbox: Outbox) -> None:
+        self.view = view
+        self.outbox = outbox
+        self.current_round: SyncRound | None = None
+        self.accumulator: Any = None
+        self.round_changed = asyncio.Event()
+        """Set when the current round gains an update or a failure."""
         self._tasks: dict[str, Task] = {}
         self._planned = 0
         self._started = 0.0
@@ -70,7 +75,7 @@ class RoundDriver:
 
     def judge(self, update: Update) -> tuple[str, str] | None:
         """Why this update cannot go into the current round, or ``None`` if it can."""
-        current = self.service.current_round
+        current = self.current_round
         if current is None or current.task_of(update.device_id) != update.task_id:
             return "unassigned", f"task {update.task_id!r} is not an open assignment of this device"
         if update.device_id in current.accepted:
@@ -83,36 +88,36 @@ class RoundDriver:
 
     def apply(self, msg_id: str, update: Update) -> tuple[int, int]:
         """Fold an accepted update into the round; returns the device's clock and the version."""
-        service = self.service
-        current = service.current_round
+        view = self.view
+        current = self.current_round
         assert current is not None
-        service.accumulator.add(ClientUpdate(update.device_id, update.num_examples, update.tensors,
+        self.accumulator.add(ClientUpdate(update.device_id, update.num_examples, update.tensors,
                                              update.base_version, update.train_loss, 0, update.metrics))
         current.accept(update.device_id, msg_id)
-        service.round_changed.set()
-        record = service.registry.get(update.device_id)
-        return (record.clock if record else 0), service.version
+        self.round_changed.set()
+        record = view.registry.get(update.device_id)
+        return (record.clock if record else 0), view.version
 
     def device_offline(self, device_id: str, reason: str) -> None:
-        if self.service.current_round is not None:
-            self.service.current_round.fail(device_id, "offline", reason)
-            self.service.round_changed.set()
+        if self.current_round is not None:
+            self.current_round.fail(device_id, "offline", reason)
+            self.round_changed.set()
 
     def device_joined(self, device_id: str) -> None:
         """A device (re)joined mid-round while still assigned: give it its task again."""
-        current = self.service.current_round
+        current = self.current_round
         if current is not None and device_id in current.pending:
             self.resend_task(device_id)
 
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         """Synchronous rounds as seen through the clock: every device is at the round, s = 0."""
-        return self.service.server_round, 0, {}
+        return self.view.server_round, 0, {}
 
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The strategy's own state, and the round in progress with its accumulator."""
-        strategy_tensors, strategy_scalars = self.service.strategy.state_dict()
+        strategy_tensors, strategy_scalars = self.view.strategy.state_dict()
         state: dict[str, Any] = {"mode": "sync", "strategy": strategy_scalars}
         tensors: dict[str, Any] = {f"strategy/{n}": v for n, v in strategy_tensors.items()}
         round_state, round_tensors = self._round_state()
@@ -122,7 +127,7 @@ class RoundDriver:
         return state, tensors
 
     def _round_state(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-        current = self.service.current_round
+        current = self.current_round
         if current is None:
             return None, {}
         round_state: dict[str, Any] = {
@@ -132,7 +137,7 @@ class RoundDriver:
             "assignments": {d: [a.epochs, a.batch_size, a.learning_rate, dict(a.config)]
                             for d, a in current.assignments.items()},
         }
-        accumulator = self.service.accumulator
+        accumulator = self.accumulator
         if not hasattr(accumulator, "state_dict"):
             return None, {}  # an accumulator that cannot be saved: the round restarts
         tensors, scalars = accumulator.state_dict()
@@ -141,23 +146,23 @@ class RoundDriver:
 
     def restore(self, state: dict[str, Any], tensors: dict[str, Any]) -> None:
         """Put back the round in progress, at once: updates may arrive before ``run`` starts."""
-        service = self.service
+        view = self.view
         if "strategy" in state:
-            service.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()
+            view.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()
                                               if n.startswith("strategy/")}, state["strategy"])
         saved = state.get("round")
-        if not saved or saved["version"] != service.version:
+        if not saved or saved["version"] != view.version:
             return
         assignments = {device: Assignment(device, int(e), int(b), float(lr), c)
                        for device, (e, b, lr, c) in saved["assignments"].items()}
         current = SyncRound(saved["server_round"], saved["version"], saved["attempt"], assignments,
                             dict(saved["task_ids"]), math.inf, 0.0, dict(saved["accepted"]),
                             {d: Failure(d, r, t) for d, (r, t) in saved["failures"].items()})
-        accumulator = service.strategy.new_accumulator(current.server_round, service.params)
+        accumulator = view.strategy.new_accumulator(current.server_round, view.params)
         accumulator.load_state_dict({n[len("accumulator/"):]: v for n, v in tensors.items()  # type: ignore[attr-defined]
                                      if n.startswith("accumulator/")}, saved["accumulator"])
-        service.accumulator = accumulator
-        service.current_round = current
+        self.accumulator = accumulator
+        self.current_round = current
         self._planned = int(saved["planned"])
         for device_id, assignment in assignments.items():
             self._tasks[device_id] = self._task(assignment, current.server_round, current.attempt)
@@ -168,27 +173,27 @@ class RoundDriver:
     # ------------------------------------------------------------------ rounds
 
     async def run(self) -> None:
-        service = self.service
-        if self._resumed and service.current_round is not None:
+        view = self.view
+        if self._resumed and self.current_round is not None:
             self._resumed = False
-            current = service.current_round
-            current.deadline = asyncio.get_running_loop().time() + service.config.job.round_deadline
+            current = self.current_round
+            current.deadline = asyncio.get_running_loop().time() + view.config.job.round_deadline
             self._begin_round_clock()
             await self._finish_round(current)
-        budget = service.config.job.time_budget
-        while service.server_round < service.config.job.rounds:
-            if budget and service.wall_seconds() >= budget:
-                logger.info("job %s: the time budget of %.0f s is spent after round %d", service.job, budget,
-                            service.server_round)
+        budget = view.config.job.time_budget
+        while view.server_round < view.config.job.rounds:
+            if budget and view.wall_seconds() >= budget:
+                logger.info("job %s: the time budget of %.0f s is spent after round %d", view.job, budget,
+                            view.server_round)
                 break
-            await wait_for_devices(service)
-            current = await self._start_round(service.server_round + 1)
+            await wait_for_devices(view)
+            current = await self._start_round(view.server_round + 1)
             await self._finish_round(current)
-        logger.info("job %s finished after %d rounds", service.job, service.server_round)
+        logger.info("job %s finished after %d rounds", view.job, view.server_round)
 
     def totals(self) -> tuple[int, float]:
         """Updates applied over the job, and their mean staleness (always 0 in rounds)."""
-        return sum(m.num_updates for m in self.service.history), 0.0
+        return sum(m.num_updates for m in self.view.history), 0.0
 
     def staleness_histogram(self) -> dict[str, int]:
         """Applied updates by staleness bucket: in rounds every update is fresh."""
@@ -196,19 +201,19 @@ class RoundDriver:
         return {"0": updates} if updates else {}
 
     def _context(self, server_round: int) -> RoundContext:
-        config = self.service.config
+        config = self.view.config
         return RoundContext(server_round, config.job.fraction, config.train.epochs, config.train.batch_size,
-                            config.train.learning_rate, self.service.rng)
+                            config.train.learning_rate, self.view.rng)
 
     def _task(self, assignment: Assignment, server_round: int, attempt: int) -> Task:
-        service = self.service
+        view = self.view
         config = dict(assignment.config)
-        config.setdefault("seed", device_seed(service.config.job.seed, server_round, assignment.device_id))
-        config.setdefault("momentum", service.config.train.momentum)
-        config.setdefault("weight_decay", service.config.train.weight_decay)
+        config.setdefault("seed", device_seed(view.config.job.seed, server_round, assignment.device_id))
+        config.setdefault("momentum", view.config.train.momentum)
+        config.setdefault("weight_decay", view.config.train.weight_decay)
         return Task(assignment.device_id, f"r{server_round}.{attempt}.{assignment.device_id}", server_round,
-                    service.version, assignment.epochs, assignment.batch_size, assignment.learning_rate,
-                    deadline_seconds=service.config.job.round_deadline, config=config)
+                    view.version, assignment.epochs, assignment.batch_size, assignment.learning_rate,
+                    deadline_seconds=view.config.job.round_deadline, config=config)
 
     async def _assign(self, current: SyncRound, assignments: list[Assignment]) -> None:
         tasks = [self._task(a, current.server_round, current.attempt) for a in assignments]
@@ -216,61 +221,60 @@ class RoundDriver:
             current.assignments[assignment.device_id] = assignment
             current.task_ids[assignment.device_id] = task.task_id
             self._tasks[task.device_id] = task
-        await asyncio.gather(*(self.service._send_to_device(task.device_id, task) for task in tasks))
+        await asyncio.gather(*(self.outbox.send_to_device(task.device_id, task) for task in tasks))
 
     def resend_task(self, device_id: str) -> None:
         task = self._tasks.get(device_id)
         if task is not None:
             logger.info("re-sending task %s to %s", task.task_id, device_id)
-            self.service.spawn(self.service._send_to_device(device_id, task), "aggregator-task-resend")
+            self.outbox.spawn(self.outbox.send_to_device(device_id, task), "aggregator-task-resend")
 
     def _progress(self, current: SyncRound) -> None:
-        callback = self.service.on_progress
+        callback = self.view.on_progress
         if callback is not None:
             from unus_edge.aggregator._results import RoundProgress
 
-            callback(RoundProgress(current.server_round, self.service.config.job.rounds, len(current.assignments),
+            callback(RoundProgress(current.server_round, self.view.config.job.rounds, len(current.assignments),
                                    len(current.accepted), len(current.failures)))
 
     async def _collect(self, current: SyncRound) -> None:
-        service = self.service
         loop = asyncio.get_running_loop()
         while not current.complete:
             remaining = current.deadline - loop.time()
             if remaining <= 0:
                 break
-            service.round_changed.clear()
+            self.round_changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
-                    await service.round_changed.wait()
+                    await self.round_changed.wait()
             self._progress(current)
 
     def _begin_round_clock(self) -> None:
         """The round's duration and its own refusals count from here (a new or a resumed round)."""
         self._started = time.perf_counter()
-        self._refused_at_start = self.service.counters.refused
-        self.service.start_training_clock()
+        self._refused_at_start = self.view.counters.refused
+        self.view.start_training_clock()
 
     async def _start_round(self, server_round: int) -> SyncRound:
-        service = self.service
+        view = self.view
         loop = asyncio.get_running_loop()
         self._begin_round_clock()
-        service.state = "running"
-        assignments = service.strategy.configure_round(self._context(server_round), service.registry.online())
+        view.state = "running"
+        assignments = view.strategy.configure_round(self._context(server_round), view.registry.online())
         if not assignments:
-            raise StrategyError(f"selected no device for round {server_round}", strategy=service.strategy.name)
+            raise StrategyError(f"selected no device for round {server_round}", strategy=view.strategy.name)
         self._planned = len(assignments)
-        service.accumulator = service.strategy.new_accumulator(server_round, service.params)
-        current = SyncRound(server_round, service.version, 0, {}, {}, loop.time() + service.config.job.round_deadline,
+        self.accumulator = view.strategy.new_accumulator(server_round, view.params)
+        current = SyncRound(server_round, view.version, 0, {}, {}, loop.time() + view.config.job.round_deadline,
                             loop.time())
-        service.current_round = current
+        self.current_round = current
         self._tasks.clear()
         await self._assign(current, assignments)
         return current
 
     async def _finish_round(self, current: SyncRound) -> None:
-        service = self.service
-        job = service.config.job
+        view = self.view
+        job = view.config.job
         loop = asyncio.get_running_loop()
         quorum = math.ceil(job.min_fraction * self._planned)
         while True:
@@ -280,14 +284,14 @@ class RoundDriver:
             if len(current.accepted) >= quorum:
                 break
             if current.attempt >= job.max_retries:
-                service.current_round = None
-                raise JobError(service.job, f"round {current.server_round}: {len(current.accepted)} of "
+                self.current_round = None
+                raise JobError(view.job, f"round {current.server_round}: {len(current.accepted)} of "
                                             f"{self._planned} selected devices answered, below the quorum of "
                                             f"{quorum} (job.min_fraction); gave up after {job.max_retries} retries")
             current.attempt += 1
-            candidates = [d for d in service.registry.online() if d.device_id not in current.assignments]
+            candidates = [d for d in view.registry.online() if d.device_id not in current.assignments]
             missing = self._planned - len(current.accepted)
-            extra = service.strategy.configure_round(self._context(current.server_round), candidates)[:missing]
+            extra = view.strategy.configure_round(self._context(current.server_round), candidates)[:missing]
             logger.warning("round %d: %d of %d answered (quorum %d); retry %d with %d new device(s)",
                            current.server_round, len(current.accepted), self._planned, quorum, current.attempt,
                            len(extra))
@@ -296,39 +300,39 @@ class RoundDriver:
         await self._aggregate(current)
 
     async def _aggregate(self, current: SyncRound) -> None:
-        service = self.service
+        view = self.view
         failures = current.close()
-        new_params = service.strategy.aggregate(current.server_round, service.params, service.accumulator, failures)
+        new_params = view.strategy.aggregate(current.server_round, view.params, self.accumulator, failures)
         if new_params is not None:
-            _check_shapes(new_params, service.params, service.strategy.name)
-            service.params = new_params
-            service.version += 1
-        service.server_round = current.server_round
-        service.current_round = None
-        await service.publish_model()
+            _check_shapes(new_params, view.params, view.strategy.name)
+            view.params = new_params
+            view.version += 1
+        view.server_round = current.server_round
+        self.current_round = None
+        await self.outbox.publish_model()
         evaluation: dict[str, float] = {}
-        if service.evaluate_fn is not None:
-            evaluation = dict(await asyncio.to_thread(service.strategy.evaluate, current.server_round,
-                                                      service.params, service.evaluate_fn))
+        if view.evaluate_fn is not None:
+            evaluation = dict(await asyncio.to_thread(view.strategy.evaluate, current.server_round,
+                                                      view.params, view.evaluate_fn))
         elapsed = time.perf_counter() - self._started
         metrics = RoundMetrics(
-            server_round=current.server_round, version=service.version, num_selected=len(current.assignments),
+            server_round=current.server_round, version=view.version, num_selected=len(current.assignments),
             num_updates=len(current.accepted), num_failures=len(failures),
-            num_examples=getattr(service.accumulator, "num_examples", 0), duration_seconds=elapsed,
-            train_loss=getattr(service.accumulator, "train_loss", None), eval_loss=evaluation.get("loss"),
-            eval_accuracy=evaluation.get("accuracy"), bytes_up=service.counters.bytes_up,
-            bytes_down=service.counters.bytes_down, rejected=dict(service.counters.rejected),
-            wall_seconds=service.wall_seconds(), num_rejected=service.counters.refused - self._refused_at_start,
+            num_examples=getattr(self.accumulator, "num_examples", 0), duration_seconds=elapsed,
+            train_loss=getattr(self.accumulator, "train_loss", None), eval_loss=evaluation.get("loss"),
+            eval_accuracy=evaluation.get("accuracy"), bytes_up=view.counters.bytes_up,
+            bytes_down=view.counters.bytes_down, rejected=dict(view.counters.rejected),
+            wall_seconds=view.wall_seconds(), num_rejected=view.counters.refused - self._refused_at_start,
         )
-        service.history.append(metrics)
-        await service.publish(topics.metrics(service.job, "round"), Channel.METRICS, metrics)
-        await service.publish_state()
-        await service.commit()
-        logger.info("round %d/%d: %d/%d updates, %s%.2f s", current.server_round, service.config.job.rounds,
+        view.history.append(metrics)
+        await self.outbox.publish(topics.metrics(view.job, "round"), Channel.METRICS, metrics)
+        await self.outbox.publish_state()
+        await self.outbox.commit()
+        logger.info("round %d/%d: %d/%d updates, %s%.2f s", current.server_round, view.config.job.rounds,
                     len(current.accepted), len(current.assignments),
                     f"accuracy {metrics.eval_accuracy:.4f}, " if metrics.eval_accuracy is not None else "", elapsed)
-        if service.on_round is not None:
-            service.on_round(metrics)
+        if view.on_round is not None:
+            view.on_round(metrics)
 
 
 def _check_shapes(new: Params, old: Params, strategy: str) -> None:

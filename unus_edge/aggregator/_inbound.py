@@ -32,14 +32,14 @@ def on_registration(service: Aggregator, registration: Registration, now: float)
         service.counters.accepted += 1
         logger.info("device %s registered (%d examples, %s)", registration.device_id,
                     registration.num_examples, registration.platform or "unknown platform")
-        service._registry_updated()
+        service.registry_updated()
         service.driver.device_joined(registration.device_id)  # may move its clock (SSP rejoin)
     else:
         service.reject(verdict.reason, verdict.detail, registration.device_id)
     record = service.registry.get(registration.device_id)
     reply = RegistrationReply(registration.device_id, verdict.accepted, service.session, verdict.reason,
                               verdict.detail, record.clock if record else 0, registration.session)
-    service.spawn(service._send_to_device(registration.device_id, reply), "aggregator-registration-reply")
+    service.spawn(service.send_to_device(registration.device_id, reply), "aggregator-registration-reply")
 
 
 def refuse_registration(service: Aggregator, device_id: str, error: CodecError) -> None:
@@ -48,7 +48,7 @@ def refuse_registration(service: Aggregator, device_id: str, error: CodecError) 
         return
     reply = RegistrationReply(device_id, False, service.session, "schema_version",
                               f"the aggregator speaks schema {SCHEMA_VERSION}: {error.detail}")
-    service.spawn(service._send_to_device(device_id, reply), "aggregator-registration-reply")
+    service.spawn(service.send_to_device(device_id, reply), "aggregator-registration-reply")
 
 
 def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
@@ -57,7 +57,7 @@ def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
     if known is not None:  # a redelivery or re-publication: same verdict, never applied twice
         service.counters.rejected["duplicate"] += 1
         if envelope.msg_id not in service.committer.pending_ids:  # else its acknowledgement follows its commit
-            service._ack(update, envelope.msg_id, known[0], known[1])
+            service.ack(update, envelope.msg_id, known[0], known[1])
         return
     model_bytes = update.metrics.get("model_bytes")  # what reached the device since its last update
     if isinstance(model_bytes, int) and not isinstance(model_bytes, bool) and model_bytes > 0:
@@ -73,7 +73,7 @@ def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
         service.reject(reason, detail, update.device_id)
         service.counters.refused += 1
         service.dedup.remember(envelope.msg_id, False, reason)
-        service._ack(update, envelope.msg_id, False, reason)
+        service.ack(update, envelope.msg_id, False, reason)
         return
     record = service.registry.get(update.device_id)
     assert record is not None
@@ -116,10 +116,10 @@ def on_presence(service: Aggregator, presence: Heartbeat | Status, now: float) -
     service.counters.accepted += 1
     if isinstance(presence, Heartbeat):
         if registry.heartbeat(presence.device_id, presence.session, now):  # back online (e.g. after a timeout)
-            service._registry_updated()
+            service.registry_updated()
             service.driver.device_joined(presence.device_id)
     elif registry.status(presence.device_id, presence.state == "online", presence.session, now):
-        service._registry_updated()
+        service.registry_updated()
         if presence.state == "offline":
             service.driver.device_offline(presence.device_id, presence.reason or "offline")
 

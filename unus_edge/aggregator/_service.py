@@ -29,9 +29,12 @@ from unus_edge.aggregator import _inbound
 from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint
 from unus_edge.aggregator._coalesce import Coalescer
 from unus_edge.aggregator._commit import GroupCommit
+from unus_edge.aggregator._driver import RoundDriver
+from unus_edge.aggregator._ports import Driver, Evaluate
 from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
-from unus_edge.aggregator._round import DedupWindow, SyncRound
+from unus_edge.aggregator._round import DedupWindow
+from unus_edge.aggregator._ssp import SSPDriver
 from unus_edge.codec import Envelope, Limits
 from unus_edge.config import JobConfig
 from unus_edge.errors import CodecError, JobError, ProtocolError, TransportError, UnusError
@@ -58,8 +61,6 @@ __all__ = ["Aggregator"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
-Evaluate = Callable[[Params], dict[str, float]]
-
 
 class Aggregator:
     """A federated job on the gateway. Construct, then ``await run()``."""
@@ -84,7 +85,7 @@ class Aggregator:
         self.transport = transport
         self.strategy = strategy
         self.fingerprint = fingerprint
-        self.params = {name: np.array(value) for name, value in params.items()}
+        self.params: Params = {name: np.array(value) for name, value in params.items()}
         self.evaluate_fn = evaluate
         self.session = session or secrets.token_hex(8)
         self.shutdown_trigger = shutdown_trigger or asyncio.Event()
@@ -99,10 +100,6 @@ class Aggregator:
         self.history: list[RoundMetrics] = []
         self.dedup = DedupWindow()
         self.counters = Counters()
-        self.current_round: SyncRound | None = None
-        self.accumulator: Any = None
-        self.round_changed = asyncio.Event()
-        """Set when the current round gains an update or a failure."""
         self.registry_changed = asyncio.Event()
         """Set on membership/presence changes; consumed by the liveness timer."""
         self.devices_changed = asyncio.Event()
@@ -114,14 +111,12 @@ class Aggregator:
         self.fleet = Coalescer(lambda: self.spawn(self.publish_fleet(), "aggregator-fleet-metrics"),
                                config.job.fleet_interval)
         """Registry changes mark it; the fleet summary goes out at most once per ``job.fleet_interval``."""
-        self.committer = GroupCommit(self)
+        self.committer = GroupCommit(config.checkpoint.dir, self.checkpoint, self, lambda: self.running)
         """Accepted updates are acknowledged only once a checkpoint holds them."""
         self._run_started = time.perf_counter()
         self.training_started: float | None = None
-        from unus_edge.aggregator._driver import RoundDriver
-        from unus_edge.aggregator._ssp import SSPDriver
-
-        self.driver: RoundDriver | SSPDriver = SSPDriver(self) if config.job.mode == "ssp" else RoundDriver(self)
+        self.driver: Driver = SSPDriver(self, self) if config.job.mode == "ssp" else RoundDriver(self, self)
+        """The job's mode; it is given this service as its :class:`JobView` and :class:`Outbox` only."""
         if resume and config.checkpoint.dir:
             self._resume()
 
@@ -395,20 +390,20 @@ class Aggregator:
         elif isinstance(decoded, Heartbeat | Status):
             _inbound.on_presence(self, decoded, time.time())
 
-    def _registry_updated(self) -> None:
+    def registry_updated(self) -> None:
         self.registry_changed.set()
         self.devices_changed.set()
         self.fleet.mark()
 
-    async def _send_to_device(self, device_id: str, message: Message) -> None:
+    async def send_to_device(self, device_id: str, message: Message) -> None:
         size = await self.publish(topics.device_topic(self.job, device_id, Channel.TASKS), Channel.TASKS, message)
         self.counters.bytes_down += size
 
-    def _ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "") -> None:
+    def ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "") -> None:
         record = self.registry.get(update.device_id)
         ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, record.clock if record else 0,
                   self.version)
-        self.spawn(self._send_to_device(update.device_id, ack), "aggregator-ack")
+        self.spawn(self.send_to_device(update.device_id, ack), "aggregator-ack")
 
 
 _INBOUND = {Channel.STATUS, Channel.HEARTBEAT, Channel.REGISTER, Channel.UPDATE}

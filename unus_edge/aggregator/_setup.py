@@ -8,8 +8,9 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from unus_edge.aggregator._ports import Evaluate
 from unus_edge.aggregator._results import JobResult, RoundProgress
-from unus_edge.aggregator._service import Aggregator, Evaluate
+from unus_edge.aggregator._service import Aggregator
 from unus_edge.config import JobConfig
 from unus_edge.data import load_dataset
 from unus_edge.errors import ConfigError

@@ -22,15 +22,13 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from unus_edge import topics
+from unus_edge.aggregator._ports import JobView, Outbox
 from unus_edge.messages import RoundMetrics, Task, Update, staleness_bucket
 from unus_edge.strategies import AsyncContext, ClientUpdate
 from unus_edge.topics import Channel
-
-if TYPE_CHECKING:
-    from unus_edge.aggregator._service import Aggregator
 
 __all__ = ["SSPDriver"]
 
@@ -49,36 +47,39 @@ class _Snapshot:
 
 
 class SSPDriver:
-    def __init__(self, service: Aggregator) -> None:
-        self.service = service
-        self.bound = service.config.job.bound
-        self.max_staleness = service.config.job.staleness_limit
+    """SSP clocks, given the job's state (:class:`JobView`) and what it may send (:class:`Outbox`)."""
+
+    def __init__(self, view: JobView, outbox: Outbox) -> None:
+        self.view = view
+        self.outbox = outbox
+        self.bound = view.config.job.bound
+        self.max_staleness = view.config.job.staleness_limit
         self.participants: set[str] = set()
         self.examples: dict[str, int] = {}
         self.c_min = 0
         self.updates = 0
         self.started = False
         self.done = asyncio.Event()
-        self.context = AsyncContext(service.version, 1, self.bound)
+        self.context = AsyncContext(view.version, 1, self.bound)
         self._evaluated_at = 0
         self._evaluating = False
         self._tasks: dict[str, Task] = {}
         self.staleness_counts: dict[str, int] = {}
+        """Applied updates by staleness bucket (``messages.staleness_bucket``)."""
         self.published_c_min = 0
         """``c_min`` when the retained model was taken: every update of the clocks below it is in it."""
         self._requested_version = -1
         """The newest version a model publication was started for."""
-        """Applied updates by staleness bucket (``messages.staleness_bucket``)."""
 
     # ------------------------------------------------------------------ membership
 
     def _clock(self, device_id: str) -> int:
-        record = self.service.registry.get(device_id)
+        record = self.view.registry.get(device_id)
         return record.clock if record else 0
 
     def _live(self) -> list[str]:
         """The online participants, sorted (called several times per update: no scan of the registry)."""
-        registry = self.service.registry
+        registry = self.view.registry
         return sorted(d for d in self.participants if (record := registry.get(d)) is not None and record.online)
 
     def allowed(self, device_id: str) -> bool:
@@ -97,7 +98,7 @@ class SSPDriver:
     def device_joined(self, device_id: str) -> None:
         if not self.started:
             return
-        record = self.service.registry.get(device_id)
+        record = self.view.registry.get(device_id)
         if record is None:
             return
         if record.clock < self.c_min:
@@ -107,24 +108,24 @@ class SSPDriver:
         self.examples[device_id] = record.num_examples
         self.context.total_examples = sum(self.examples.values())
         self._send_task(device_id)
-        self.service.spawn(self._publish(model=True), "aggregator-ssp-publish")
+        self.outbox.spawn(self._publish(model=True), "aggregator-ssp-publish")
 
     def device_offline(self, device_id: str, reason: str) -> None:
         if device_id in self.participants and self.started:
             logger.info("device %s left the SSP computation (%s)", device_id, reason)
             if self._recompute():
-                self.service.spawn(self._publish(model=True), "aggregator-ssp-publish")
+                self.outbox.spawn(self._publish(model=True), "aggregator-ssp-publish")
                 self._check_done()
 
     def _send_task(self, device_id: str) -> None:
-        service = self.service
-        train = service.config.train
-        config = {"job_seed": service.config.job.seed, "momentum": train.momentum,
-                  "weight_decay": train.weight_decay, **service.strategy.device_config()}
-        task = Task(device_id, f"ssp.{service.session}.{device_id}", 0, service.version, train.epochs,
+        view = self.view
+        train = view.config.train
+        config = {"job_seed": view.config.job.seed, "momentum": train.momentum,
+                  "weight_decay": train.weight_decay, **view.strategy.device_config()}
+        task = Task(device_id, f"ssp.{view.session}.{device_id}", 0, view.version, train.epochs,
                     train.batch_size, train.learning_rate, mode="ssp", config=config)
         self._tasks[device_id] = task
-        service.spawn(service._send_to_device(device_id, task), "aggregator-ssp-task")
+        self.outbox.spawn(self.outbox.send_to_device(device_id, task), "aggregator-ssp-task")
 
     # ------------------------------------------------------------------ updates
 
@@ -141,26 +142,26 @@ class SSPDriver:
             return "already_applied", f"clock {update.clock} was already applied (the device is at {clock})"
         if update.clock > clock:
             return "bad_clock", f"clock {update.clock} is ahead of the device's {clock}"
-        if update.base_version > self.service.version:
-            return "bad_base", f"base version {update.base_version} is newer than the model ({self.service.version})"
-        staleness = self.service.version - update.base_version
+        if update.base_version > self.view.version:
+            return "bad_base", f"base version {update.base_version} is newer than the model ({self.view.version})"
+        staleness = self.view.version - update.base_version
         if self.max_staleness is not None and staleness > self.max_staleness:
             return "too_stale", f"staleness {staleness} > job.max_staleness {self.max_staleness}"
-        wanted = "weights" if self.service.strategy.device_config().get("encoding") == "weights" else "delta"
+        wanted = "weights" if self.view.strategy.device_config().get("encoding") == "weights" else "delta"
         if update.encoding != wanted:
-            return "bad_encoding", f"{self.service.strategy.name} takes {wanted}"
+            return "bad_encoding", f"{self.view.strategy.name} takes {wanted}"
         return None
 
     def apply(self, msg_id: str, update: Update) -> tuple[int, int]:
-        service = self.service
-        staleness = service.version - update.base_version
-        self.context.version = service.version
-        changed = service.strategy.on_update(
+        view = self.view
+        staleness = view.version - update.base_version
+        self.context.version = view.version
+        changed = view.strategy.on_update(
             ClientUpdate(update.device_id, update.num_examples, update.tensors, update.base_version,
                          update.train_loss, staleness, update.metrics), self.context)
         if changed:
-            service.version += 1
-            self.context.version = service.version
+            view.version += 1
+            self.context.version = view.version
         self.updates += 1
         self._train_loss_sum += update.train_loss * update.num_examples
         self._examples_sum += update.num_examples
@@ -177,13 +178,13 @@ class SSPDriver:
         # (A version applied earlier but not published yet counts too: FedBuff may raise c_min
         # with an update it only buffers, and the clock must not announce that c_min before a
         # model holding the updates below it is retained; see clock_state.)
-        publish_model = ((risen or self.allowed(update.device_id)) and service.version > self._requested_version
+        publish_model = ((risen or self.allowed(update.device_id)) and view.version > self._requested_version
                          and not self.done.is_set())
-        service.spawn(self._publish(model=publish_model), "aggregator-ssp-publish")
-        every = self.service.config.evaluation.every_updates or max(1, len(self._live()))
+        self.outbox.spawn(self._publish(model=publish_model), "aggregator-ssp-publish")
+        every = self.view.config.evaluation.every_updates or max(1, len(self._live()))
         if self.updates - self._evaluated_at >= every and not self.done.is_set():
             self._evaluate()
-        return clock, service.version
+        return clock, view.version
 
     _train_loss_sum = 0.0
     _examples_sum = 0
@@ -194,51 +195,51 @@ class SSPDriver:
 
     def _snapshot(self, at: float) -> _Snapshot:
         return _Snapshot(self.updates, self._examples_sum, self._train_loss_sum, at,
-                         self.service.counters.refused)
+                         self.view.counters.refused)
 
     @property
     def mean_staleness(self) -> float:
         return self._staleness_sum / self.updates if self.updates else 0.0
 
     def _check_done(self) -> None:
-        job = self.service.config.job
+        job = self.view.config.job
         if self.c_min >= job.rounds or (job.max_updates and self.updates >= job.max_updates):
             self.done.set()
-            self.service.state = "finished"
+            self.view.state = "finished"
 
     # ------------------------------------------------------------------ publishing, evaluation
 
     async def _publish(self, *, model: bool) -> None:
-        service = self.service
+        view = self.view
         if model:
             taken_c_min = self.c_min
-            self._requested_version = max(self._requested_version, service.version)
-            service.params = service.strategy.global_params(self.context)
-            await service.publish_model()
+            self._requested_version = max(self._requested_version, view.version)
+            view.params = view.strategy.global_params(self.context)
+            await self.outbox.publish_model()
             self.published_c_min = max(self.published_c_min, taken_c_min)
-        await service.publish_state()
+        await self.outbox.publish_state()
 
     def _evaluate(self) -> None:
-        if self._evaluating or self.service.evaluate_fn is None:
+        if self._evaluating or self.view.evaluate_fn is None:
             return
         self._evaluating = True
         self._evaluated_at = self.updates
-        self.service.spawn(self._evaluation(), "aggregator-ssp-evaluation")
+        self.outbox.spawn(self._evaluation(), "aggregator-ssp-evaluation")
 
     async def _evaluation(self) -> None:
-        service = self.service
+        view = self.view
         try:
-            params = service.strategy.evaluation_params(self.context)  # never folds: reading changes nothing
-            version, taken = service.version, self._snapshot(service.wall_seconds())
-            assert service.evaluate_fn is not None
-            metrics = await asyncio.to_thread(service.evaluate_fn, params)
+            params = view.strategy.evaluation_params(self.context)  # never folds: reading changes nothing
+            version, taken = view.version, self._snapshot(view.wall_seconds())
+            assert view.evaluate_fn is not None
+            metrics = await asyncio.to_thread(view.evaluate_fn, params)
             self._record(version, taken, metrics)  # stamped with when the model was taken
         finally:
             self._evaluating = False
 
     def _record(self, version: int, taken: _Snapshot, evaluation: dict[str, float]) -> None:
         """A report on the updates since the previous one (per-period fields) and the job's totals."""
-        service = self.service
+        view = self.view
         if version == self._recorded_version:
             return
         self._recorded_version = version
@@ -251,72 +252,72 @@ class SSPDriver:
             duration_seconds=taken.at - previous.at,
             train_loss=(taken.loss_sum - previous.loss_sum) / examples if examples else None,
             eval_loss=evaluation.get("loss"), eval_accuracy=evaluation.get("accuracy"),
-            bytes_up=service.counters.bytes_up, bytes_down=service.counters.bytes_down,
-            rejected=dict(service.counters.rejected), wall_seconds=taken.at,
+            bytes_up=view.counters.bytes_up, bytes_down=view.counters.bytes_down,
+            rejected=dict(view.counters.rejected), wall_seconds=taken.at,
             num_rejected=taken.refused - previous.refused,
         )
-        service.history.append(metrics)
-        service.server_round = self.c_min
-        service.spawn(service.publish(topics.metrics(service.job, "round"), Channel.METRICS, metrics),
+        view.history.append(metrics)
+        view.server_round = self.c_min
+        self.outbox.spawn(self.outbox.publish(topics.metrics(view.job, "round"), Channel.METRICS, metrics),
                       "aggregator-ssp-metrics")
         logger.info("ssp: %d updates, version %d, c_min %d, mean staleness %.2f%s", taken.updates, version, self.c_min,
                     self.mean_staleness,
                     f", accuracy {metrics.eval_accuracy:.4f}" if metrics.eval_accuracy is not None else "")
-        if service.on_round is not None:
-            service.on_round(metrics)
+        if view.on_round is not None:
+            view.on_round(metrics)
 
     # ------------------------------------------------------------------ lifetime
 
     async def run(self) -> None:
         from unus_edge.aggregator._driver import wait_for_devices
 
-        service = self.service
+        view = self.view
         resumed = self._resume()
         if not resumed:
-            await wait_for_devices(service)
-        service.start_training_clock()
-        service.state = "running"
+            await wait_for_devices(view)
+        view.start_training_clock()
+        view.state = "running"
         self.started = True
-        online = [info.device_id for info in service.registry.online()]
+        online = [info.device_id for info in view.registry.online()]
         if not resumed:
             for device_id in online:
-                record = service.registry.get(device_id)
+                record = view.registry.get(device_id)
                 assert record is not None
                 self.participants.add(device_id)
                 self.examples[device_id] = record.num_examples
-            self.context = AsyncContext(service.version, sum(self.examples.values()), self.bound)
-            service.strategy.start_async(service.params, self.context)
+            self.context = AsyncContext(view.version, sum(self.examples.values()), self.bound)
+            view.strategy.start_async(view.params, self.context)
         self._recompute()
         self._check_done()
-        await service.publish_state()
+        await self.outbox.publish_state()
         for device_id in online:  # after a restart, devices that re-register get theirs in device_joined
             self._send_task(device_id)
         logger.info("ssp: %d devices, s = %s, until c_min = %d", len(online),
-                    "inf" if self.bound is None else self.bound, service.config.job.rounds)
-        budget = service.config.job.time_budget or None
+                    "inf" if self.bound is None else self.bound, view.config.job.rounds)
+        budget = view.config.job.time_budget or None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(budget):
                 await self.done.wait()
         self.done.set()
-        changes = service.strategy.finish_async(self.context)  # e.g. FedBuff's partial buffer: nothing left out
+        changes = view.strategy.finish_async(self.context)  # e.g. FedBuff's partial buffer: nothing left out
         if changes:
-            service.version += changes
-            self.context.version = service.version
-        service.params = service.strategy.global_params(self.context)
-        if service.evaluate_fn is not None:
-            taken = self._snapshot(service.wall_seconds())
-            evaluation = await asyncio.to_thread(service.evaluate_fn, service.params)
-            self._record(service.version, taken, evaluation)
-        service.server_round = self.c_min
+            view.version += changes
+            self.context.version = view.version
+        view.params = view.strategy.global_params(self.context)
+        if view.evaluate_fn is not None:
+            taken = self._snapshot(view.wall_seconds())
+            evaluation = await asyncio.to_thread(view.evaluate_fn, view.params)
+            self._record(view.version, taken, evaluation)
+        view.server_round = self.c_min
         logger.info("ssp finished: %d updates, c_min %d, version %d, mean staleness %.2f", self.updates, self.c_min,
-                    service.version, self.mean_staleness)
+                    view.version, self.mean_staleness)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if not self.started:
             return {"mode": "ssp"}, {}
-        tensors, scalars = self.service.strategy.state_dict()
+        tensors, scalars = self.view.strategy.state_dict()
         state = {
             "mode": "ssp", "started": True, "c_min": self.c_min, "participants": sorted(self.participants),
             "examples": self.examples, "updates": self.updates, "train_loss_sum": self._train_loss_sum,
@@ -336,7 +337,7 @@ class SSPDriver:
             return False
         state, tensors = self._restored
         self._restored = None
-        service = self.service
+        view = self.view
         self.c_min = int(state["c_min"])
         self.participants = set(state["participants"])
         self.examples = {k: int(v) for k, v in state["examples"].items()}
@@ -346,12 +347,12 @@ class SSPDriver:
         self._staleness_sum = int(state["staleness_sum"])
         self.staleness_counts = {str(k): int(v) for k, v in state.get("staleness_counts", {}).items()}
         self._evaluated_at = self.updates
-        self._recorded = self._snapshot(service.wall_seconds())
-        self.context = AsyncContext(service.version, max(1, sum(self.examples.values())), self.bound)
-        service.strategy.start_async(service.params, self.context)
-        service.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()}, state["strategy"])
+        self._recorded = self._snapshot(view.wall_seconds())
+        self.context = AsyncContext(view.version, max(1, sum(self.examples.values())), self.bound)
+        view.strategy.start_async(view.params, self.context)
+        view.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()}, state["strategy"])
         logger.info("resuming SSP at c_min %d after %d updates (version %d)", self.c_min, self.updates,
-                    service.version)
+                    view.version)
         return True
 
     def totals(self) -> tuple[int, float]:
@@ -366,6 +367,6 @@ class SSPDriver:
         start from that model (protocol.md, "Model delivery"), so until the model holding the
         updates that raised ``c_min`` is published, the clock names the ``c_min`` of the model
         that is (concurrent publications may finish in any order)."""
-        current = self.service.version == self.service.published_version
+        current = self.view.version == self.view.published_version
         c_min = self.c_min if current else min(self.c_min, self.published_c_min)
         return c_min, self.bound, {device_id: self._clock(device_id) for device_id in self._live()}

@@ -1,0 +1,244 @@
+"""The drivers' decisions by direct calls: a plain job state and a recording outbox, no broker.
+
+The drivers get the job's state (``JobView``) and what they may send (``Outbox``) instead of the
+aggregator (``unus_edge/aggregator/_ports.py``), so a test can hand them fakes and read what
+they decided to send. (That the aggregator itself is a ``JobView`` and an ``Outbox`` is checked
+by mypy, where it hands itself to its driver.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.unit.test_service_memory import config, run
+from unus_edge.aggregator import prepare_job
+from unus_edge.aggregator._driver import RoundDriver
+from unus_edge.aggregator._ports import Evaluate
+from unus_edge.aggregator._registry import Registry
+from unus_edge.aggregator._results import Counters, RoundProgress
+from unus_edge.aggregator._ssp import SSPDriver
+from unus_edge.config import JobConfig
+from unus_edge.messages import Message, Registration, RoundMetrics, Task, Update
+from unus_edge.strategies import Params, Strategy
+from unus_edge.topics import Channel
+
+
+@dataclass
+class View:
+    """A job's state as a plain object (what the aggregator holds, without the aggregator)."""
+
+    config: JobConfig
+    strategy: Strategy
+    registry: Registry
+    params: Params
+    job: str = "test"
+    session: str = "agg"
+    counters: Counters = field(default_factory=Counters)
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    history: list[RoundMetrics] = field(default_factory=list)
+    evaluate_fn: Evaluate | None = None
+    on_round: Callable[[RoundMetrics], None] | None = None
+    on_progress: Callable[[RoundProgress], None] | None = None
+    devices_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    version: int = 0
+    published_version: int = 0
+    server_round: int = 0
+    state: str = "waiting"
+
+    def start_training_clock(self) -> None:
+        return None
+
+    def wall_seconds(self) -> float:
+        return 0.0
+
+
+class RecordingOutbox:
+    """Records what a driver sends; spawned work waits in ``spawned`` until the test runs it."""
+
+    def __init__(self, view: View) -> None:
+        self.view = view
+        self.sent: list[tuple[str, Message]] = []
+        self.models: list[int] = []
+        """The version of every model publication, in order."""
+        self.clocks: list[tuple[int, int | None]] = []
+        self.spawned: list[tuple[str, Coroutine[Any, Any, object]]] = []
+        self.spawn_event = asyncio.Event()
+        self.driver: RoundDriver | SSPDriver | None = None
+
+    async def send_to_device(self, device_id: str, message: Message) -> None:
+        self.sent.append((device_id, message))
+
+    async def publish(self, topic: str, channel: Channel, message: Message) -> int:
+        return 0
+
+    async def publish_model(self) -> None:
+        self.models.append(self.view.version)
+        self.view.published_version = self.view.version
+
+    async def publish_state(self, reason: str = "") -> None:
+        assert self.driver is not None
+        c_min, bound, _ = self.driver.clock_state()
+        self.clocks.append((c_min, bound))
+
+    async def commit(self) -> None:
+        return None
+
+    def spawn(self, coroutine: Coroutine[Any, Any, object], name: str) -> None:
+        self.spawned.append((name, coroutine))
+        self.spawn_event.set()
+
+    async def standing_tasks(self, count: int) -> dict[str, Task]:
+        """Wait until the SSP driver spawned ``count`` standing tasks; send them."""
+        while sum(name == "aggregator-ssp-task" for name, _ in self.spawned) < count:
+            self.spawn_event.clear()
+            await self.spawn_event.wait()
+        await self.run_spawned()
+        return self.tasks()
+
+    async def run_spawned(self) -> list[str]:
+        names = []
+        while self.spawned:
+            name, coroutine = self.spawned.pop(0)
+            names.append(name)
+            await coroutine
+        return names
+
+    def tasks(self) -> dict[str, Task]:
+        return {device_id: message for device_id, message in self.sent if isinstance(message, Task)}
+
+
+def setup(num_devices: int, **settings: Any) -> tuple[View, RecordingOutbox]:
+    job_config = config(**settings)
+    parts = prepare_job(job_config)
+    registry = Registry(parts.fingerprint, job_config.job.heartbeat_timeout)
+    for index in range(num_devices):
+        registry.register(Registration(f"d{index}", f"s{index}", 100, parts.fingerprint, "test"), time.time())
+    view = View(job_config, parts.strategy, registry, {k: np.array(v) for k, v in parts.params.items()})
+    return view, RecordingOutbox(view)
+
+
+def update(view: View, device_id: str, task_id: str, *, base_version: int = 0, clock: int = 0,
+           encoding: str = "delta") -> Update:
+    tensors = {name: np.zeros_like(value) for name, value in view.params.items()}
+    return Update(device_id, "s", task_id, 1, base_version, 100, 0.5, tensors, encoding, clock)  # type: ignore[arg-type]
+
+
+def test_a_round_is_assigned_and_its_updates_judged_without_a_broker() -> None:
+    async def scenario() -> None:
+        view, outbox = setup(3, job__rounds=1)
+        driver = RoundDriver(view, outbox)
+        current = await driver._start_round(1)
+        tasks = outbox.tasks()
+        assert sorted(tasks) == ["d0", "d1", "d2"] and view.state == "running"
+        assert {task.model_version for task in tasks.values()} == {0}
+        d0 = tasks["d0"].task_id
+        assert driver.judge(update(view, "d0", "r1.0.dX")) == (
+            "unassigned", "task 'r1.0.dX' is not an open assignment of this device")
+        assert driver.judge(update(view, "d0", d0, base_version=3))[0] == "stale_base"  # type: ignore[index]
+        assert driver.judge(update(view, "d0", d0, encoding="weights"))[0] == "bad_encoding"  # type: ignore[index]
+        assert driver.judge(update(view, "d0", d0)) is None
+        driver.apply("m0", update(view, "d0", d0))
+        assert driver.judge(update(view, "d0", d0))[0] == "already_applied"  # type: ignore[index]
+        assert list(current.accepted) == ["d0"] and driver.round_changed.is_set()
+        driver.device_offline("d1", "heartbeat timeout")
+        assert "d1" in current.failures
+
+    run(scenario)
+
+
+def test_a_device_back_mid_round_gets_its_task_again() -> None:
+    async def scenario() -> None:
+        view, outbox = setup(2)
+        driver = RoundDriver(view, outbox)
+        await driver._start_round(1)
+        first = outbox.tasks()["d1"]
+        outbox.sent.clear()
+        driver.device_joined("d1")
+        assert await outbox.run_spawned() == ["aggregator-task-resend"]
+        assert outbox.tasks() == {"d1": first}
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("bound", ["0", "1"])
+def test_ssp_publishes_a_model_only_when_someone_may_start_from_it(bound: str) -> None:
+    async def scenario() -> None:
+        view, outbox = setup(2, job__mode="ssp", job__staleness_bound=bound, job__rounds=5)
+        driver = SSPDriver(view, outbox)
+        outbox.driver = driver
+        running = asyncio.create_task(driver.run())
+        await outbox.standing_tasks(2)
+        task_id = outbox.tasks()["d0"].task_id
+        # d0 reports its first clock; d1 has not. With s = 0, d0 (now at clock 1) may not start
+        # again until c_min rises, so no model goes out; with s = 1 it may, so one does.
+        assert driver.judge(update(view, "d0", task_id, clock=1)) == ("bad_clock", "clock 1 is ahead of the device's 0")
+        assert driver.judge(update(view, "d0", task_id, clock=0)) is None
+        view.registry.get("d0").clock += 1  # type: ignore[union-attr]  # what on_update does before apply
+        driver.apply("m0", update(view, "d0", task_id, clock=0))
+        await outbox.run_spawned()
+        assert outbox.models == ([] if bound == "0" else [view.version])
+        # d1 reports: c_min rises to 1, and the model (which holds both clocks-0 updates) goes out.
+        d1_task = outbox.tasks()["d1"].task_id
+        view.registry.get("d1").clock += 1  # type: ignore[union-attr]
+        driver.apply("m1", update(view, "d1", d1_task, clock=0))
+        assert driver.c_min == 1
+        await outbox.run_spawned()
+        assert outbox.models[-1] == view.version and outbox.clocks[-1] == (1, int(bound))
+        driver.done.set()
+        await running
+
+    run(scenario)
+
+
+def test_the_ssp_clock_never_names_a_c_min_the_retained_model_does_not_hold() -> None:
+    async def scenario() -> None:
+        view, outbox = setup(2, job__mode="ssp", job__staleness_bound="0", job__rounds=5)
+        driver = SSPDriver(view, outbox)
+        outbox.driver = driver
+        running = asyncio.create_task(driver.run())
+        await outbox.standing_tasks(2)
+        for index, device_id in enumerate(("d0", "d1")):
+            view.registry.get(device_id).clock += 1  # type: ignore[union-attr]
+            driver.apply(f"m{index}", update(view, device_id, outbox.tasks()[device_id].task_id))
+        assert driver.c_min == 1
+        assert driver.clock_state()[0] == 0  # the model of c_min 1 is not published yet
+        await outbox.run_spawned()
+        assert driver.clock_state()[0] == 1  # now it is
+        driver.done.set()
+        await running
+
+    run(scenario)
+
+
+def test_an_ssp_device_that_rejoins_starts_at_c_min_and_gets_its_task() -> None:
+    async def scenario() -> None:
+        view, outbox = setup(3, job__mode="ssp", job__staleness_bound="2", job__rounds=5)
+        driver = SSPDriver(view, outbox)
+        outbox.driver = driver
+        running = asyncio.create_task(driver.run())
+        await outbox.standing_tasks(3)
+        view.registry.status("d2", False, "s2", time.time())
+        driver.device_offline("d2", "will")
+        for device_id in ("d0", "d1"):
+            view.registry.get(device_id).clock += 1  # type: ignore[union-attr]
+            driver.apply(f"m-{device_id}", update(view, device_id, outbox.tasks()[device_id].task_id))
+        await outbox.run_spawned()
+        assert driver.c_min == 1  # d2 left: nobody waits for it
+        outbox.sent.clear()
+        view.registry.status("d2", True, "s2", time.time())
+        driver.device_joined("d2")
+        assert view.registry.get("d2").clock == 1  # type: ignore[union-attr]
+        assert list(outbox.tasks()) == []  # the task goes out through a spawned send
+        await outbox.run_spawned()
+        assert list(outbox.tasks()) == ["d2"]
+        driver.done.set()
+        await running
+
+    run(scenario)
