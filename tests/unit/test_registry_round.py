@@ -120,11 +120,17 @@ def test_check_tensors_accepts_good_updates_and_bounds_the_norm() -> None:
     assert problem[0] == "norm_too_large"
 
 
-def test_dedup_window_remembers_verdicts_within_its_capacity() -> None:
+def test_dedup_window_remembers_at_least_its_capacity_and_at_most_twice() -> None:
     window = DedupWindow(capacity=3)
-    for index in range(5):
+    for index in range(7):
         window.remember(f"m{index}", index % 2 == 0, "" if index % 2 == 0 else "stale_base")
-    assert window.get("m0") is None  # evicted
+        rows = [row[0] for row in window.items()]
+        assert rows == [f"m{i}" for i in range(index + 1)][-len(rows):]  # the latest, oldest first
+        assert min(index + 1, 3) <= len(rows) <= 6
+    assert window.get("m0") is None  # evicted with its generation
     assert window.get("m3") == (False, "stale_base")
-    assert window.get("m4") == (True, "")
-    assert [item[0] for item in window.items()] == ["m2", "m3", "m4"]
+    assert window.get("m6") == (True, "")
+    copy = window.items()
+    window.remember("m7", True)
+    assert "m7" not in [row[0] for row in copy]  # a checkpoint's copy does not change afterwards
+    assert list(copy)[-1] == ("m6", True, "") and copy[-1] == ("m6", True, "") and len(copy) == 4

@@ -3,9 +3,10 @@
 ``<dir>/checkpoint.cbor`` is one CBOR envelope: the global model and its version, the last
 completed round, the RNG state, the registry (with the devices' clocks), the metrics history,
 the deduplication window, the driver's state (the round in progress with its accumulator, or
-the SSP clocks and the strategy's state) and the audit entries of the last commit. It is
-encoded in the event loop (a consistent snapshot), then written to a temporary file, fsync'ed,
-renamed over the old one, and the directory fsync'ed. A crash at any point leaves either the old
+the SSP clocks and the strategy's state) and the audit entries of the last commit. A
+consistent snapshot is taken in the event loop (:func:`freeze_checkpoint`: copies, no
+encoding); a worker thread encodes it, writes it to a temporary file, fsyncs it, renames it
+over the old one and fsyncs the directory. A crash at any point leaves either the old
 or the new checkpoint, never a torn one.
 
 ``<dir>/audit.jsonl`` has one line per applied update (``msg_id``, device, task, round or
@@ -16,11 +17,10 @@ from the checkpoint, and a torn last line is cut.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,11 @@ __all__ = [
     "AUDIT_FILE",
     "CHECKPOINT_FILE",
     "Checkpoint",
+    "FrozenCheckpoint",
     "append_audit",
     "encode_checkpoint",
+    "encode_frozen",
+    "freeze_checkpoint",
     "load_checkpoint",
     "read_audit",
     "save_checkpoint",
@@ -64,7 +67,7 @@ class Checkpoint:
     rng_state: dict[str, Any]
     devices: list[DeviceRecord] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
-    dedup: list[tuple[str, bool, str]] = field(default_factory=list)
+    dedup: Sequence[tuple[str, bool, str]] = field(default_factory=list)
     finished: bool = False
     driver: dict[str, Any] = field(default_factory=dict)
     """The driver's own state (JSON-able): the round in progress, or SSP clocks."""
@@ -76,25 +79,49 @@ class Checkpoint:
     """The audit entries of the commit that wrote this checkpoint (the last ``len`` of them)."""
 
 
-def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
-    """Serialise now (copies every array: later in-place updates do not reach the file)."""
+@dataclass(frozen=True)
+class FrozenCheckpoint:
+    """A checkpoint taken in the event loop, ready to encode: nothing in it changes afterwards
+    (its arrays are copies, its records and state are plain values), so a worker thread may
+    encode it while the loop goes on."""
+
+    job: str
+    body: dict[str, Any]
+    tensors: dict[str, np.ndarray[Any, Any]]
+
+
+def freeze_checkpoint(checkpoint: Checkpoint) -> FrozenCheckpoint:
+    """In the event loop: copy what later updates could change (arrays, device records, the
+    driver's state, as JSON text). Costs a copy of the tensors; the encoding is left for later."""
     body = {
         "fingerprint": checkpoint.fingerprint,
         "server_round": checkpoint.server_round,
         "version": checkpoint.version,
         # PCG64 states are 128-bit integers: JSON text keeps them exact.
         "rng_state": json.dumps(checkpoint.rng_state),
-        "devices": [dataclasses.asdict(record) for record in checkpoint.devices],
+        "devices": [dict(vars(record)) for record in checkpoint.devices],  # plain fields: a shallow copy
         "history": checkpoint.history,
-        "dedup": checkpoint.dedup,  # (msg_id, accepted, reason) tuples encode as CBOR arrays: no copy
+        "dedup": checkpoint.dedup,  # a copy; its rows are built when encoded (encode_frozen)
         "finished": checkpoint.finished,
         "driver": json.dumps(checkpoint.driver),
         "audit_count": checkpoint.audit_count,
         "pending_audit": json.dumps(checkpoint.pending_audit),
     }
-    tensors: dict[str, Any] = dict(checkpoint.params)
-    tensors.update({_EXTRA + name: value for name, value in checkpoint.tensors.items()})
-    return encode(Envelope("checkpoint", checkpoint.job, body, tensors))
+    tensors: dict[str, np.ndarray[Any, Any]] = {name: np.array(value, copy=True)
+                                                for name, value in checkpoint.params.items()}
+    tensors.update({_EXTRA + name: np.array(value, copy=True) for name, value in checkpoint.tensors.items()})
+    return FrozenCheckpoint(checkpoint.job, body, tensors)
+
+
+def encode_frozen(frozen: FrozenCheckpoint) -> bytes:
+    """The checkpoint's CBOR envelope; safe in a worker thread."""
+    body = dict(frozen.body, dedup=list(frozen.body["dedup"]))  # (msg_id, accepted, reason) rows: CBOR arrays
+    return encode(Envelope("checkpoint", frozen.job, body, frozen.tensors))
+
+
+def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
+    """Serialise now (copies every array: later in-place updates do not reach the file)."""
+    return encode_frozen(freeze_checkpoint(checkpoint))
 
 
 def _fsync_directory(directory: Path) -> None:

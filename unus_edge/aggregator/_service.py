@@ -98,6 +98,8 @@ class Aggregator:
         """Version of the last model whose publication the broker acknowledged (the retained one)."""
         self.server_round = 0
         self.history: list[RoundMetrics] = []
+        self._bodies: list[dict[str, Any]] = []
+        """The history's records as dicts, for checkpoints (``_history_bodies``)."""
         self.dedup = DedupWindow()
         self.counters = Counters()
         self.registry_changed = asyncio.Event()
@@ -177,10 +179,18 @@ class Aggregator:
         return Checkpoint(
             job=self.job, fingerprint=self.fingerprint, server_round=self.server_round, version=self.version,
             params=self.params, rng_state=dict(self.rng.bit_generator.state),
-            devices=list(self.registry), history=[m.body() for m in self.history],
+            devices=list(self.registry), history=self._history_bodies(),
             dedup=self.dedup.items(), finished=self.state == "finished", driver=driver, tensors=tensors,
             audit_count=self.audit_count, pending_audit=pending_audit or [],
         )
+
+    def _history_bodies(self) -> list[dict[str, Any]]:
+        """The history as plain dicts; each record converted once (the history only grows)."""
+        bodies = self._bodies
+        if len(bodies) > len(self.history):
+            bodies.clear()
+        bodies.extend(m.body() for m in self.history[len(bodies):])
+        return list(bodies)
 
     # ------------------------------------------------------------------ durability (group commit)
 
