@@ -51,6 +51,7 @@ __all__ = [
     "TransportError",
     "UnsupportedOpError",
     "UnusError",
+    "describe_error",
 ]
 
 
@@ -225,3 +226,11 @@ class JobError(UnusError):
         super().__init__(f"job {job!r}: {reason}")
         self.job = job
         self.reason = reason
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` of an exception, or of the first leaf of an exception group, in at most
+    200 characters: the ``reason`` a service's goodbye carries when something raised."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"[:200]

@@ -75,7 +75,8 @@ class Status(Message):
     session: str
     role: Literal["device", "aggregator"] = "device"
     reason: str = ""
-    """Why offline: ``"shutdown"`` (graceful), ``"will"`` (connection lost), or free text."""
+    """Why offline: ``"shutdown"`` (graceful), ``"will"`` (connection lost), ``"crashed"`` (a
+    device adds ``": <Type>: <message>"``), ``"rejected: <detail>"`` (a refused device)."""
     software_version: str = ""
 
 

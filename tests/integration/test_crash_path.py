@@ -1,4 +1,4 @@
-"""The aggregator's crash path says goodbye: an evaluator that raises, over a real broker.
+"""The crash paths say goodbye: an aggregator whose evaluator raises, a device whose worker dies.
 
 Before, ``Aggregator.run`` had no ``finally``: the exception left the retained status ``online``
 and the clock ``running``, and the graceful disconnect discarded the last will, so nothing ever
@@ -21,6 +21,7 @@ from unus_edge.data import load_dataset
 from unus_edge.device import run_device
 from unus_edge.messages import Clock, JobMetrics, Message, Status, decode_message
 from unus_edge.strategies import Params
+from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, MqttTransport
 
 JOB = "crash"
@@ -98,3 +99,62 @@ def test_an_evaluator_that_raises_ends_with_a_retained_offline(kind: str, tmp_pa
     clock = found[topics.clock(JOB)]
     assert isinstance(clock, Clock)
     assert clock.state == "failed"
+
+
+class PaceBrokeError(RuntimeError):
+    pass
+
+
+class BrokenPace:
+    """A pacing hook that raises after the first training: the device's worker dies of it."""
+
+    def now(self) -> float:
+        return 0.0
+
+    async def training(self, started: float, steps: int) -> None:
+        raise PaceBrokeError("the simulated clock is gone")
+
+    async def transfer(self, num_bytes: int) -> None:
+        return None
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_a_device_that_crashes_ends_with_a_retained_offline_saying_why(kind: str, tmp_path: Path) -> None:
+    """Before, the device's goodbye always said ``shutdown``, whatever ended it."""
+
+    async def scenario() -> Message:
+        async with running_broker(kind, tmp_path) as broker:
+            url = f"mqtt://127.0.0.1:{broker.port}"
+            config = load_job_config(environ={}, overrides=[
+                f"job.name={JOB}", "job.rounds=3", "job.min_devices=1", "job.wait_for_devices=60",
+                "model.source=logreg", "evaluation.dataset=none", f"broker.url={url}"])
+            parts = prepare_job(config)
+            stop = asyncio.Event()
+            aggregator = Aggregator(config, MqttTransport(Aggregator.connect_options(config, "agg")),
+                                    params=parts.params, fingerprint=parts.fingerprint, strategy=parts.strategy,
+                                    session="agg", resume=False, shutdown_trigger=stop)
+
+            async def serve() -> None:
+                async with aggregator.transport:
+                    await aggregator.run()
+
+            serving = asyncio.create_task(serve())
+            data = load_dataset("synthetic", "train", seed=0, num_examples=100)
+            try:
+                with pytest.raises(ExceptionGroup) as raised:
+                    await run_device(DeviceConfig(DeviceSettings(id="d0", job=JOB, model="logreg"),
+                                                  BrokerSettings(url=url)), dataset=data, pace=BrokenPace())
+                assert raised.value.subgroup(PaceBrokeError) is not None
+            finally:
+                stop.set()
+                await serving
+            return (await retained(broker.port, topics.device_topic(JOB, "d0", Channel.STATUS)))[
+                topics.device_topic(JOB, "d0", Channel.STATUS)]
+
+    async def bounded() -> Message:
+        async with asyncio.timeout(120):
+            return await scenario()
+
+    status = asyncio.run(bounded())
+    assert isinstance(status, Status)
+    assert (status.state, status.reason) == ("offline", "crashed: PaceBrokeError: the simulated clock is gone")

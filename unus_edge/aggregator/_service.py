@@ -37,7 +37,7 @@ from unus_edge.aggregator._round import DedupWindow
 from unus_edge.aggregator._ssp import SSPDriver
 from unus_edge.codec import Envelope, Limits
 from unus_edge.config import JobConfig
-from unus_edge.errors import CodecError, JobError, ProtocolError, TransportError, UnusError
+from unus_edge.errors import CodecError, JobError, ProtocolError, TransportError, UnusError, describe_error
 from unus_edge.messages import (
     Ack,
     Clock,
@@ -226,7 +226,7 @@ class Aggregator:
         except BaseException as error:  # re-raised below, after the goodbye
             crashed = not isinstance(error, asyncio.CancelledError | KeyboardInterrupt)
             self.state = "failed" if crashed else "stopped"
-            reason = f"crashed: {_describe(error)}" if crashed else "cancelled"
+            reason = f"crashed: {describe_error(error)}" if crashed else "cancelled"
             logger.error("job %s: %s", self.job, reason)
             raise
         finally:
@@ -422,9 +422,3 @@ _INBOUND = {Channel.STATUS, Channel.HEARTBEAT, Channel.REGISTER, Channel.UPDATE}
 def _clock_state(state: str) -> Any:
     return state if state in ("waiting", "running", "finished", "failed") else "failed"
 
-
-def _describe(error: BaseException) -> str:
-    """``Type: message`` of the first leaf of an exception (group) raised out of the task group."""
-    while isinstance(error, BaseExceptionGroup) and error.exceptions:
-        error = error.exceptions[0]
-    return f"{type(error).__name__}: {error}"[:200]

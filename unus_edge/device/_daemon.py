@@ -36,7 +36,7 @@ from unus_edge.data import Dataset
 from unus_edge.device import _worker
 from unus_edge.device._pace import NO_PACE, Pace
 from unus_edge.device._worker import Pending
-from unus_edge.errors import ProtocolError, PublishError, RejectedError
+from unus_edge.errors import ProtocolError, PublishError, RejectedError, describe_error
 from unus_edge.messages import (
     Ack,
     Clock,
@@ -148,6 +148,14 @@ class Device:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        """Serve until the shutdown trigger (or the job's end with ``exit_when_finished``).
+
+        Every ending says goodbye the same way: a retained ``offline`` status whose reason says
+        why (``shutdown``; ``rejected: ...`` when the aggregator refused the device; ``crashed:
+        Type: message`` when something raised), published explicitly because a graceful
+        disconnect discards the last will. The exception is raised again after that.
+        """
+        reason = "shutdown"
         await self._publish(Channel.STATUS, Status(self.device_id, "online", self.session,
                                                    software_version=__version__))
         try:
@@ -173,14 +181,22 @@ class Device:
             # A refusal by the aggregator is this daemon's answer: raise it as itself.
             matched, _ = group.split(RejectedError)
             if matched is not None:
+                reason = f"rejected: {matched.exceptions[0]}"[:200]
                 raise matched.exceptions[0] from None
+            reason = f"crashed: {describe_error(group)}"
+            raise
+        except BaseException as error:  # re-raised, after the goodbye below
+            if not isinstance(error, asyncio.CancelledError | KeyboardInterrupt):
+                reason = f"crashed: {describe_error(error)}"
             raise
         finally:
             self._group = None
+            if reason != "shutdown":
+                logger.error("device %s stopping: %s", self.device_id, reason)
             with contextlib.suppress(PublishError, TimeoutError):
                 async with asyncio.timeout(5):
                     await self._publish(Channel.STATUS, Status(self.device_id, "offline", self.session,
-                                                               reason="shutdown", software_version=__version__))
+                                                               reason=reason, software_version=__version__))
             logger.info("device %s stopped after %d update(s)", self.device_id, self.updates_sent)
 
     async def _registration(self) -> None:
@@ -392,3 +408,4 @@ def _memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 0
+
