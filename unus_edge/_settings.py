@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from unus_edge._types import Scalar
 from unus_edge.errors import ConfigError
 
 __all__ = [
@@ -32,8 +33,6 @@ __all__ = [
     "load_settings",
 ]
 
-Scalar = str | int | float | bool
-"""Values of free-form ``options`` tables."""
 
 T = TypeVar("T")
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 from unus_edge._message_fields import Message, check_field
+from unus_edge._types import Scalar
 from unus_edge.codec import DEFAULT_LIMITS, Envelope, Limits, Tensor, decode, encode
 from unus_edge.errors import MessageError
 from unus_edge.topics import TOPIC_SPECS, Channel
@@ -55,8 +56,6 @@ __all__ = [
     "expect",
 ]
 
-Scalar = str | int | float | bool
-"""Values allowed in free-form maps (task config, metrics)."""
 
 M = TypeVar("M", bound="Message")
 

@@ -66,8 +66,6 @@ class Registry:
         self._devices: dict[str, DeviceRecord] = {}
         self._announced: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._announced_capacity = announced_capacity
-        self.version = 0
-        """Increases whenever membership or presence changes (for waiters and metrics)."""
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._devices
@@ -97,14 +95,12 @@ class Registry:
             record.software_version = registration.software_version
         record.online = True
         record.last_seen = now
-        self.version += 1
         return Verdict(True)
 
     def restore(self, record: DeviceRecord) -> None:
         """Put back a record from a checkpoint (offline until the device shows up)."""
         record.online = False
         self._devices[record.device_id] = record
-        self.version += 1
 
     def status(self, device_id: str, online: bool, session: str, now: float) -> bool:
         """A retained status or last will arrived. Returns whether presence changed."""
@@ -117,8 +113,6 @@ class Registry:
             record.last_seen = now
         changed = record.online != online
         record.online = online
-        if changed:
-            self.version += 1
         return changed
 
     def announce(self, device_id: str, session: str) -> None:
@@ -140,7 +134,6 @@ class Registry:
         record.last_seen = now
         if not record.online:
             record.online = True
-            self.version += 1
             return True
         return False
 
@@ -151,8 +144,6 @@ class Registry:
             if record.online and now - record.last_seen > self.heartbeat_timeout:
                 record.online = False
                 expired.append(record.device_id)
-        if expired:
-            self.version += 1
         return expired
 
     def next_expiry(self) -> float | None:

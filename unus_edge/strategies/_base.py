@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from unus_edge._types import Scalar
 from unus_edge.codec import SparseTensor, Tensor
 from unus_edge.errors import StrategyError
 
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 Params = dict[str, np.ndarray[Any, Any]]
-Scalar = str | int | float | bool
 
 
 @dataclass(frozen=True, slots=True)
