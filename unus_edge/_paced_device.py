@@ -1,13 +1,15 @@
-"""A simulated device process: the device daemon paced by a profile (``simulate --processes``).
+"""A simulated device process: the device daemon paced by a profile or a slowdown (``simulate --processes``).
 
 Simulation code, kept out of the production daemon: ``unus-edge device`` never paces.
 :func:`unus_edge.simulation.simulate` starts one of these per device when it is given device
 profiles and ``processes``::
 
     python -m unus_edge._paced_device --config device.toml --profile JSON --cost C --report pace.json
+    python -m unus_edge._paced_device --config device.toml --slowdown F --report pace.json
 
 ``--profile`` is a :class:`~unus_edge.profiles.DeviceProfile` as JSON (its fields), ``--cost``
-the model's :func:`~unus_edge.profiles.workload_cost`. When the device stops (the job's end, or
+the model's :func:`~unus_edge.profiles.workload_cost`; ``--slowdown`` makes a straggler
+without a profile (:class:`~unus_edge.profiles.SlowdownPace`). When the device stops (the job's end, or
 SIGTERM/SIGINT), the pace's counters are written to ``--report`` as JSON (``trainings``,
 ``overruns``, ``waited_seconds``), which ``simulate`` reads back into its report.
 """
@@ -24,7 +26,7 @@ from unus_edge._logging import configure_logging
 from unus_edge.config import load_device_config
 from unus_edge.device import run_device
 from unus_edge.errors import ConfigError
-from unus_edge.profiles import DeviceProfile, ProfilePace
+from unus_edge.profiles import DeviceProfile, ProfilePace, SlowdownPace
 
 __all__ = ["main", "pace_report", "profile_from_json", "profile_to_json", "read_pace_report"]
 
@@ -62,12 +64,15 @@ def read_pace_report(path: Path, profile: DeviceProfile, cost: float) -> Profile
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unus_edge._paced_device", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path)
-    parser.add_argument("--profile", required=True, help="a DeviceProfile as JSON")
-    parser.add_argument("--cost", type=float, default=1.0, help="the model's workload cost")
+    pacing = parser.add_mutually_exclusive_group(required=True)
+    pacing.add_argument("--profile", help="a DeviceProfile as JSON")
+    pacing.add_argument("--slowdown", type=float, help="a straggler without a profile: its slowdown factor")
+    parser.add_argument("--cost", type=float, default=1.0, help="the model's workload cost (with --profile)")
     parser.add_argument("--report", required=True, type=Path, help="where the pace's counters go at exit")
     args = parser.parse_args(argv)
     configure_logging()
-    pace = ProfilePace(profile_from_json(args.profile), args.cost)
+    pace: ProfilePace | SlowdownPace = (ProfilePace(profile_from_json(args.profile), args.cost) if args.profile
+                                        else SlowdownPace(args.slowdown))
     config = load_device_config(args.config)
 
     async def runner() -> None:
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             await run_device(config, shutdown_trigger=trigger, exit_when_finished=True, pace=pace)
         finally:
-            args.report.write_text(json.dumps(pace_report(pace)))
+            if isinstance(pace, ProfilePace):
+                args.report.write_text(json.dumps(pace_report(pace)))
 
     asyncio.run(runner())
     return 0

@@ -207,8 +207,6 @@ class DeviceSettings:
     """Seconds to wait for the aggregator's acknowledgement before re-publishing an update."""
     registration_retry: float = 15.0
     """Seconds to wait for an answer to a registration before registering again."""
-    slowdown: float = 1.0
-    """Simulation only: make each training step take this many times longer (stragglers)."""
     client_strategies: str = ""
     """Device halves this device may run besides the built-ins: comma-separated ``package.module:Class``,
     imported at start. A task only names one; it never makes the device import a module."""
@@ -294,7 +292,6 @@ def load_device_config(
     _check(device.ack_timeout > 0, "device.ack_timeout", "must be positive (seconds)")
     _check(device.registration_retry > 0, "device.registration_retry", "must be positive (seconds)")
     _check(device.blas_threads >= 0, "device.blas_threads", "must be 0 (OpenBLAS's default) or a thread count")
-    _check(device.slowdown >= 1, "device.slowdown", "must be >= 1")
     _check_broker(config.broker)
     return config
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from unus_edge.errors import ConfigError
 
 __all__ = [
-    "PROFILES", "REFERENCE_BATCH", "REFERENCE_PARAMETERS", "DeviceProfile", "ProfilePace", "assign_profiles",
-    "parse_profiles", "workload_cost",
+    "PROFILES", "REFERENCE_BATCH", "REFERENCE_PARAMETERS", "DeviceProfile", "ProfilePace", "SlowdownPace",
+    "assign_profiles", "parse_profiles", "workload_cost",
 ]
 
 REFERENCE_PARAMETERS = 199_210
@@ -165,7 +165,7 @@ class ProfilePace:
     def now(self) -> float:
         return self.clock()
 
-    async def training(self, started: float, steps: int) -> None:
+    async def training(self, started: float, steps: int, cpu_seconds: float = 0.0) -> None:
         """Called after a real training that began at ``started`` (this pace's clock): wait out the rest."""
         self.trainings += 1
         remaining = started + self.profile.train_seconds(steps, self.cost) - self.clock()
@@ -181,3 +181,29 @@ class ProfilePace:
         if seconds > 0:
             self.waited_seconds += seconds
             await self.sleep(seconds)
+
+
+class SlowdownPace:
+    """A straggler without a profile: after each training it stays busy ``factor - 1`` times
+    that training's own CPU time (``simulate --stragglers`` without ``--device-profiles``).
+
+    CPU time rather than wall time, so that waiting for a core does not count, but the host's
+    load still decides how long the training itself took; profiles (:class:`ProfilePace`) do not
+    have that flaw and are what the benchmarks use.
+    """
+
+    def __init__(self, factor: float, *, sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+        if not (math.isfinite(factor) and factor >= 1):
+            raise ConfigError("--stragglers", f"a slowdown factor must be >= 1, got {factor}")
+        self.factor = factor
+        self.sleep = sleep
+
+    def now(self) -> float:
+        return 0.0
+
+    async def training(self, started: float, steps: int, cpu_seconds: float = 0.0) -> None:
+        if self.factor > 1 and cpu_seconds > 0:
+            await self.sleep((self.factor - 1) * cpu_seconds)
+
+    async def transfer(self, num_bytes: int) -> None:
+        return None

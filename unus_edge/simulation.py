@@ -32,11 +32,11 @@ from unus_edge.aggregator import JobResult, RoundProgress, run_aggregator
 from unus_edge.broker import EmbeddedBroker
 from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, JobConfig
 from unus_edge.data import Dataset, load_dataset, partition, save_partition
-from unus_edge.device import run_device
+from unus_edge.device import Pace, run_device
 from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
 from unus_edge.onnx_io import read_parameters, save_model
-from unus_edge.profiles import DeviceProfile, ProfilePace, workload_cost
+from unus_edge.profiles import DeviceProfile, ProfilePace, SlowdownPace, workload_cost
 from unus_edge.zoo import resolve_model
 
 __all__ = ["SimulationOptions", "SimulationReport", "simulate", "stragglers"]
@@ -59,7 +59,9 @@ class SimulationOptions:
     out_dir: Path | None = None
     device_settings: DeviceSettings = field(default_factory=DeviceSettings)
     slowdowns: dict[int, float] = field(default_factory=dict)
-    """Device index -> compute slowdown factor (stragglers)."""
+    """Device index -> compute slowdown factor (stragglers): with ``profiles``, their profile that
+    many times slower; without, they stay busy ``factor - 1`` times each training's own CPU time
+    (:class:`~unus_edge.profiles.SlowdownPace`)."""
     profiles: list[DeviceProfile] | None = None
     """A profile per device (:mod:`unus_edge.profiles`), which paces its trainings and transfers
     (with ``processes``, each device process runs :mod:`unus_edge._paced_device`); stragglers
@@ -113,9 +115,8 @@ def stragglers(spec: str, num_devices: int, seed: int) -> dict[int, float]:
 
 def _device_config(options: SimulationOptions, index: int, broker: BrokerSettings, data: str) -> DeviceConfig:
     config = options.config
-    slowdown = 1.0 if options.profiles else options.slowdowns.get(index, 1.0)  # profiles slow by pacing
     settings = replace(options.device_settings, id=f"device-{index:03d}", job=config.job.name, data=data,
-                       model=config.model.source, model_seed=config.model.seed, slowdown=slowdown)
+                       model=config.model.source, model_seed=config.model.seed)
     return DeviceConfig(device=settings, broker=broker)
 
 
@@ -140,20 +141,23 @@ def _pace_path(out_dir: Path, index: int) -> Path:
     return out_dir / "paces" / f"device_{index:03d}.json"
 
 
-def _device_command(config: Path, index: int, out_dir: Path, paces: list[ProfilePace]) -> list[str]:
-    """``unus-edge device``, or with profiles the paced wrapper (:mod:`unus_edge._paced_device`)."""
-    if not paces:
+def _device_command(config: Path, index: int, out_dir: Path, paces: list[ProfilePace],
+                    slowdowns: dict[int, float]) -> list[str]:
+    """``unus-edge device``, or the paced wrapper (:mod:`unus_edge._paced_device`) for a device
+    with a profile or a straggler's slowdown."""
+    if not paces and index not in slowdowns:
         return [sys.executable, "-m", "unus_edge.cli", "device", "--config", str(config), "--exit-when-finished"]
     report = _pace_path(out_dir, index)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.unlink(missing_ok=True)
-    return [sys.executable, "-m", "unus_edge._paced_device", "--config", str(config),
-            "--profile", profile_to_json(paces[index].profile), "--cost", repr(paces[index].cost),
+    pacing = (["--profile", profile_to_json(paces[index].profile), "--cost", repr(paces[index].cost)] if paces
+              else ["--slowdown", repr(slowdowns[index])])
+    return [sys.executable, "-m", "unus_edge._paced_device", "--config", str(config), *pacing,
             "--report", str(report)]
 
 
 async def _run_processes(configs: list[Path], out_dir: Path, finished: asyncio.Event,
-                         paces: list[ProfilePace]) -> None:
+                         paces: list[ProfilePace], slowdowns: dict[int, float]) -> None:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -162,7 +166,8 @@ async def _run_processes(configs: list[Path], out_dir: Path, finished: asyncio.E
         # A small local log file per device, created before the process starts; closed below.
         log = open(logs / f"{config.stem}.log", "wb")  # noqa: SIM115, ASYNC230
         process = await asyncio.create_subprocess_exec(
-            *_device_command(config, index, out_dir, paces), stdout=log, stderr=subprocess.STDOUT, env=environment)
+            *_device_command(config, index, out_dir, paces, slowdowns), stdout=log, stderr=subprocess.STDOUT,
+            env=environment)
         processes.append((process, log))
     try:
         await finished.wait()
@@ -213,7 +218,8 @@ async def simulate(
         if options.processes:
             assert options.out_dir is not None
             paths = _write_device_files(options, shards, config.broker)
-            devices.append(asyncio.create_task(_run_processes(paths, options.out_dir, finished, paces),
+            devices.append(asyncio.create_task(_run_processes(paths, options.out_dir, finished, paces,
+                                                              options.slowdowns),
                                                name="simulation-device-processes"))
         else:
             slots = usable_cores() if options.compute_slots is None else options.compute_slots
@@ -222,7 +228,7 @@ async def simulate(
                 device_config = _device_config(options, index, config.broker, "memory")
                 devices.append(asyncio.create_task(
                     run_device(device_config, dataset=shard, exit_when_finished=True, shutdown_trigger=finished,
-                               compute_slots=compute_slots, pace=paces[index] if paces else None),
+                               compute_slots=compute_slots, pace=_pace(paces, options.slowdowns, index)),
                     name=f"simulation-{device_config.device.id}"))
         try:
             result = await run_aggregator(config, on_round=on_round, on_progress=on_progress,
@@ -240,6 +246,13 @@ async def simulate(
         paces = [read_pace_report(_pace_path(options.out_dir, index), pace.profile, pace.cost)
                  for index, pace in enumerate(paces)]
     return SimulationReport(result, options.num_devices, options.out_dir, plot, tuple(paces))
+
+
+def _pace(paces: list[ProfilePace], slowdowns: dict[int, float], index: int) -> Pace | None:
+    """An in-process device's pace: its profile's, a straggler's slowdown without profiles, or none."""
+    if paces:
+        return paces[index]
+    return SlowdownPace(slowdowns[index]) if index in slowdowns else None
 
 
 def _paces(options: SimulationOptions, config: JobConfig) -> list[ProfilePace]:

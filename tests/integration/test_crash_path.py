@@ -111,7 +111,7 @@ class BrokenPace:
     def now(self) -> float:
         return 0.0
 
-    async def training(self, started: float, steps: int) -> None:
+    async def training(self, started: float, steps: int, cpu_seconds: float = 0.0) -> None:
         raise PaceBrokeError("the simulated clock is gone")
 
     async def transfer(self, num_bytes: int) -> None:

@@ -23,6 +23,7 @@ from unus_edge.aggregator import JobResult, run_aggregator
 from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, JobConfig, load_job_config
 from unus_edge.data import Dataset, load_dataset, partition, save_partition
 from unus_edge.device import run_device
+from unus_edge.profiles import SlowdownPace
 from unus_edge.simulation import SimulationOptions, simulate
 
 START = re.compile(r"ssp start device=(\S+) clock=(\d+) c_min=(\d+) bound=(\S+) version=(\d+)")
@@ -101,9 +102,9 @@ def shards(count: int, examples: int = 1600) -> list[Dataset]:
     return [Dataset(data.x[i], data.y[i], data.num_classes) for i in partition(data.y, count, "iid", seed=0)]
 
 
-def device_config(url: str, index: int, data: str = "memory", slowdown: float = 1.0) -> DeviceConfig:
+def device_config(url: str, index: int, data: str = "memory") -> DeviceConfig:
     return DeviceConfig(DeviceSettings(id=f"dev-{index}", job="ssp", data=data, model="mnist_2nn",
-                                       heartbeat_interval=0.5, slowdown=slowdown), BrokerSettings(url=url))
+                                       heartbeat_interval=0.5), BrokerSettings(url=url))
 
 
 async def start_process(tmp_path: Path, url: str, index: int, shard: Dataset) -> asyncio.subprocess.Process:
@@ -187,8 +188,10 @@ def test_invariant_holds_with_a_straggler_and_a_killed_device(tmp_path: Path, ss
             parts = shards(4)
             config = job(broker.url, job__staleness_bound=1, job__rounds=6, job__min_devices=4)
             aggregator = asyncio.create_task(run_aggregator(config, resume=False))
-            devices = [asyncio.create_task(run_device(device_config(broker.url, i, slowdown=4.0 if i == 0 else 1.0),
-                                                      dataset=parts[i], exit_when_finished=True)) for i in range(3)]
+            devices = [asyncio.create_task(run_device(device_config(broker.url, i), dataset=parts[i],
+                                                      exit_when_finished=True,
+                                                      pace=SlowdownPace(4.0) if i == 0 else None))
+                       for i in range(3)]
             victim = await start_process(tmp_path, broker.url, 3, parts[3])
             try:
                 async with asyncio.timeout(180):
@@ -252,8 +255,8 @@ def test_a_device_that_rejoins_resumes_at_c_min(tmp_path: Path, ssp_log: Run, ca
             # Enough clocks that the job is still running when the device comes back.
             config = job(broker.url, job__staleness_bound="inf", job__rounds=30, job__min_devices=2)
             aggregator = asyncio.create_task(run_aggregator(config, resume=False))
-            steady = asyncio.create_task(run_device(device_config(broker.url, 0, slowdown=2.0), dataset=parts[0],
-                                                    exit_when_finished=True))
+            steady = asyncio.create_task(run_device(device_config(broker.url, 0), dataset=parts[0],
+                                                    exit_when_finished=True, pace=SlowdownPace(2.0)))
             first = await start_process(tmp_path, broker.url, 1, parts[1])
             back: asyncio.subprocess.Process | None = None
             try:

@@ -15,6 +15,7 @@ from unus_edge.profiles import (
     PROFILES,
     DeviceProfile,
     ProfilePace,
+    SlowdownPace,
     assign_profiles,
     parse_profiles,
     workload_cost,
@@ -126,7 +127,7 @@ class RecordingPace:
     def now(self) -> float:
         return self.clock()
 
-    async def training(self, started: float, steps: int) -> None:
+    async def training(self, started: float, steps: int, cpu_seconds: float = 0.0) -> None:
         self.trainings.append((started, steps))
 
     async def transfer(self, num_bytes: int) -> None:
@@ -185,3 +186,33 @@ def test_a_device_process_pace_report_reads_back(tmp_path: Path) -> None:
 def test_a_bad_profile_for_a_device_process_is_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         profile_from_json(text)
+
+
+def test_a_straggler_without_a_profile_waits_out_its_slowdown_in_cpu_time() -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async def scenario() -> None:
+        await SlowdownPace(5.0, sleep=sleep).training(0.0, 300, cpu_seconds=0.25)
+        await SlowdownPace(1.0, sleep=sleep).training(0.0, 300, cpu_seconds=0.25)  # not a straggler
+        await SlowdownPace(5.0, sleep=sleep).transfer(1 << 20)  # no link model
+
+    asyncio.run(scenario())
+    assert waits == [1.0]  # (5 - 1) x 0.25 s of the training's own CPU time
+    with pytest.raises(ConfigError):
+        SlowdownPace(0.5)
+
+
+def test_a_device_process_is_the_plain_daemon_unless_it_is_paced(tmp_path: Path) -> None:
+    from unus_edge.simulation import _device_command
+
+    config = tmp_path / "device_000.toml"
+    plain = _device_command(config, 0, tmp_path, [], {})
+    assert plain[1:5] == ["-m", "unus_edge.cli", "device", "--config"]
+    straggler = _device_command(config, 1, tmp_path, [], {1: 5.0})
+    assert straggler[1:3] == ["-m", "unus_edge._paced_device"] and straggler[5:7] == ["--slowdown", "5.0"]
+    profiled = _device_command(config, 0, tmp_path, [ProfilePace(PROFILES["pi-4"], 2.0)], {})
+    assert profiled[5] == "--profile" and profile_from_json(profiled[6]) == PROFILES["pi-4"]
+    assert profiled[7:9] == ["--cost", "2.0"]

@@ -15,8 +15,9 @@ class Pace(Protocol):
     def now(self) -> float:
         """The pace's clock; :meth:`training` is given a reading of it."""
 
-    async def training(self, started: float, steps: int) -> None:
-        """After a real training that began at ``started``: wait until the device would be done."""
+    async def training(self, started: float, steps: int, cpu_seconds: float = 0.0) -> None:
+        """After a real training that began at ``started`` (``steps`` steps, ``cpu_seconds`` of its
+        thread's CPU time): wait until the device would be done."""
 
     async def transfer(self, num_bytes: int) -> None:
         """After a model download, or before an update upload, of ``num_bytes``."""
@@ -28,7 +29,7 @@ class NoPace:
     def now(self) -> float:
         return 0.0
 
-    async def training(self, started: float, steps: int) -> None:
+    async def training(self, started: float, steps: int, cpu_seconds: float = 0.0) -> None:
         return None
 
     async def transfer(self, num_bytes: int) -> None:

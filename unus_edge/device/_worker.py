@@ -242,7 +242,8 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
         async with device.compute_slots:
             result = await asyncio.to_thread(train_task, device.graph, start, device.dataset, task,
                                              device.stop_training, device.client)
-        await device.pace.training(paced_from, result.steps)  # a simulated device's own speed
+        # a simulated device's own speed (the simulator's hook; nothing in production)
+        await device.pace.training(paced_from, result.steps, result.cpu_seconds)
     except Abandoned:
         logger.info("training of %s abandoned for shutdown", task.task_id)
         return
@@ -250,11 +251,6 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
         raise MessageError("bad_config", str(error), kind="task", field="config") from error
     finally:
         device.state = "idle"
-    if device.settings.slowdown > 1:
-        # Simulated straggler: busy (slowdown - 1) times longer than the training's own CPU
-        # time, so the slowdown does not depend on how loaded the simulating machine is.
-        device.state = "training"
-        await asyncio.sleep((device.settings.slowdown - 1) * result.cpu_seconds)
     encoding: Literal["delta", "weights"] = "weights" if task.config.get("encoding") == "weights" else "delta"
     update = Update(device.device_id, device.session, task.task_id, task.server_round, base_version,
                     result.num_examples, result.train_loss, result.delta, encoding,
