@@ -54,6 +54,8 @@ __all__ = [
     "decode_message",
     "encode_message",
     "expect",
+    "staleness_bucket",
+    "task_encoding",
 ]
 
 
@@ -159,6 +161,12 @@ class Task(Message):
     """Time budget for the task; 0 means none. Relative, so device clocks need not agree."""
     config: Mapping[str, Scalar] = field(default_factory=dict)
     """Strategy-specific device settings (for example ``proximal_mu``)."""
+
+    @property
+    def encoding(self) -> Literal["delta", "weights"]:
+        """What the update must carry: ``config["encoding"] == "weights"`` asks for the trained
+        weights, anything else for the delta. Decided here only, for the device and the driver."""
+        return task_encoding(self.config)
 
     def validate(self) -> None:
         check_field(self.epochs >= 1, self.KIND, "epochs", "must be at least 1")
@@ -307,6 +315,11 @@ class JobMetrics(Message):
     staleness: Mapping[str, int] = field(default_factory=dict)
     """Applied updates by staleness (model versions between an update's base and its
     application), in buckets ``"0"``, ``"1"``, ``"2-3"``, ``"4-7"``, ... (:func:`staleness_bucket`)."""
+
+
+def task_encoding(config: Mapping[str, Scalar]) -> Literal["delta", "weights"]:
+    """The update encoding a task's ``config`` asks for (:attr:`Task.encoding`)."""
+    return "weights" if config.get("encoding") == "weights" else "delta"
 
 
 def staleness_bucket(staleness: int) -> str:

@@ -242,3 +242,55 @@ def test_an_ssp_device_that_rejoins_starts_at_c_min_and_gets_its_task() -> None:
         await running
 
     run(scenario)
+
+
+def test_a_round_takes_the_encoding_its_task_asked_for() -> None:
+    """One place decides the encoding (``Task.encoding``): the device uploads what the task asks,
+    and the round judges the update against the same task (sync rounds refused weights before)."""
+    from dataclasses import replace
+
+    from unus_edge.strategies import Assignment, DeviceInfo, FedAvg, RoundContext
+
+    class WeightsFedAvg(FedAvg):
+        def configure_round(self, context: RoundContext, devices: list[DeviceInfo]) -> list[Assignment]:
+            return [replace(a, config={**a.config, "encoding": "weights"})
+                    for a in super().configure_round(context, devices)]
+
+    async def scenario() -> None:
+        view, outbox = setup(1)
+        view.strategy = WeightsFedAvg()
+        driver = RoundDriver(view, outbox)
+        await driver._start_round(1)
+        task = outbox.tasks()["d0"]
+        assert task.encoding == "weights"
+        assert driver.judge(update(view, "d0", task.task_id, encoding="weights")) is None
+        assert driver.judge(update(view, "d0", task.task_id)) == ("bad_encoding", "the task asked for weights")
+
+    run(scenario)
+
+
+def test_an_ssp_update_counts_only_under_a_standing_task_the_driver_handed_out() -> None:
+    """The standing task's id was ``ssp.<session>.<device>``, recognised by its shape, so any
+    device could name one; now it is random, and the driver keeps each device's recent ones."""
+
+    async def scenario() -> None:
+        view, outbox = setup(1, job__mode="ssp", job__staleness_bound="inf", job__rounds=5)
+        driver = SSPDriver(view, outbox)
+        outbox.driver = driver
+        running = asyncio.create_task(driver.run())
+        first = (await outbox.standing_tasks(1))["d0"].task_id
+        assert first not in (f"ssp.{view.session}.d0", "ssp.agg.d0")
+        assert driver.judge(update(view, "d0", f"ssp.{view.session}.d0"))[0] == "unassigned"  # type: ignore[index]
+        assert driver.judge(update(view, "d0", first)) is None
+        outbox.sent.clear()
+        driver.device_joined("d0")  # a rejoin: a new standing task
+        await outbox.run_spawned()
+        second = outbox.tasks()["d0"].task_id
+        assert second != first
+        assert driver.judge(update(view, "d0", first)) is None  # an update sent before the rejoin still counts
+        state, _ = driver.state()
+        assert state["standing"] == {"d0": [first, second]}  # and over a restart, through the checkpoint
+        driver.done.set()
+        await running
+
+    run(scenario)

@@ -82,8 +82,9 @@ class RoundDriver:
             return "already_applied", "this device's update for the round was already applied"
         if update.base_version != current.version:
             return "stale_base", f"trained from version {update.base_version}, the round uses {current.version}"
-        if update.encoding != "delta":
-            return "bad_encoding", "synchronous rounds take deltas"
+        wanted = self._tasks[update.device_id].encoding if update.device_id in self._tasks else "delta"
+        if update.encoding != wanted:
+            return "bad_encoding", f"the task asked for {wanted}"
         return None
 
     def apply(self, msg_id: str, update: Update) -> tuple[int, int]:

@@ -21,18 +21,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from unus_edge import topics
 from unus_edge.aggregator._ports import JobView, Outbox
-from unus_edge.messages import RoundMetrics, Task, Update, staleness_bucket
+from unus_edge.messages import RoundMetrics, Task, Update, staleness_bucket, task_encoding
 from unus_edge.strategies import AsyncContext, ClientUpdate
 from unus_edge.topics import Channel
 
 __all__ = ["SSPDriver"]
 
 logger = logging.getLogger("unus_edge.aggregator")
+
+_STANDING_KEPT = 3
+"""Standing task ids remembered per device: the current one and the two before it."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class SSPDriver:
         self._evaluated_at = 0
         self._evaluating = False
         self._tasks: dict[str, Task] = {}
+        self.standing: dict[str, list[str]] = {}
+        """Each device's last standing task ids (at most ``_STANDING_KEPT``), checkpointed."""
         self.staleness_counts: dict[str, int] = {}
         """Applied updates by staleness bucket (``messages.staleness_bucket``)."""
         self.published_c_min = 0
@@ -122,9 +128,14 @@ class SSPDriver:
         train = view.config.train
         config = {"job_seed": view.config.job.seed, "momentum": train.momentum,
                   "weight_decay": train.weight_decay, **view.strategy.device_config()}
-        task = Task(device_id, f"ssp.{view.session}.{device_id}", 0, view.version, train.epochs,
+        # A fresh, unguessable id per standing task: only an update naming one this driver
+        # handed out (kept over restarts in the checkpoint) counts.
+        task = Task(device_id, f"ssp.{secrets.token_hex(8)}.{device_id}", 0, view.version, train.epochs,
                     train.batch_size, train.learning_rate, mode="ssp", config=config)
         self._tasks[device_id] = task
+        recent = self.standing.setdefault(device_id, [])
+        recent.append(task.task_id)
+        del recent[:-_STANDING_KEPT]
         self.outbox.spawn(self.outbox.send_to_device(device_id, task), "aggregator-ssp-task")
 
     # ------------------------------------------------------------------ updates
@@ -132,9 +143,10 @@ class SSPDriver:
     def judge(self, update: Update) -> tuple[str, str] | None:
         if not self.started or self.done.is_set():
             return "not_running", "the SSP computation is not running"
-        # The standing task of this or an earlier aggregator session (a device's unacknowledged
-        # update survives an aggregator restart; its clock decides whether it still counts).
-        standing = update.task_id.startswith("ssp.") and update.task_id.endswith(f".{update.device_id}")
+        # One of the device's recent standing tasks, of this or an earlier aggregator session (a
+        # device's unacknowledged update survives a rejoin or a restart; its clock decides
+        # whether it still counts).
+        standing = update.task_id in self.standing.get(update.device_id, ())
         if update.device_id not in self.participants or not standing:
             return "unassigned", f"task {update.task_id!r} is not this device's standing task"
         clock = self._clock(update.device_id)
@@ -147,7 +159,7 @@ class SSPDriver:
         staleness = self.view.version - update.base_version
         if self.max_staleness is not None and staleness > self.max_staleness:
             return "too_stale", f"staleness {staleness} > job.max_staleness {self.max_staleness}"
-        wanted = "weights" if self.view.strategy.device_config().get("encoding") == "weights" else "delta"
+        wanted = task_encoding(self.view.strategy.device_config())  # what this device's standing task asks
         if update.encoding != wanted:
             return "bad_encoding", f"{self.view.strategy.name} takes {wanted}"
         return None
@@ -323,6 +335,7 @@ class SSPDriver:
             "examples": self.examples, "updates": self.updates, "train_loss_sum": self._train_loss_sum,
             "examples_sum": self._examples_sum, "staleness_sum": self._staleness_sum, "strategy": scalars,
             "staleness_counts": dict(self.staleness_counts),
+            "standing": {device_id: list(ids) for device_id, ids in self.standing.items()},
         }
         return state, {f"strategy/{name}": value for name, value in tensors.items()}
 
@@ -346,6 +359,7 @@ class SSPDriver:
         self._examples_sum = int(state["examples_sum"])
         self._staleness_sum = int(state["staleness_sum"])
         self.staleness_counts = {str(k): int(v) for k, v in state.get("staleness_counts", {}).items()}
+        self.standing = {str(k): [str(i) for i in ids] for k, ids in state.get("standing", {}).items()}
         self._evaluated_at = self.updates
         self._recorded = self._snapshot(view.wall_seconds())
         self.context = AsyncContext(view.version, max(1, sum(self.examples.values())), self.bound)

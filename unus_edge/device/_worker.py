@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from unus_edge import topics
 from unus_edge.codec import new_msg_id
@@ -251,7 +251,7 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
         raise MessageError("bad_config", str(error), kind="task", field="config") from error
     finally:
         device.state = "idle"
-    encoding: Literal["delta", "weights"] = "weights" if task.config.get("encoding") == "weights" else "delta"
+    encoding = task.encoding
     update = Update(device.device_id, device.session, task.task_id, task.server_round, base_version,
                     result.num_examples, result.train_loss, result.delta, encoding,
                     device.clock if clock is None else clock, time.perf_counter() - started,

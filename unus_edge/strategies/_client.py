@@ -27,6 +27,7 @@ import numpy as np
 
 from unus_edge.codec import Tensor
 from unus_edge.errors import ConfigError, StrategyError
+from unus_edge.messages import task_encoding
 from unus_edge.nn import TrainHook
 from unus_edge.strategies._base import Params, Scalar
 
@@ -85,7 +86,7 @@ class ClientStrategy:
     def upload(self, start: Params, trained: Params, rng: np.random.Generator) -> Mapping[str, Tensor]:
         """What goes back. ``rng`` is seeded from the task (reproducible runs), so the server
         knows it: noise meant for privacy must come from another source (``secrets``)."""
-        if self.config.get("encoding") == "weights":
+        if task_encoding(self.config) == "weights":
             return trained
         return {name: trained[name] - start[name] for name in start}
 
