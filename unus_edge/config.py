@@ -206,7 +206,10 @@ class DeviceSettings:
     ack_timeout: float = 30.0
     """Seconds to wait for the aggregator's acknowledgement before re-publishing an update."""
     registration_retry: float = 15.0
-    """Seconds to wait for an answer to a registration before registering again."""
+    """Seconds to wait at least for an answer to a registration before registering again; each
+    further wait doubles, with jitter, up to ``registration_retry_max`` (:func:`registration_backoff`)."""
+    registration_retry_max: float = 240.0
+    """The longest wait between two registrations of one aggregator session."""
     client_strategies: str = ""
     """Device halves this device may run besides the built-ins: comma-separated ``package.module:Class``,
     imported at start. A task only names one; it never makes the device import a module."""
@@ -291,6 +294,8 @@ def load_device_config(
     _check(device.model_wait > 0, "device.model_wait", "must be positive (seconds)")
     _check(device.ack_timeout > 0, "device.ack_timeout", "must be positive (seconds)")
     _check(device.registration_retry > 0, "device.registration_retry", "must be positive (seconds)")
+    _check(device.registration_retry_max >= device.registration_retry, "device.registration_retry_max",
+           "must be at least device.registration_retry")
     _check(device.blas_threads >= 0, "device.blas_threads", "must be 0 (OpenBLAS's default) or a thread count")
     _check_broker(config.broker)
     return config

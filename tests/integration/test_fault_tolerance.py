@@ -278,7 +278,8 @@ def test_a_half_open_device_is_found_by_its_missing_heartbeats_and_the_round_goe
                 parts = shards(3)
                 # Its registration reply may be lost in the hold: it asks again soon after.
                 behind_proxy = DeviceConfig(DeviceSettings(id="held", job=JOB, data="-", model="logreg",
-                                                           heartbeat_interval=0.2, registration_retry=1.0),
+                                                           heartbeat_interval=0.2, registration_retry=1.0,
+                                                           registration_retry_max=4.0),
                                             BrokerSettings(url=f"mqtt://127.0.0.1:{proxy.port}"))
                 async with aggregator.transport:
                     job = asyncio.create_task(aggregator.run())

@@ -94,3 +94,19 @@ def test_a_bad_allowed_half_fails_at_start(specs: str, detail: str) -> None:
     with pytest.raises(ConfigError, match=detail) as raised:
         load_client_strategies(specs)
     assert raised.value.key == "device.client_strategies"
+
+
+def test_registration_retries_back_off_with_jitter_up_to_the_maximum() -> None:
+    import random
+
+    from unus_edge.config import DeviceSettings
+    from unus_edge.device._daemon import registration_backoff
+
+    settings = DeviceSettings(id="d0", job="j", registration_retry=15.0, registration_retry_max=240.0)
+    for seed in range(20):
+        backoff = registration_backoff(settings, rng=random.Random(seed))
+        waits = [backoff.next_delay() for _ in range(8)]
+        ceilings = [30.0, 60.0, 120.0, 240.0, 240.0, 240.0, 240.0, 240.0]
+        assert all(ceiling / 2 <= wait <= ceiling for wait, ceiling in zip(waits, ceilings, strict=True)), waits
+    first = {round(registration_backoff(settings, rng=random.Random(seed)).next_delay(), 3) for seed in range(20)}
+    assert len(first) == 20  # a fleet's first retries do not fall on the same instant

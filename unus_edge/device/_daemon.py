@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import os
 import platform
+import random
 import secrets
 import threading
 import time
@@ -31,7 +32,7 @@ import numpy as np
 
 from unus_edge import __version__, topics
 from unus_edge.codec import Limits, Tensor
-from unus_edge.config import DeviceConfig
+from unus_edge.config import DeviceConfig, DeviceSettings
 from unus_edge.data import Dataset
 from unus_edge.device import _worker
 from unus_edge.device._pace import NO_PACE, Pace
@@ -52,7 +53,7 @@ from unus_edge.messages import (
 from unus_edge.nn import Graph
 from unus_edge.strategies import ClientStrategy, Params
 from unus_edge.topics import Channel
-from unus_edge.transport import ConnectOptions, Transport, Will
+from unus_edge.transport import Backoff, ConnectOptions, Transport, Will
 
 __all__ = ["Device"]
 
@@ -200,19 +201,21 @@ class Device:
             logger.info("device %s stopped after %d update(s)", self.device_id, self.updates_sent)
 
     async def _registration(self) -> None:
-        """Register whenever an aggregator session appears; retry until it answers."""
+        """Register whenever an aggregator session appears; retry, backing off, until it answers."""
         while True:
             await self.registration_wanted.wait()
             self.registration_wanted.clear()
             self.registered.clear()
+            backoff = registration_backoff(self.settings)
             while not self.registered.is_set() and not self.registration_wanted.is_set():
                 await self._register()
+                wait = backoff.next_delay()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.settings.registration_retry):
+                    async with asyncio.timeout(wait):
                         await self.registered.wait()
                 if not self.registered.is_set():
-                    logger.warning("no answer to the registration within %.0f s: registering again",
-                                   self.settings.registration_retry)
+                    # Heartbeats go on meanwhile (their own task), so waiting never looks like a death.
+                    logger.warning("no answer to the registration within %.0f s: registering again", wait)
 
     async def _register(self) -> None:
         capabilities = []
@@ -409,3 +412,9 @@ def _memory_bytes() -> int:
     except (ValueError, OSError):
         return 0
 
+
+def registration_backoff(settings: DeviceSettings, *, rng: random.Random | None = None) -> Backoff:
+    """The waits between registrations: the n-th uniform in ``[d/2, d]``, ``d = min(max, 2 x retry
+    x 2**n)``, so the first is 1-2 times ``device.registration_retry`` and a fleet that registers
+    at once (an aggregator restart) spreads its retries instead of repeating them in lockstep."""
+    return Backoff(2 * settings.registration_retry, settings.registration_retry_max, rng=rng)
