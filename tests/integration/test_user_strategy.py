@@ -21,7 +21,7 @@ import pytest
 
 from tests.brokers import PYTHON, REPO, MosquittoBroker, python_env
 from unus_edge.strategies import ClientUpdate, FedAvg, load_strategy, strategy_class
-from unus_edge.strategies._robust import RobustAggregation
+from unus_edge.strategies._robust import Robust
 
 EXAMPLE = REPO / "examples" / "fedadam.py"
 SPEC = "examples/fedadam.py:FedAdam"
@@ -131,10 +131,9 @@ def test_one_adam_step_by_hand() -> None:
 def test_it_composes_with_robust_aggregation() -> None:
     fedadam = strategy_class(f"{EXAMPLE}:FedAdam")
 
-    class RobustFedAdam(RobustAggregation, fedadam):  # type: ignore[valid-type, misc]
+    class RobustFedAdam(Robust):
         def __init__(self, robust: str = "median") -> None:
-            super().__init__(server_learning_rate=0.1)
-            self.configure_robust(robust)
+            super().__init__(fedadam(server_learning_rate=0.1), robust)
 
     params = {"w": np.zeros(1, np.float32)}
     steps = {}

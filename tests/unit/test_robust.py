@@ -22,7 +22,7 @@ from unus_edge.strategies._fedprox import FedProx
 from unus_edge.strategies._robust import (
     CoordinateMedian,
     NormClipping,
-    RobustAggregation,
+    Robust,
     RobustFedAvg,
     RobustFedProx,
     TrimmedMean,
@@ -276,7 +276,7 @@ def test_robust_fedprox_keeps_fedproxs_tasks() -> None:
     from unus_edge.strategies import DeviceInfo, RoundContext
 
     strategy = RobustFedProx(mu=0.2, robust="median")
-    assert isinstance(strategy, FedProx)
+    assert isinstance(strategy.strategy, FedProx)  # it holds a FedProx
     chosen = strategy.configure_round(RoundContext(1, 1.0, 1, 10, 0.1, np.random.default_rng(0)),
                                       [DeviceInfo("a", 1), DeviceInfo("b", 1)])
     assert all(dict(a.config) == {"client": "fedprox", "proximal_mu": 0.2} for a in chosen)
@@ -291,26 +291,40 @@ class MeanDeltaTwice(FedAvg):
         return {name: value + 2 * mean[name] for name, value in global_params.items()}
 
 
-class RobustMeanDeltaTwice(RobustAggregation, MeanDeltaTwice):
+class RobustMeanDeltaTwice(Robust):
     def __init__(self, robust: str = "median", trim_fraction: float = 0.1, clip_norm: float = 0.0) -> None:
-        super().__init__()
-        self.configure_robust(robust, trim_fraction, clip_norm)
+        super().__init__(MeanDeltaTwice(), robust, trim_fraction, clip_norm)
 
 
-def test_the_mixin_composes_with_any_strategy_that_reads_a_mean() -> None:
+def test_the_wrapper_composes_with_any_strategy_that_reads_a_mean() -> None:
     params = {"w": np.array([0.0], np.float32)}
     np.testing.assert_array_equal(run_round(RobustMeanDeltaTwice(), params, column(1, 2, 60))["w"], [4.0])
     np.testing.assert_array_equal(run_round(RobustMeanDeltaTwice(robust="none"), params,
                                             column(1, 2, 60))["w"], [42.0])  # 2 * n-weighted mean (equal n)
 
 
-def test_without_configure_robust_the_mixin_changes_nothing() -> None:
-    class Plain(RobustAggregation, FedAvg):
-        pass
-
+def test_with_its_defaults_the_wrapper_changes_nothing() -> None:
     params = {"w": np.linspace(0, 1, 50, dtype=np.float32)}
     updates = random_updates(3)
-    assert np.array_equal(run_round(Plain(), params, updates)["w"], run_round(FedAvg(), params, updates)["w"])
+    assert np.array_equal(run_round(Robust(FedAvg()), params, updates)["w"], run_round(FedAvg(), params, updates)["w"])
+
+
+def test_the_wrapper_hands_everything_but_the_accumulator_to_the_strategy_it_holds() -> None:
+    from unus_edge.strategies import DeviceInfo, RoundContext
+
+    inner = FedProx(mu=0.5)
+    wrapped = Robust(inner, robust="median")
+    context = RoundContext(1, 1.0, 1, 10, 0.1, np.random.default_rng(0))
+    devices = [DeviceInfo("a", 10), DeviceInfo("b", 10)]
+    assert wrapped.configure_round(context, devices) == inner.configure_round(
+        RoundContext(1, 1.0, 1, 10, 0.1, np.random.default_rng(0)), devices)  # the device half's settings too
+    assert wrapped.device_config() == inner.device_config() and wrapped.state_dict() == inner.state_dict()
+    assert isinstance(wrapped.new_accumulator(1, {"w": np.zeros(2, np.float32)}), CoordinateMedian)
+
+
+def test_an_asynchronous_strategy_cannot_be_wrapped() -> None:
+    with pytest.raises(StrategyError, match="needs rounds"):
+        Robust(load_strategy("fedasync"))
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -331,8 +345,9 @@ def test_options_from_the_job_config() -> None:
         "strategy.trim_fraction=0.2", "strategy.clip_norm=5", "strategy.mu=0.01"])
     strategy = load_strategy(config.strategy.name, config.strategy.options)
     assert isinstance(strategy, RobustFedProx)
-    assert (strategy.robust, strategy.trim_fraction, strategy.clip_norm, strategy.mu) == ("trimmed_mean", 0.2, 5.0,
-                                                                                         0.01)
+    assert isinstance(strategy.strategy, FedProx)
+    assert (strategy.robust, strategy.trim_fraction, strategy.clip_norm, strategy.strategy.mu) == (
+        "trimmed_mean", 0.2, 5.0, 0.01)
     assert not strategy.asynchronous  # job.mode = "ssp" refuses it at start-up
 
 

@@ -11,19 +11,19 @@ do to the global model, each an :class:`~unus_edge.strategies.Accumulator`:
   scale every update whose L2 norm exceeds ``clip_norm`` down to ``clip_norm``, then pass it to
   another accumulator (the n_k-weighted mean, or one of the two above).
 
-**They compose with any averaging strategy** through :class:`RobustAggregation`, a mixin for
-strategies whose ``aggregate`` consumes a :class:`~unus_edge.strategies.WeightedMean` (FedAvg,
-FedProx, server optimisers such as FedAdam or FedAvgM). The mixin swaps the round's
-accumulator for the robust one, and hands the strategy's own ``aggregate`` a ``WeightedMean``
-whose mean *is* the robust aggregate (:func:`robust_view`). The strategy then does whatever
-it does with a mean delta (a server learning rate, momentum, Adam) without knowing. Built-in
-combinations: :class:`RobustFedAvg` and :class:`RobustFedProx`; yours are four lines::
+**They compose with any averaging strategy** through :class:`Robust`, a wrapper that holds a
+strategy whose ``aggregate`` consumes a :class:`~unus_edge.strategies.WeightedMean` (FedAvg,
+FedProx, server optimisers such as FedAdam or FedAvgM), as Flower's DP wrapper holds one. It
+swaps the round's accumulator for the robust one, and hands the inner ``aggregate`` a
+``WeightedMean`` whose mean *is* the robust aggregate (:func:`robust_view`). The inner strategy
+then does whatever it does with a mean delta (a server learning rate, momentum, Adam) without
+knowing. Built-in combinations: :class:`RobustFedAvg` and :class:`RobustFedProx`; yours is one
+expression, ``Robust(FedAdam(server_learning_rate=0.01), robust="median")``, or, to load it by
+name with options from a job's configuration, three lines::
 
-    class RobustFedAdam(RobustAggregation, FedAdam):
-        def __init__(self, robust: str = "median", trim_fraction: float = 0.1, clip_norm: float = 0.0,
-                     server_learning_rate: float = 0.01) -> None:
-            super().__init__(server_learning_rate=server_learning_rate)
-            self.configure_robust(robust, trim_fraction, clip_norm)
+    class RobustFedAdam(Robust):
+        def __init__(self, robust: str = "median", server_learning_rate: float = 0.01) -> None:
+            super().__init__(FedAdam(server_learning_rate=server_learning_rate), robust)
 
 Decisions:
 
@@ -61,14 +61,26 @@ Decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from unus_edge.codec import SparseTensor, Tensor
 from unus_edge.errors import StrategyError
-from unus_edge.strategies._base import Accumulator, ClientUpdate, Failure, Params, Strategy, WeightedMean, fold
+from unus_edge.strategies._base import (
+    Accumulator,
+    Assignment,
+    ClientUpdate,
+    DeviceInfo,
+    Failure,
+    Params,
+    RoundContext,
+    Scalar,
+    Strategy,
+    WeightedMean,
+    fold,
+)
 from unus_edge.strategies._fedavg import FedAvg
 from unus_edge.strategies._fedprox import FedProx
 
@@ -76,7 +88,7 @@ __all__ = [
     "ROBUST_RULES",
     "CoordinateMedian",
     "NormClipping",
-    "RobustAggregation",
+    "Robust",
     "RobustFedAvg",
     "RobustFedProx",
     "TrimmedMean",
@@ -324,26 +336,33 @@ def robust_view(accumulator: Any) -> Any:
     return accumulator
 
 
-class RobustAggregation(Strategy):
-    """Mixin: robust aggregation options for any strategy whose ``aggregate`` consumes a :class:`WeightedMean`.
+class Robust(Strategy):
+    """Robust aggregation around any strategy whose ``aggregate`` consumes a :class:`WeightedMean`.
 
-    Put it first among the bases (``class RobustX(RobustAggregation, X)``) and call
-    :meth:`configure_robust` from ``__init__``. Without that call the strategy is unchanged.
+    It holds that strategy, as Flower's differential-privacy wrapper holds one: selection,
+    evaluation, the published payload, the device settings and the checkpointed state are the
+    inner strategy's; the round's accumulator is the robust one, and the inner ``aggregate`` is
+    handed a ``WeightedMean`` whose mean *is* the robust aggregate (:func:`robust_view`)::
 
-    * ``robust``: ``"none"`` (the strategy's own accumulator, FedAvg's n_k-weighted mean),
+        Robust(FedAdam(server_learning_rate=0.01), robust="median", clip_norm=10.0)
+
+    * ``robust``: ``"none"`` (the inner strategy's own accumulator, FedAvg's n_k-weighted mean),
       ``"median"`` (:class:`CoordinateMedian`) or ``"trimmed_mean"`` (:class:`TrimmedMean`);
     * ``trim_fraction``: beta of the trimmed mean, in [0, 0.5); at least the fraction of bad
       devices you want to withstand;
     * ``clip_norm``: > 0 clips every update to this L2 norm first (:class:`NormClipping`), with
       any ``robust`` rule; 0 disables it.
+
+    With ``robust="none"`` and no clipping it is the inner strategy, bit for bit.
     """
 
-    robust: str = "none"
-    trim_fraction: float = 0.1
-    clip_norm: float = 0.0
+    name: ClassVar[str] = "robust"
 
-    def configure_robust(self, robust: str = "none", trim_fraction: float = 0.1, clip_norm: float = 0.0) -> None:
-        """Check and set the three options (errors name the strategy)."""
+    def __init__(self, strategy: Strategy, robust: str = "none", trim_fraction: float = 0.1,
+                 clip_norm: float = 0.0) -> None:
+        if strategy.asynchronous:
+            raise StrategyError(f"{strategy.name or type(strategy).__name__} is asynchronous: robust aggregation "
+                                "needs rounds to take a median over", strategy=self.name)
         if robust not in ROBUST_RULES:
             raise StrategyError(f"robust must be one of {', '.join(ROBUST_RULES)}, got {robust!r}",
                                 strategy=self.name)
@@ -353,7 +372,11 @@ class RobustAggregation(Strategy):
         bound = _number(clip_norm, "clip_norm", self.name)
         if bound < 0:
             raise StrategyError(f"clip_norm must be >= 0 (0: no clipping), got {clip_norm!r}", strategy=self.name)
+        self.strategy = strategy
         self.robust, self.trim_fraction, self.clip_norm = robust, fraction, bound
+
+    def configure_round(self, context: RoundContext, devices: Sequence[DeviceInfo]) -> list[Assignment]:
+        return self.strategy.configure_round(context, devices)
 
     def new_accumulator(self, server_round: int, global_params: Params) -> Accumulator:
         inner: Any
@@ -362,18 +385,33 @@ class RobustAggregation(Strategy):
         elif self.robust == "trimmed_mean":
             inner = TrimmedMean(global_params, self.trim_fraction)
         else:
-            inner = super().new_accumulator(server_round, global_params)
+            inner = self.strategy.new_accumulator(server_round, global_params)
         return NormClipping(inner, self.clip_norm) if self.clip_norm > 0 else inner
 
     def aggregate(
         self, server_round: int, global_params: Params, accumulator: Any, failures: Sequence[Failure]
     ) -> Params | None:
-        # The concrete strategy after this mixin in the method resolution order implements it.
-        return super().aggregate(server_round, global_params, robust_view(accumulator),  # type: ignore[safe-super]
-                                 failures)
+        return self.strategy.aggregate(server_round, global_params, robust_view(accumulator), failures)
+
+    def evaluate(
+        self, server_round: int, params: Params, central: Callable[[Params], Mapping[str, float]]
+    ) -> Mapping[str, float]:
+        return self.strategy.evaluate(server_round, params, central)
+
+    def model_payload(self, params: Params) -> Mapping[str, Tensor]:
+        return self.strategy.model_payload(params)
+
+    def device_config(self) -> Mapping[str, Scalar]:
+        return self.strategy.device_config()
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
+        self.strategy.load_state_dict(tensors, scalars)
 
 
-class RobustFedAvg(RobustAggregation, FedAvg):
+class RobustFedAvg(Robust):
     """FedAvg with the robust options: ``robust`` (``none``, ``median``, ``trimmed_mean``),
     ``trim_fraction`` (0.1), ``clip_norm`` (0: off), ``server_learning_rate`` (1.0).
     With the defaults it is FedAvg, bit for bit."""
@@ -382,16 +420,15 @@ class RobustFedAvg(RobustAggregation, FedAvg):
 
     def __init__(self, robust: str = "none", trim_fraction: float = 0.1, clip_norm: float = 0.0,
                  server_learning_rate: float = 1.0) -> None:
-        super().__init__(server_learning_rate=server_learning_rate)
-        self.configure_robust(robust, trim_fraction, clip_norm)
+        super().__init__(FedAvg(server_learning_rate=server_learning_rate), robust, trim_fraction, clip_norm)
 
 
-class RobustFedProx(RobustAggregation, FedProx):
+class RobustFedProx(Robust):
     """FedProx with the robust options (see :class:`RobustFedAvg`) and ``mu`` (0.01)."""
 
     name: ClassVar[str] = "robust_fedprox"
 
     def __init__(self, mu: float = 0.01, robust: str = "none", trim_fraction: float = 0.1, clip_norm: float = 0.0,
                  server_learning_rate: float = 1.0) -> None:
-        super().__init__(mu=mu, server_learning_rate=server_learning_rate)
-        self.configure_robust(robust, trim_fraction, clip_norm)
+        super().__init__(FedProx(mu=mu, server_learning_rate=server_learning_rate), robust, trim_fraction,
+                         clip_norm)
