@@ -208,10 +208,26 @@ def test_fedbuff_loads_a_checkpoint_with_one_held_update_per_device() -> None:
     np.testing.assert_allclose(strategy.global_params(context)["w"], [500.5 + 6.0])
 
 
-def test_synchronous_strategies_refuse_ssp_and_vice_versa() -> None:
-    context = AsyncContext(0, 1)
-    with pytest.raises(StrategyError, match="asynchronous"):
-        FedAvg().start_async(vector(0.0), context)
-    with pytest.raises(StrategyError, match="ssp"):
-        SSPAveraging().aggregate(1, vector(0.0), None, [])
+def test_synchronous_and_asynchronous_strategies_have_their_own_interfaces() -> None:
+    """One ABC each, instead of one ABC whose other half raises (issue 13)."""
+    from unus_edge.strategies import AsyncStrategy, Strategy
+
+    assert isinstance(FedAvg(), Strategy) and not isinstance(FedAvg(), AsyncStrategy)
+    assert not hasattr(FedAvg(), "start_async") and not hasattr(FedAvg(), "on_update")
+    for strategy in (SSPAveraging(), FedAsync(), FedBuff()):
+        assert isinstance(strategy, AsyncStrategy) and not isinstance(strategy, Strategy)
+        assert not hasattr(strategy, "aggregate") and not hasattr(strategy, "configure_round")
     assert math.isclose(FedAsync().mixing(0), 0.6)
+
+
+def test_each_mode_refuses_the_other_kind_of_strategy() -> None:
+    from unus_edge.aggregator import prepare_job
+    from unus_edge.config import load_job_config
+    from unus_edge.errors import ConfigError
+
+    cases = (("ssp", "fedavg", "no SSP/asynchronous mode"), ("sync", "fedasync", "asynchronous"))
+    for mode, strategy, message in cases:
+        config = load_job_config(environ={}, overrides=[f"job.mode={mode}", f"strategy.name={strategy}",
+                                                        "model.source=logreg", "evaluation.dataset=none"])
+        with pytest.raises(ConfigError, match=message):
+            prepare_job(config)

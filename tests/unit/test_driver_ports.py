@@ -133,7 +133,7 @@ def update(view: View, device_id: str, task_id: str, *, base_version: int = 0, c
 def test_a_round_is_assigned_and_its_updates_judged_without_a_broker() -> None:
     async def scenario() -> None:
         view, outbox = setup(3, job__rounds=1)
-        driver = RoundDriver(view, outbox)
+        driver = RoundDriver(view, outbox, view.strategy)
         current = await driver._start_round(1)
         tasks = outbox.tasks()
         assert sorted(tasks) == ["d0", "d1", "d2"] and view.state == "running"
@@ -156,7 +156,7 @@ def test_a_round_is_assigned_and_its_updates_judged_without_a_broker() -> None:
 def test_a_device_back_mid_round_gets_its_task_again() -> None:
     async def scenario() -> None:
         view, outbox = setup(2)
-        driver = RoundDriver(view, outbox)
+        driver = RoundDriver(view, outbox, view.strategy)
         await driver._start_round(1)
         first = outbox.tasks()["d1"]
         outbox.sent.clear()
@@ -171,7 +171,7 @@ def test_a_device_back_mid_round_gets_its_task_again() -> None:
 def test_ssp_publishes_a_model_only_when_someone_may_start_from_it(bound: str) -> None:
     async def scenario() -> None:
         view, outbox = setup(2, job__mode="ssp", job__staleness_bound=bound, job__rounds=5)
-        driver = SSPDriver(view, outbox)
+        driver = SSPDriver(view, outbox, view.strategy)
         outbox.driver = driver
         running = asyncio.create_task(driver.run())
         await outbox.standing_tasks(2)
@@ -200,7 +200,7 @@ def test_ssp_publishes_a_model_only_when_someone_may_start_from_it(bound: str) -
 def test_the_ssp_clock_never_names_a_c_min_the_retained_model_does_not_hold() -> None:
     async def scenario() -> None:
         view, outbox = setup(2, job__mode="ssp", job__staleness_bound="0", job__rounds=5)
-        driver = SSPDriver(view, outbox)
+        driver = SSPDriver(view, outbox, view.strategy)
         outbox.driver = driver
         running = asyncio.create_task(driver.run())
         await outbox.standing_tasks(2)
@@ -220,7 +220,7 @@ def test_the_ssp_clock_never_names_a_c_min_the_retained_model_does_not_hold() ->
 def test_an_ssp_device_that_rejoins_starts_at_c_min_and_gets_its_task() -> None:
     async def scenario() -> None:
         view, outbox = setup(3, job__mode="ssp", job__staleness_bound="2", job__rounds=5)
-        driver = SSPDriver(view, outbox)
+        driver = SSPDriver(view, outbox, view.strategy)
         outbox.driver = driver
         running = asyncio.create_task(driver.run())
         await outbox.standing_tasks(3)
@@ -259,7 +259,7 @@ def test_a_round_takes_the_encoding_its_task_asked_for() -> None:
     async def scenario() -> None:
         view, outbox = setup(1)
         view.strategy = WeightsFedAvg()
-        driver = RoundDriver(view, outbox)
+        driver = RoundDriver(view, outbox, view.strategy)
         await driver._start_round(1)
         task = outbox.tasks()["d0"]
         assert task.encoding == "weights"
@@ -275,7 +275,7 @@ def test_an_ssp_update_counts_only_under_a_standing_task_the_driver_handed_out()
 
     async def scenario() -> None:
         view, outbox = setup(1, job__mode="ssp", job__staleness_bound="inf", job__rounds=5)
-        driver = SSPDriver(view, outbox)
+        driver = SSPDriver(view, outbox, view.strategy)
         outbox.driver = driver
         running = asyncio.create_task(driver.run())
         first = (await outbox.standing_tasks(1))["d0"].task_id

@@ -36,6 +36,7 @@ from unus_edge.messages import (
     encode_message,
 )
 from unus_edge.nn import Graph
+from unus_edge.strategies import Strategy
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, MemoryBroker, MemoryTransport
 from unus_edge.zoo import resolve_model
@@ -59,11 +60,12 @@ def run(factory: Callable[[], Any], timeout: float = 60) -> Any:
     return asyncio.run(bounded())
 
 
-def make_aggregator(broker: MemoryBroker, job_config: JobConfig, *, resume: bool = False) -> Aggregator:
+def make_aggregator(broker: MemoryBroker, job_config: JobConfig, *, resume: bool = False,
+                    strategy: Strategy | None = None) -> Aggregator:
     parts = prepare_job(job_config)
     transport = MemoryTransport(broker, Aggregator.connect_options(job_config, "agg"))
     return Aggregator(job_config, transport, params=parts.params, fingerprint=parts.fingerprint,
-                      strategy=parts.strategy, evaluate=parts.evaluate, session="agg", resume=resume)
+                      strategy=strategy or parts.strategy, evaluate=parts.evaluate, session="agg", resume=resume)
 
 
 def make_device(broker: MemoryBroker, device_id: str, data: Dataset, *, model: str = "logreg") -> Device:

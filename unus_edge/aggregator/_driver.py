@@ -30,7 +30,7 @@ from unus_edge.aggregator._round import SyncRound
 from unus_edge.errors import JobError, StrategyError
 from unus_edge.messages import RoundMetrics, Task, Update
 from unus_edge.seeds import device_seed
-from unus_edge.strategies import Assignment, ClientUpdate, Failure, Params, RoundContext
+from unus_edge.strategies import Assignment, ClientUpdate, Failure, Params, RoundContext, Strategy
 from unus_edge.topics import Channel
 
 __all__ = ["RoundDriver", "wait_for_devices"]
@@ -57,9 +57,10 @@ async def wait_for_devices(view: JobView) -> None:
 class RoundDriver:
     """Synchronous rounds, given the job's state (:class:`JobView`) and what it may send (:class:`Outbox`)."""
 
-    def __init__(self, view: JobView, outbox: Outbox) -> None:
+    def __init__(self, view: JobView, outbox: Outbox, strategy: Strategy) -> None:
         self.view = view
         self.outbox = outbox
+        self.strategy = strategy
         self.current_round: SyncRound | None = None
         self.accumulator: Any = None
         self.round_changed = asyncio.Event()
@@ -118,7 +119,7 @@ class RoundDriver:
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The strategy's own state, and the round in progress with its accumulator."""
-        strategy_tensors, strategy_scalars = self.view.strategy.state_dict()
+        strategy_tensors, strategy_scalars = self.strategy.state_dict()
         state: dict[str, Any] = {"mode": "sync", "strategy": strategy_scalars}
         tensors: dict[str, Any] = {f"strategy/{n}": v for n, v in strategy_tensors.items()}
         round_state, round_tensors = self._round_state()
@@ -149,7 +150,7 @@ class RoundDriver:
         """Put back the round in progress, at once: updates may arrive before ``run`` starts."""
         view = self.view
         if "strategy" in state:
-            view.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()
+            self.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()
                                               if n.startswith("strategy/")}, state["strategy"])
         saved = state.get("round")
         if not saved or saved["version"] != view.version:
@@ -159,7 +160,7 @@ class RoundDriver:
         current = SyncRound(saved["server_round"], saved["version"], saved["attempt"], assignments,
                             dict(saved["task_ids"]), math.inf, 0.0, dict(saved["accepted"]),
                             {d: Failure(d, r, t) for d, (r, t) in saved["failures"].items()})
-        accumulator = view.strategy.new_accumulator(current.server_round, view.params)
+        accumulator = self.strategy.new_accumulator(current.server_round, view.params)
         accumulator.load_state_dict({n[len("accumulator/"):]: v for n, v in tensors.items()  # type: ignore[attr-defined]
                                      if n.startswith("accumulator/")}, saved["accumulator"])
         self.accumulator = accumulator
@@ -261,11 +262,11 @@ class RoundDriver:
         loop = asyncio.get_running_loop()
         self._begin_round_clock()
         view.state = "running"
-        assignments = view.strategy.configure_round(self._context(server_round), view.registry.online())
+        assignments = self.strategy.configure_round(self._context(server_round), view.registry.online())
         if not assignments:
-            raise StrategyError(f"selected no device for round {server_round}", strategy=view.strategy.name)
+            raise StrategyError(f"selected no device for round {server_round}", strategy=self.strategy.name)
         self._planned = len(assignments)
-        self.accumulator = view.strategy.new_accumulator(server_round, view.params)
+        self.accumulator = self.strategy.new_accumulator(server_round, view.params)
         current = SyncRound(server_round, view.version, 0, {}, {}, loop.time() + view.config.job.round_deadline,
                             loop.time())
         self.current_round = current
@@ -292,7 +293,7 @@ class RoundDriver:
             current.attempt += 1
             candidates = [d for d in view.registry.online() if d.device_id not in current.assignments]
             missing = self._planned - len(current.accepted)
-            extra = view.strategy.configure_round(self._context(current.server_round), candidates)[:missing]
+            extra = self.strategy.configure_round(self._context(current.server_round), candidates)[:missing]
             logger.warning("round %d: %d of %d answered (quorum %d); retry %d with %d new device(s)",
                            current.server_round, len(current.accepted), self._planned, quorum, current.attempt,
                            len(extra))
@@ -303,9 +304,9 @@ class RoundDriver:
     async def _aggregate(self, current: SyncRound) -> None:
         view = self.view
         failures = current.close()
-        new_params = view.strategy.aggregate(current.server_round, view.params, self.accumulator, failures)
+        new_params = self.strategy.aggregate(current.server_round, view.params, self.accumulator, failures)
         if new_params is not None:
-            _check_shapes(new_params, view.params, view.strategy.name)
+            _check_shapes(new_params, view.params, self.strategy.name)
             view.params = new_params
             view.version += 1
         view.server_round = current.server_round
@@ -313,7 +314,7 @@ class RoundDriver:
         await self.outbox.publish_model()
         evaluation: dict[str, float] = {}
         if view.evaluate_fn is not None:
-            evaluation = dict(await asyncio.to_thread(view.strategy.evaluate, current.server_round,
+            evaluation = dict(await asyncio.to_thread(self.strategy.evaluate, current.server_round,
                                                       view.params, view.evaluate_fn))
         elapsed = time.perf_counter() - self._started
         metrics = RoundMetrics(

@@ -27,7 +27,7 @@ from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, RoundProgress
 from unus_edge.config import JobConfig
 from unus_edge.messages import Message, RoundMetrics, Update
-from unus_edge.strategies import Params, Strategy
+from unus_edge.strategies import AsyncStrategy, Params, Strategy
 from unus_edge.topics import Channel
 
 __all__ = ["Driver", "Evaluate", "JobView", "Outbox"]
@@ -42,7 +42,7 @@ class JobView(Protocol):
     config: JobConfig
     job: str
     session: str
-    strategy: Strategy
+    strategy: Strategy | AsyncStrategy
     registry: Registry
     counters: Counters
     rng: np.random.Generator

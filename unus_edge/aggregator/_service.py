@@ -53,7 +53,7 @@ from unus_edge.messages import (
     decode_message,
     encode_message,
 )
-from unus_edge.strategies import Params, Strategy
+from unus_edge.strategies import AsyncStrategy, Params, Strategy
 from unus_edge.topics import Channel
 from unus_edge.transport import ConnectOptions, ReceivedMessage, Transport, Will
 
@@ -72,7 +72,7 @@ class Aggregator:
         *,
         params: Params,
         fingerprint: str,
-        strategy: Strategy,
+        strategy: Strategy | AsyncStrategy,
         evaluate: Evaluate | None = None,
         session: str | None = None,
         shutdown_trigger: asyncio.Event | None = None,
@@ -117,7 +117,17 @@ class Aggregator:
         """Accepted updates are acknowledged only once a checkpoint holds them."""
         self._run_started = time.perf_counter()
         self.training_started: float | None = None
-        self.driver: Driver = SSPDriver(self, self) if config.job.mode == "ssp" else RoundDriver(self, self)
+        self.driver: Driver
+        if config.job.mode == "ssp":
+            if not isinstance(strategy, AsyncStrategy):
+                raise JobError(self.job, f"{strategy.name or type(strategy).__name__} is not an AsyncStrategy: "
+                                         "it cannot run with job.mode = 'ssp'")
+            self.driver = SSPDriver(self, self, strategy)
+        else:
+            if not isinstance(strategy, Strategy):
+                raise JobError(self.job, f"{strategy.name or type(strategy).__name__} is asynchronous: it needs "
+                                         "job.mode = 'ssp'")
+            self.driver = RoundDriver(self, self, strategy)
         """The job's mode; it is given this service as its :class:`JobView` and :class:`Outbox` only."""
         if resume and config.checkpoint.dir:
             self._resume()

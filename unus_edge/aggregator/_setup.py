@@ -16,7 +16,7 @@ from unus_edge.data import load_dataset
 from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
 from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, read_parameters
-from unus_edge.strategies import Params, Strategy, load_strategy
+from unus_edge.strategies import AsyncStrategy, Params, Strategy, load_strategy
 from unus_edge.transport import MqttTransport, Transport, redact_url
 from unus_edge.zoo import resolve_model
 
@@ -30,7 +30,7 @@ class JobParts:
     model: OnnxModel
     params: Params
     fingerprint: str
-    strategy: Strategy
+    strategy: Strategy | AsyncStrategy
     evaluate: Evaluate | None
 
 
@@ -57,10 +57,10 @@ def prepare_job(config: JobConfig) -> JobParts:
     model = resolve_model(config.model.source, seed=config.model.seed)
     name = config.strategy.resolved(config.job.mode)
     strategy = load_strategy(name, config.strategy.options)
-    if config.job.mode == "ssp" and not strategy.asynchronous:
+    if config.job.mode == "ssp" and not isinstance(strategy, AsyncStrategy):
         raise ConfigError("strategy.name", f"{name} has no SSP/asynchronous mode; with job.mode = "
-                                           "'ssp' use ssp, fedasync, fedbuff or another asynchronous strategy")
-    if config.job.mode == "sync" and strategy.asynchronous:
+                                           "'ssp' use ssp, fedasync, fedbuff or another AsyncStrategy")
+    if config.job.mode == "sync" and not isinstance(strategy, Strategy):
         raise ConfigError("job.mode", f"{name} is asynchronous: set job.mode = 'ssp' (simulate: --sync-bound S)")
     return JobParts(model, read_parameters(model), fingerprint(model), strategy, central_evaluation(config, model))
 

@@ -28,7 +28,7 @@ from typing import Any
 from unus_edge import topics
 from unus_edge.aggregator._ports import JobView, Outbox
 from unus_edge.messages import RoundMetrics, Task, Update, staleness_bucket, task_encoding
-from unus_edge.strategies import AsyncContext, ClientUpdate
+from unus_edge.strategies import AsyncContext, AsyncStrategy, ClientUpdate
 from unus_edge.topics import Channel
 
 __all__ = ["SSPDriver"]
@@ -53,9 +53,10 @@ class _Snapshot:
 class SSPDriver:
     """SSP clocks, given the job's state (:class:`JobView`) and what it may send (:class:`Outbox`)."""
 
-    def __init__(self, view: JobView, outbox: Outbox) -> None:
+    def __init__(self, view: JobView, outbox: Outbox, strategy: AsyncStrategy) -> None:
         self.view = view
         self.outbox = outbox
+        self.strategy = strategy
         self.bound = view.config.job.bound
         self.max_staleness = view.config.job.staleness_limit
         self.participants: set[str] = set()
@@ -127,7 +128,7 @@ class SSPDriver:
         view = self.view
         train = view.config.train
         config = {"job_seed": view.config.job.seed, "momentum": train.momentum,
-                  "weight_decay": train.weight_decay, **view.strategy.device_config()}
+                  "weight_decay": train.weight_decay, **self.strategy.device_config()}
         # A fresh, unguessable id per standing task: only an update naming one this driver
         # handed out (kept over restarts in the checkpoint) counts.
         task = Task(device_id, f"ssp.{secrets.token_hex(8)}.{device_id}", 0, view.version, train.epochs,
@@ -159,16 +160,16 @@ class SSPDriver:
         staleness = self.view.version - update.base_version
         if self.max_staleness is not None and staleness > self.max_staleness:
             return "too_stale", f"staleness {staleness} > job.max_staleness {self.max_staleness}"
-        wanted = task_encoding(self.view.strategy.device_config())  # what this device's standing task asks
+        wanted = task_encoding(self.strategy.device_config())  # what this device's standing task asks
         if update.encoding != wanted:
-            return "bad_encoding", f"{self.view.strategy.name} takes {wanted}"
+            return "bad_encoding", f"{self.strategy.name} takes {wanted}"
         return None
 
     def apply(self, msg_id: str, update: Update) -> tuple[int, int]:
         view = self.view
         staleness = view.version - update.base_version
         self.context.version = view.version
-        changed = view.strategy.on_update(
+        changed = self.strategy.on_update(
             ClientUpdate(update.device_id, update.num_examples, update.tensors, update.base_version,
                          update.train_loss, staleness, update.metrics), self.context)
         if changed:
@@ -226,7 +227,7 @@ class SSPDriver:
         if model:
             taken_c_min = self.c_min
             self._requested_version = max(self._requested_version, view.version)
-            view.params = view.strategy.global_params(self.context)
+            view.params = self.strategy.global_params(self.context)
             await self.outbox.publish_model()
             self.published_c_min = max(self.published_c_min, taken_c_min)
         await self.outbox.publish_state()
@@ -241,7 +242,7 @@ class SSPDriver:
     async def _evaluation(self) -> None:
         view = self.view
         try:
-            params = view.strategy.evaluation_params(self.context)  # never folds: reading changes nothing
+            params = self.strategy.evaluation_params(self.context)  # never folds: reading changes nothing
             version, taken = view.version, self._snapshot(view.wall_seconds())
             assert view.evaluate_fn is not None
             metrics = await asyncio.to_thread(view.evaluate_fn, params)
@@ -298,7 +299,7 @@ class SSPDriver:
                 self.participants.add(device_id)
                 self.examples[device_id] = record.num_examples
             self.context = AsyncContext(view.version, sum(self.examples.values()), self.bound)
-            view.strategy.start_async(view.params, self.context)
+            self.strategy.start_async(view.params, self.context)
         self._recompute()
         self._check_done()
         await self.outbox.publish_state()
@@ -311,11 +312,11 @@ class SSPDriver:
             async with asyncio.timeout(budget):
                 await self.done.wait()
         self.done.set()
-        changes = view.strategy.finish_async(self.context)  # e.g. FedBuff's partial buffer: nothing left out
+        changes = self.strategy.finish_async(self.context)  # e.g. FedBuff's partial buffer: nothing left out
         if changes:
             view.version += changes
             self.context.version = view.version
-        view.params = view.strategy.global_params(self.context)
+        view.params = self.strategy.global_params(self.context)
         if view.evaluate_fn is not None:
             taken = self._snapshot(view.wall_seconds())
             evaluation = await asyncio.to_thread(view.evaluate_fn, view.params)
@@ -329,7 +330,7 @@ class SSPDriver:
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if not self.started:
             return {"mode": "ssp"}, {}
-        tensors, scalars = self.view.strategy.state_dict()
+        tensors, scalars = self.strategy.state_dict()
         state = {
             "mode": "ssp", "started": True, "c_min": self.c_min, "participants": sorted(self.participants),
             "examples": self.examples, "updates": self.updates, "train_loss_sum": self._train_loss_sum,
@@ -363,8 +364,8 @@ class SSPDriver:
         self._evaluated_at = self.updates
         self._recorded = self._snapshot(view.wall_seconds())
         self.context = AsyncContext(view.version, max(1, sum(self.examples.values())), self.bound)
-        view.strategy.start_async(view.params, self.context)
-        view.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()}, state["strategy"])
+        self.strategy.start_async(view.params, self.context)
+        self.strategy.load_state_dict({n[len("strategy/"):]: v for n, v in tensors.items()}, state["strategy"])
         logger.info("resuming SSP at c_min %d after %d updates (version %d)", self.c_min, self.updates,
                     view.version)
         return True

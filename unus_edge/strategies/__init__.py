@@ -1,6 +1,7 @@
 """Aggregation strategies and the strategy API (see ``docs/strategies.md``).
 
-Write a new algorithm by subclassing :class:`Strategy` (or :class:`FedAvg`) and run it with
+Write a new algorithm by subclassing :class:`Strategy` (or :class:`FedAvg`; for SSP and
+asynchronous training :class:`AsyncStrategy`) and run it with
 ``unus-edge simulate --strategy path/to/file.py:MyStrategy``.
 """
 
@@ -11,6 +12,7 @@ from unus_edge.strategies._base import (
     Accumulator,
     Assignment,
     AsyncContext,
+    AsyncStrategy,
     ClientUpdate,
     DeviceInfo,
     Failure,
@@ -18,6 +20,7 @@ from unus_edge.strategies._base import (
     RoundContext,
     Scalar,
     Strategy,
+    StrategyBase,
     WeightedMean,
     add_scaled,
     fold,
@@ -57,6 +60,7 @@ __all__ = [
     "Accumulator",
     "Assignment",
     "AsyncContext",
+    "AsyncStrategy",
     "ClientStrategy",
     "ClientUpdate",
     "CoordinateMedian",
@@ -79,6 +83,7 @@ __all__ = [
     "SSPAveraging",
     "Scalar",
     "Strategy",
+    "StrategyBase",
     "TrimmedMean",
     "WeightedMean",
     "add_scaled",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -18,11 +18,10 @@ import numpy as np
 from unus_edge.errors import StrategyError
 from unus_edge.strategies._base import (
     AsyncContext,
+    AsyncStrategy,
     ClientUpdate,
-    Failure,
     Params,
     Scalar,
-    Strategy,
     add_scaled,
     fold,
     new_scratch,
@@ -68,18 +67,7 @@ def _staleness_weight(staleness: str | StalenessFunction, a: float | None, b: fl
     return staleness
 
 
-class _AsyncOnly(Strategy):
-    """Asynchronous strategies have no rounds to aggregate."""
-
-    asynchronous: ClassVar[bool] = True
-
-    def aggregate(
-        self, server_round: int, global_params: Params, accumulator: Any, failures: Sequence[Failure]
-    ) -> Params | None:
-        raise StrategyError("an asynchronous strategy runs with job.mode = 'ssp'", strategy=self.name)
-
-
-class SSPAveraging(_AsyncOnly):
+class SSPAveraging(AsyncStrategy):
     """Additive delta averaging: ``w <- w + (n_k / n) * delta_k`` for each update as it arrives.
 
     The sum of pending deltas is kept exactly (float64) and folded into the float32 model when
@@ -136,7 +124,7 @@ class SSPAveraging(_AsyncOnly):
         return fold(self._base, self._pending, 1.0 / context.total_examples)
 
 
-class FedAsync(_AsyncOnly):
+class FedAsync(AsyncStrategy):
     """FedAsync (Xie et al. 2019): ``x <- (1 - a_t) x + a_t x_new`` with ``a_t = alpha * s(t - tau)``.
 
     Devices send their trained weights (``encoding = "weights"``). ``rho`` > 0 adds the
@@ -199,7 +187,7 @@ class _Held:
     """``FedBuff.flushes`` when it arrived: its staleness grows by one per flush since."""
 
 
-class FedBuff(_AsyncOnly):
+class FedBuff(AsyncStrategy):
     """FedBuff (Nguyen et al. 2022): buffer K updates, then ``w <- w + eta_g * sum s(tau_i) delta_i / K``.
 
     A buffer holds at most one update per device. An update from a device that is already in

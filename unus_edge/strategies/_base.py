@@ -1,6 +1,9 @@
-"""The strategy API: a small, pure, synchronous ABC.
+"""The strategy API: two small, pure, synchronous ABCs, one per kind of training.
 
-A strategy never does I/O and never sees MQTT. The aggregator engine calls it:
+A strategy never does I/O and never sees MQTT. A :class:`Strategy` runs synchronous rounds
+(``job.mode = "sync"``); an :class:`AsyncStrategy` takes every update as it arrives (SSP,
+``job.mode = "ssp"``); both derive from :class:`StrategyBase` (name, task settings, published
+payload, checkpointed state). For a round, the aggregator engine calls a :class:`Strategy`:
 
 1. :meth:`Strategy.configure_round` picks the devices of a round and what each one trains
    with (:class:`Assignment`).
@@ -29,12 +32,12 @@ import numpy as np
 
 from unus_edge._types import Scalar
 from unus_edge.codec import SparseTensor, Tensor
-from unus_edge.errors import StrategyError
 
 __all__ = [
     "Accumulator",
     "Assignment",
     "AsyncContext",
+    "AsyncStrategy",
     "ClientUpdate",
     "DeviceInfo",
     "Failure",
@@ -42,6 +45,7 @@ __all__ = [
     "RoundContext",
     "Scalar",
     "Strategy",
+    "StrategyBase",
     "WeightedMean",
     "add_scaled",
     "fold",
@@ -235,10 +239,34 @@ class WeightedMean:
         return {name: (value * inverse).astype(self.dtypes[name]) for name, value in self.sums.items()}
 
 
-class Strategy(ABC):
-    """Base of every aggregation strategy. Subclasses take their options as keyword arguments."""
+class StrategyBase:
+    """What every strategy has, synchronous (:class:`Strategy`) or asynchronous
+    (:class:`AsyncStrategy`): a name, the settings its tasks carry, the payload of the published
+    model, and its own state for checkpoints."""
 
     name: ClassVar[str] = ""
+    asynchronous: ClassVar[bool] = False
+    """Informational: ``True`` for an :class:`AsyncStrategy` (set by the two base classes)."""
+
+    def device_config(self) -> Mapping[str, Scalar]:
+        """Settings sent to every device in its task (e.g. ``{"encoding": "weights"}``)."""
+        return {}
+
+    def model_payload(self, params: Params) -> Mapping[str, Tensor]:
+        """What to publish as the global model: by default all of it (dense)."""
+        return params
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        """The strategy's own state (server optimiser moments, buffers...) as tensors and
+        JSON-able scalars, for the aggregator's checkpoint. Default: stateless."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (default: nothing to restore)."""
+
+
+class Strategy(StrategyBase, ABC):
+    """A synchronous strategy (``job.mode = "sync"``): rounds. Subclasses take their options as keyword arguments."""
 
     def configure_round(self, context: RoundContext, devices: Sequence[DeviceInfo]) -> list[Assignment]:
         """Select ``max(floor(C * K), 1)`` of the ``K`` available devices, uniformly at random.
@@ -272,35 +300,26 @@ class Strategy(ABC):
         """Metrics of the new global model; default: the engine's central evaluation."""
         return central(params)
 
-    def model_payload(self, params: Params) -> Mapping[str, Tensor]:
-        """What to publish as the global model: by default all of it (dense)."""
-        return params
 
-    # ---------------------------------------------------------------- SSP / asynchronous hooks
-    #
-    # In SSP mode (``job.mode = "ssp"``) there are no rounds: every accepted update goes to
-    # ``on_update`` at once, and the engine asks ``global_params`` whenever it publishes or
-    # evaluates the model. Strategies that only make sense with rounds keep these defaults.
+class AsyncStrategy(StrategyBase, ABC):
+    """An asynchronous strategy (``job.mode = "ssp"``): no rounds. Every accepted update goes to
+    :meth:`on_update` at once, and the engine asks :meth:`global_params` whenever it publishes
+    the model and :meth:`evaluation_params` when it evaluates it."""
 
-    asynchronous: ClassVar[bool] = False
-    """Whether the strategy implements the three hooks below (SSP / asynchronous training)."""
+    asynchronous: ClassVar[bool] = True
 
-    def device_config(self) -> Mapping[str, Scalar]:
-        """Settings sent to every device in its task (e.g. ``{"encoding": "weights"}``)."""
-        return {}
-
+    @abstractmethod
     def start_async(self, params: Params, context: AsyncContext) -> None:
         """Begin asynchronous training from ``params``."""
-        raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
 
+    @abstractmethod
     def on_update(self, update: ClientUpdate, context: AsyncContext) -> bool:
         """Fold one accepted update in; return whether the global model changed (version + 1)."""
-        raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
 
+    @abstractmethod
     def global_params(self, context: AsyncContext) -> Params:
         """The current global model: arrays the engine may keep, so the strategy must not write into
         them afterwards (replace them, or return copies)."""
-        raise StrategyError("this strategy has no asynchronous (SSP) mode", strategy=self.name)
 
     def finish_async(self, context: AsyncContext) -> int:
         """The job is over: apply what the strategy still holds back (FedBuff's partial buffer), so
@@ -313,13 +332,3 @@ class Strategy(ABC):
         strategy's state. The default is :meth:`global_params`, right for strategies whose state is
         the model itself; override it when ``global_params`` commits something (a fold)."""
         return self.global_params(context)
-
-    # ---------------------------------------------------------------- checkpoints
-
-    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
-        """The strategy's own state (server optimiser moments, buffers...) as tensors and
-        JSON-able scalars, for the aggregator's checkpoint. Default: stateless."""
-        return {}, {}
-
-    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None:  # noqa: B027
-        """Restore what :meth:`state_dict` returned (default: nothing to restore)."""

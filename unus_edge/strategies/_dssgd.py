@@ -27,6 +27,7 @@ from unus_edge.errors import StrategyError
 from unus_edge.strategies._base import (
     Assignment,
     AsyncContext,
+    AsyncStrategy,
     ClientUpdate,
     DeviceInfo,
     Failure,
@@ -34,6 +35,7 @@ from unus_edge.strategies._base import (
     RoundContext,
     Scalar,
     Strategy,
+    StrategyBase,
     WeightedMean,
     fold,
 )
@@ -86,30 +88,17 @@ class DeltaSum(WeightedMean):
             self.touched[name][...] = tensors[f"touched/{name}"]
 
 
-class DSSGD(Strategy):
-    """Distributed Selective SGD, one participant per round (the paper's round-robin or random order).
+class _SelectiveModel(StrategyBase):
+    """What both DSSGD orders share: the upload settings, the per-parameter counters, and the
+    ``theta_d`` download of the most-updated parameters."""
 
-    Options: ``theta_d`` (download fraction; 1: the whole model, dense), ``theta_u``,
-    ``selection`` (``largest`` | ``random``), ``tau`` (threshold of ``random``), ``gamma``
-    (clipping bound; inf: none), ``epsilon`` (per-upload privacy budget; 0: no noise) and
-    ``order`` (``round-robin`` over the online devices sorted by id, or ``random`` with the
-    job's seeded RNG). Local epochs, batch size and learning rate are the job's ``train.*``
-    (the paper trains one epoch per exchange: ``train.epochs = 1``, the default).
-    """
-
-    name: ClassVar[str] = "dssgd"
-
-    def __init__(self, theta_d: float = 1.0, theta_u: float = 0.1, selection: str = "largest", tau: float = 0.0,
-                 gamma: float | str = math.inf, epsilon: float = 0.0, order: str = "round-robin") -> None:
+    def __init__(self, theta_d: float, theta_u: float, selection: str, tau: float, gamma: float | str,
+                 epsilon: float) -> None:
         self.theta_d = number_option(theta_d, "theta_d", self.name)
         # Sparse entries cost 8 bytes against 4; devices accept model messages up to twice the
         # dense model, so any fraction fits.
         if not 0 < self.theta_d <= 1:
             raise StrategyError(f"theta_d must lie in (0, 1], got {self.theta_d}", strategy=self.name)
-        if order not in ORDERS:
-            raise StrategyError(f"order must be one of {', '.join(ORDERS)} (asynchronous: DSSGDAsync with "
-                                f"job.mode = 'ssp'), got {order!r}", strategy=self.name)
-        self.order = order
         self.settings = UploadSettings.parse({"theta_u": theta_u, "selection": selection, "tau": tau, "gamma": gamma,
                                             "epsilon": epsilon}, self.name)
         self.counts: dict[str, np.ndarray[Any, Any]] = {}
@@ -162,7 +151,28 @@ class DSSGD(Strategy):
         self.counts = {name[len("counts/"):]: np.array(value, np.int64) for name, value in tensors.items()
                        if name.startswith("counts/")}
 
-    # ---------------------------------------------------------------- synchronous rounds
+
+
+class DSSGD(_SelectiveModel, Strategy):
+    """Distributed Selective SGD, one participant per round (the paper's round-robin or random order).
+
+    Options: ``theta_d`` (download fraction; 1: the whole model, dense), ``theta_u``,
+    ``selection`` (``largest`` | ``random``), ``tau`` (threshold of ``random``), ``gamma``
+    (clipping bound; inf: none), ``epsilon`` (per-upload privacy budget; 0: no noise) and
+    ``order`` (``round-robin`` over the online devices sorted by id, or ``random`` with the
+    job's seeded RNG). Local epochs, batch size and learning rate are the job's ``train.*``
+    (the paper trains one epoch per exchange: ``train.epochs = 1``, the default).
+    """
+
+    name: ClassVar[str] = "dssgd"
+
+    def __init__(self, theta_d: float = 1.0, theta_u: float = 0.1, selection: str = "largest", tau: float = 0.0,
+                 gamma: float | str = math.inf, epsilon: float = 0.0, order: str = "round-robin") -> None:
+        super().__init__(theta_d, theta_u, selection, tau, gamma, epsilon)
+        if order not in ORDERS:
+            raise StrategyError(f"order must be one of {', '.join(ORDERS)} (asynchronous: DSSGDAsync with "
+                                f"job.mode = 'ssp'), got {order!r}", strategy=self.name)
+        self.order = order
 
     def configure_round(self, context: RoundContext, devices: Sequence[DeviceInfo]) -> list[Assignment]:
         """One participant per round: round ``r`` takes device ``(r - 1) mod K`` of the K online
@@ -195,7 +205,7 @@ class DSSGD(Strategy):
         return fold(global_params, accumulator.sums, 1.0)
 
 
-class DSSGDAsync(DSSGD):
+class DSSGDAsync(_SelectiveModel, AsyncStrategy):
     """Distributed Selective SGD in the paper's asynchronous order, on the SSP engine.
 
     Run it with ``job.mode = "ssp"`` and ``job.staleness_bound = "inf"`` (a finite bound works
@@ -204,16 +214,11 @@ class DSSGDAsync(DSSGD):
     """
 
     name: ClassVar[str] = "dssgd-async"
-    asynchronous: ClassVar[bool] = True
 
     def __init__(self, theta_d: float = 1.0, theta_u: float = 0.1, selection: str = "largest", tau: float = 0.0,
                  gamma: float | str = math.inf, epsilon: float = 0.0) -> None:
         super().__init__(theta_d, theta_u, selection, tau, gamma, epsilon)
         self._params: Params = {}
-
-    def aggregate(self, server_round: int, global_params: Params, accumulator: Any,
-                  failures: Sequence[Failure]) -> Params | None:
-        raise StrategyError("an asynchronous strategy runs with job.mode = 'ssp'", strategy=self.name)
 
     def device_config(self) -> Mapping[str, Scalar]:
         return self.settings.task_config()

@@ -12,7 +12,7 @@ from typing import Any
 
 from unus_edge.errors import StrategyError
 from unus_edge.strategies._async import FedAsync, FedBuff, SSPAveraging
-from unus_edge.strategies._base import Strategy
+from unus_edge.strategies._base import AsyncStrategy, Strategy
 from unus_edge.strategies._dssgd import DSSGD, DSSGDAsync
 from unus_edge.strategies._fedavg import FedAvg, FedSGD
 from unus_edge.strategies._fedprox import FedProx
@@ -20,14 +20,14 @@ from unus_edge.strategies._robust import RobustFedAvg, RobustFedProx
 
 __all__ = ["BUILTIN_STRATEGIES", "load_strategy", "strategy_class"]
 
-BUILTIN_STRATEGIES: dict[str, type[Strategy]] = {
+BUILTIN_STRATEGIES: dict[str, type[Strategy] | type[AsyncStrategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedSGD, FedProx, RobustFedAvg, RobustFedProx,
                 SSPAveraging, FedAsync, FedBuff, DSSGD, DSSGDAsync)
 }
 
 
-def strategy_class(spec: str) -> type[Strategy]:
+def strategy_class(spec: str) -> type[Strategy] | type[AsyncStrategy]:
     """The class named by ``spec`` (see the module docstring)."""
     if spec.lower() in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[spec.lower()]
@@ -56,12 +56,12 @@ def strategy_class(spec: str) -> type[Strategy]:
         except ImportError as error:
             raise StrategyError(f"cannot import {location}: {error}", strategy=spec) from error
     cls = getattr(module, class_name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
-        raise StrategyError(f"{class_name} is not a Strategy subclass in {location}", strategy=spec)
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy | AsyncStrategy)):
+        raise StrategyError(f"{class_name} is not a Strategy or AsyncStrategy subclass in {location}", strategy=spec)
     return cls
 
 
-def load_strategy(spec: str, options: Mapping[str, Any] | None = None) -> Strategy:
+def load_strategy(spec: str, options: Mapping[str, Any] | None = None) -> Strategy | AsyncStrategy:
     """Instantiate the strategy ``spec`` with ``options`` as keyword arguments."""
     cls = strategy_class(spec)
     options = dict(options or {})

@@ -360,9 +360,9 @@ class Robust(Strategy):
 
     def __init__(self, strategy: Strategy, robust: str = "none", trim_fraction: float = 0.1,
                  clip_norm: float = 0.0) -> None:
-        if strategy.asynchronous:
-            raise StrategyError(f"{strategy.name or type(strategy).__name__} is asynchronous: robust aggregation "
-                                "needs rounds to take a median over", strategy=self.name)
+        if not isinstance(strategy, Strategy):  # e.g. an AsyncStrategy: no rounds to take a median over
+            raise StrategyError(f"{getattr(strategy, 'name', '') or type(strategy).__name__} is not a synchronous "
+                                "Strategy: robust aggregation needs rounds to take a median over", strategy=self.name)
         if robust not in ROBUST_RULES:
             raise StrategyError(f"robust must be one of {', '.join(ROBUST_RULES)}, got {robust!r}",
                                 strategy=self.name)
