@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from unus_edge.errors import ConfigError
 from unus_edge.profiles import DeviceProfile, ProfilePace, SlowdownPace
 
 __all__ = ["main", "pace_report", "profile_from_json", "profile_to_json", "read_pace_report"]
+
+logger = logging.getLogger("unus_edge.simulation")
 
 
 def profile_to_json(profile: DeviceProfile) -> str:
@@ -53,11 +56,15 @@ def pace_report(pace: ProfilePace) -> dict[str, float]:
 def read_pace_report(path: Path, profile: DeviceProfile, cost: float) -> ProfilePace:
     """A device process's pace as it ended (a fresh one when the process wrote no report)."""
     pace = ProfilePace(profile, cost)
-    if path.exists():
+    if not path.exists():
+        return pace
+    try:
         counters = json.loads(path.read_text())
         pace.trainings = int(counters["trainings"])
         pace.overruns = int(counters["overruns"])
         pace.waited_seconds = float(counters["waited_seconds"])
+    except (ValueError, KeyError, TypeError) as error:  # a process killed while it wrote it
+        logger.warning("%s: unreadable pace report (%s); its trainings are not counted", path, error)
     return pace
 
 

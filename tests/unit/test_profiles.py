@@ -216,3 +216,9 @@ def test_a_device_process_is_the_plain_daemon_unless_it_is_paced(tmp_path: Path)
     profiled = _device_command(config, 0, tmp_path, [ProfilePace(PROFILES["pi-4"], 2.0)], {})
     assert profiled[5] == "--profile" and profile_from_json(profiled[6]) == PROFILES["pi-4"]
     assert profiled[7:9] == ["--cost", "2.0"]
+
+
+def test_an_unreadable_pace_report_counts_nothing_instead_of_failing_the_run(tmp_path: Path) -> None:
+    (tmp_path / "torn.json").write_text('{"trainings": 3, "overr')
+    pace = read_pace_report(tmp_path / "torn.json", PROFILES["pi-4"], 1.0)
+    assert (pace.trainings, pace.overruns) == (0, 0)
