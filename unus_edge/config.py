@@ -111,6 +111,9 @@ class JobSettings:
     """Seconds to wait for ``min_devices`` before the job fails."""
     max_update_norm: float = 0.0
     """Reject updates whose L2 norm exceeds this (0: no bound)."""
+    weight_policy: Literal["cap", "refuse"] = "cap"
+    """An update claiming more examples than its device registered with: ``cap`` its weight at the
+    registered number, or ``refuse`` it (``weight_mismatch``)."""
     mode: Literal["sync", "ssp"] = "sync"
     """``sync``: rounds (FedAvg...). ``ssp``: Stale Synchronous Parallel, no rounds."""
     staleness_bound: int | str = 0

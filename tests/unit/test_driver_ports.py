@@ -294,3 +294,24 @@ def test_an_ssp_update_counts_only_under_a_standing_task_the_driver_handed_out()
         await running
 
     run(scenario)
+
+
+def test_round_task_ids_carry_a_nonce_and_survive_a_restore() -> None:
+    """``r5.0.pi-002`` was guessable (issue 14): a device could relabel an old update as this round's."""
+
+    async def scenario() -> None:
+        view, outbox = setup(2)
+        driver = RoundDriver(view, outbox, view.strategy)
+        await driver._start_round(1)
+        ids = {device_id: task.task_id for device_id, task in outbox.tasks().items()}
+        assert ids["d0"] != "r1.0.d0" and ids["d0"].startswith("r1.0.") and ids["d0"].endswith(".d0")
+        assert driver.judge(update(view, "d1", "r1.0.d1"))[0] == "unassigned"  # type: ignore[index]
+        state, tensors = driver.state()
+        restored = RoundDriver(view, RecordingOutbox(view), view.strategy)
+        restored.restore(state, tensors)
+        restored.device_joined("d1")  # the task re-sent after a restart is the same assignment
+        await restored.outbox.run_spawned()  # type: ignore[attr-defined]
+        assert restored.outbox.tasks()["d1"].task_id == ids["d1"]  # type: ignore[attr-defined]
+        assert restored.judge(update(view, "d1", ids["d1"])) is None
+
+    run(scenario)

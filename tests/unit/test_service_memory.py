@@ -256,6 +256,31 @@ def test_hostile_update_is_rejected_with_its_reason(case: str, payload: Callable
     run(scenario)
 
 
+def test_a_weight_claim_above_the_registration_is_refused_under_the_refuse_policy() -> None:
+    """Issue 14: ``num_examples = 1e9`` with an honest-looking delta outweighed the whole round."""
+
+    async def scenario() -> None:
+        async with harness(job__weight_policy="refuse") as h:
+            await h.send(Channel.UPDATE, encode_message(h.update(num_examples=10**9), JOB, Channel.UPDATE))
+            assert await h.rejected() == "weight_mismatch"
+            await h.send(Channel.UPDATE, encode_message(h.update(), JOB, Channel.UPDATE))  # the honest one counts
+            while not (isinstance(ack := await h.replies.get(), Ack) and ack.accepted):
+                pass
+
+    run(scenario)
+
+
+def test_a_weight_claim_above_the_registration_is_capped_by_default() -> None:
+    async def scenario() -> None:
+        async with harness(job__rounds=1) as h:
+            await h.send(Channel.UPDATE, encode_message(h.update(num_examples=10**9), JOB, Channel.UPDATE))
+            while not (isinstance(ack := await h.replies.get(), Ack) and ack.accepted):
+                pass
+            assert h.aggregator.history[-1].num_examples == 100  # the registered 100, not 10**9
+
+    run(scenario)
+
+
 def test_unregistered_device_and_replayed_update_are_rejected() -> None:
     async def scenario() -> None:
         async with harness() as h:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import time
 from typing import Any
 
@@ -167,7 +168,8 @@ class RoundDriver:
         self.current_round = current
         self._planned = int(saved["planned"])
         for device_id, assignment in assignments.items():
-            self._tasks[device_id] = self._task(assignment, current.server_round, current.attempt)
+            self._tasks[device_id] = self._task(assignment, current.server_round, current.attempt,
+                                                current.task_ids.get(device_id, ""))
         self._resumed = True
         logger.info("resuming round %d: %d of %d updates already applied", current.server_round,
                     len(current.accepted), len(assignments))
@@ -207,13 +209,15 @@ class RoundDriver:
         return RoundContext(server_round, config.job.fraction, config.train.epochs, config.train.batch_size,
                             config.train.learning_rate, self.view.rng)
 
-    def _task(self, assignment: Assignment, server_round: int, attempt: int) -> Task:
+    def _task(self, assignment: Assignment, server_round: int, attempt: int, task_id: str = "") -> Task:
         view = self.view
         config = dict(assignment.config)
         config.setdefault("seed", device_seed(view.config.job.seed, server_round, assignment.device_id))
         config.setdefault("momentum", view.config.train.momentum)
         config.setdefault("weight_decay", view.config.train.weight_decay)
-        return Task(assignment.device_id, f"r{server_round}.{attempt}.{assignment.device_id}", server_round,
+        # An unguessable id per assignment: a device cannot relabel an update as another round's.
+        task_id = task_id or f"r{server_round}.{attempt}.{secrets.token_hex(8)}.{assignment.device_id}"
+        return Task(assignment.device_id, task_id, server_round,
                     view.version, assignment.epochs, assignment.batch_size, assignment.learning_rate,
                     deadline_seconds=view.config.job.round_deadline, config=config)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -63,11 +64,21 @@ def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
     if isinstance(model_bytes, int) and not isinstance(model_bytes, bool) and model_bytes > 0:
         service.counters.bytes_down += model_bytes
     verdict: tuple[str, str] | None
-    if update.device_id not in service.registry:
+    registered = service.registry.get(update.device_id)
+    if registered is None:
         verdict = "unregistered", "the device has not registered"
     else:
         verdict = service.driver.judge(update) or check_tensors(update.tensors, service.params,
                                                              max_norm=service.config.job.max_update_norm)
+        if verdict is None and update.num_examples > registered.num_examples:
+            # The weight is self-reported: bound it by the registration's claim (issue 14).
+            if service.config.job.weight_policy == "refuse":
+                verdict = "weight_mismatch", (f"claims {update.num_examples} examples, registered with "
+                                              f"{registered.num_examples}")
+            else:
+                logger.warning("update %s of %s claims %d examples, registered with %d: weight capped",
+                               envelope.msg_id, update.device_id, update.num_examples, registered.num_examples)
+                update = dataclasses.replace(update, num_examples=registered.num_examples)
     if verdict is not None:
         reason, detail = verdict
         service.reject(reason, detail, update.device_id)
