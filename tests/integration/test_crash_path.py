@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import running_broker
+from tests.brokers import PYTHON, python_env, running_broker
 from unus_edge import topics
 from unus_edge.aggregator import Aggregator, prepare_job
 from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, load_job_config
@@ -158,3 +158,71 @@ def test_a_device_that_crashes_ends_with_a_retained_offline_saying_why(kind: str
     status = asyncio.run(bounded())
     assert isinstance(status, Status)
     assert (status.state, status.reason) == ("offline", "crashed: PaceBrokeError: the simulated clock is gone")
+
+
+_INTRUDER = """
+import asyncio, sys
+from unus_edge.messages import Status, encode_message
+from unus_edge.topics import Channel
+from unus_edge.transport import ConnectOptions, MqttTransport, Will
+async def main():
+    job, topic = sys.argv[2], sys.argv[3]
+    will = Will(topic, encode_message(Status("d0", "offline", "intruder", reason="will"), job, Channel.STATUS),
+                qos=1, retain=True)
+    options = ConnectOptions(port=int(sys.argv[1]), client_id=f"unus-{job}-d0", clean_session=False, will=will)
+    async with MqttTransport(options):
+        print("connected", flush=True)
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_a_device_says_online_again_after_another_client_took_its_id_over(kind: str, tmp_path: Path) -> None:
+    """Issue 14: two clients as pi-001 kicked each other; afterwards its retained status stayed
+    ``offline (will)`` for an hour while it heartbeated. Here an intruder with the device's
+    client id and will takes the connection over and dies: its will says ``offline``. The device
+    reconnects and now announces itself after every reconnect, so the retained status ends ``online``."""
+
+    async def scenario() -> list[tuple[str, str]]:
+        async with running_broker(kind, tmp_path) as broker:
+            url = f"mqtt://127.0.0.1:{broker.port}"
+            status_topic = topics.device_topic(JOB, "d0", Channel.STATUS)
+            seen: list[tuple[str, str]] = []
+            stop = asyncio.Event()
+            async with MqttTransport(ConnectOptions(port=broker.port, client_id="watcher")) as watcher:
+                await watcher.subscribe(status_topic, qos=1)
+                stream = watcher.messages()
+
+                async def until(expected: tuple[str, str]) -> None:
+                    while True:
+                        message = await anext(stream)
+                        _, status = decode_message(message.payload, Channel.STATUS)
+                        assert isinstance(status, Status)
+                        seen.append((status.state, status.reason))
+                        if seen[-1] == expected:
+                            return
+
+                device = asyncio.create_task(run_device(
+                    DeviceConfig(DeviceSettings(id="d0", job=JOB, model="logreg"), BrokerSettings(url=url)),
+                    dataset=load_dataset("synthetic", "train", seed=0, num_examples=50), shutdown_trigger=stop))
+                await until(("online", ""))
+                intruder = await asyncio.create_subprocess_exec(
+                    PYTHON, "-c", _INTRUDER, str(broker.port), JOB, status_topic, stdout=asyncio.subprocess.PIPE,
+                    env=python_env())
+                assert intruder.stdout is not None
+                assert (await intruder.stdout.readline()).strip() == b"connected"
+                intruder.kill()  # connected, then gone without a DISCONNECT: the broker publishes its will
+                await intruder.wait()
+                await until(("offline", "will"))
+                await until(("online", ""))  # the device, back, says so
+                stop.set()
+                await device
+            return seen
+
+    async def bounded() -> list[tuple[str, str]]:
+        async with asyncio.timeout(60):
+            return await scenario()
+
+    seen = asyncio.run(bounded())
+    assert seen[-2:] == [("offline", "will"), ("online", "")]

@@ -134,6 +134,7 @@ class Device:
         self.started = time.monotonic()
         self.updates_sent = 0
         self._group: asyncio.TaskGroup | None = None
+        self._connections = 0
         transport.add_connection_listener(self._on_connect)
 
     @staticmethod
@@ -232,8 +233,17 @@ class Device:
         logger.info("device %s registering with %d examples", self.device_id, len(self.dataset))
 
     def _on_connect(self, session_present: bool) -> None:
-        """After a reconnection: re-publish an unacknowledged update (same msg_id)."""
-        if self.pending is not None and self._group is not None:
+        """After a reconnection: say ``online`` again, and re-publish an unacknowledged update (same msg_id).
+
+        The connection that was lost left the retained status at ``offline`` (the broker
+        published the will, also when another client took this client id over), so the status is
+        published again after every reconnect, not only at start (issue 14)."""
+        self._connections += 1
+        if self._group is None:
+            return
+        if self._connections > 1:  # the first connection's status is run()'s own
+            self._group.create_task(self._announce_again(), name="device-status")
+        if self.pending is not None:
             logger.info("reconnected: re-publishing update %s", self.pending.msg_id)
             self._group.create_task(self._republish(), name="device-republish")
 
@@ -247,6 +257,11 @@ class Device:
 
     def _topic(self, channel: Channel) -> str:
         return topics.device_topic(self.job, self.device_id, channel)
+
+    async def _announce_again(self) -> None:
+        with contextlib.suppress(PublishError):  # lost again: the next reconnect announces it
+            await self._publish(Channel.STATUS, Status(self.device_id, "online", self.session,
+                                                       software_version=__version__))
 
     async def _republish(self) -> None:
         pending = self.pending
