@@ -9,6 +9,7 @@ and the exception is raised again.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,51 @@ def test_a_device_says_online_again_after_another_client_took_its_id_over(kind: 
 
     seen = asyncio.run(bounded())
     assert seen[-2:] == [("offline", "will"), ("online", "")]
+
+
+class _Retrying(logging.Handler):
+    """Sets ``seen`` when the transport logs a connect retry (no polling of the log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying in" in record.getMessage():
+            self.seen.set()
+
+
+@pytest.mark.parametrize("service", ["device", "aggregator"])
+def test_a_service_waiting_for_an_unreachable_broker_stops_when_asked(service: str) -> None:
+    """Issue 14: while it retried an unreachable broker the device ignored SIGTERM for 12 minutes
+    and the aggregator for 26 s (the CLI's signal handlers set the same shutdown trigger)."""
+    from tests.brokers import free_port
+    from unus_edge.aggregator import run_aggregator
+
+    async def scenario() -> str:
+        stop = asyncio.Event()
+        retrying = _Retrying()
+        logging.getLogger("unus_edge.transport").addHandler(retrying)
+        url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens
+        try:
+            if service == "device":
+                running: asyncio.Task[object] = asyncio.create_task(run_device(
+                    DeviceConfig(DeviceSettings(id="d0", job=JOB, model="logreg"), BrokerSettings(url=url)),
+                    dataset=load_dataset("synthetic", "train", seed=0, num_examples=50), shutdown_trigger=stop))
+            else:
+                config = load_job_config(environ={}, overrides=[
+                    f"job.name={JOB}", "model.source=logreg", "evaluation.dataset=none", f"broker.url={url}"])
+                running = asyncio.create_task(run_aggregator(config, shutdown_trigger=stop, resume=False))
+            async with asyncio.timeout(30):
+                await retrying.seen.wait()  # it is in its connect back-off
+            stop.set()
+            async with asyncio.timeout(5):  # it stopped at once (the back-off waits seconds to minutes)
+                outcome = await running
+        finally:
+            logging.getLogger("unus_edge.transport").removeHandler(retrying)
+        if service == "device":
+            assert getattr(outcome, "updates_sent", None) == 0
+            return "stopped"
+        return str(getattr(outcome, "state", ""))
+
+    assert asyncio.run(scenario()) == "stopped"  # the aggregator's JobResult says so too

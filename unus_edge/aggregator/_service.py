@@ -243,9 +243,13 @@ class Aggregator:
             self._tasks = None
             self.fleet.cancel()  # the goodbye publishes the final fleet itself
             await self._goodbye(reason, crashed=crashed)
+        return self.result(self.state, reason, time.perf_counter() - started)
+
+    def result(self, state: str, reason: str, wall_seconds: float) -> JobResult:
+        """The job's result as it stands."""
         updates, staleness = self.driver.totals()
-        return JobResult(self.job, self.state, self.server_round, self.version, self.params, self.history,
-                         time.perf_counter() - started, self.counters.bytes_up, self.counters.bytes_down,
+        return JobResult(self.job, state, self.server_round, self.version, self.params, self.history,
+                         wall_seconds, self.counters.bytes_up, self.counters.bytes_down,
                          dict(self.counters.rejected), reason, updates, staleness)
 
     async def _serve(self) -> str:

@@ -17,7 +17,7 @@ from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
 from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, read_parameters
 from unus_edge.strategies import AsyncStrategy, Params, Strategy, load_strategy
-from unus_edge.transport import MqttTransport, Transport, redact_url
+from unus_edge.transport import MqttTransport, Transport, connect_unless_stopped, redact_url
 from unus_edge.zoo import resolve_model
 
 __all__ = ["JobParts", "prepare_job", "run_aggregator"]
@@ -85,5 +85,11 @@ async def run_aggregator(
                             resume=resume)
     logger.info("aggregator for job %s (%s, %s) on %s", config.job.name, config.model.source,
                 type(parts.strategy).__name__, redact_url(config.broker.url))
-    async with transport:
+    # A shutdown while the broker is unreachable ends the connect back-off too (issue 14).
+    if not await connect_unless_stopped(transport, aggregator.shutdown_trigger):
+        logger.info("job %s: stopped while waiting for the broker", config.job.name)
+        return aggregator.result("stopped", "stopped while waiting for the broker", 0.0)
+    try:
         return await aggregator.run()
+    finally:
+        await transport.close()

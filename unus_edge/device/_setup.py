@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 
 from unus_edge._blas import set_blas_threads
@@ -13,10 +14,12 @@ from unus_edge.device._pace import Pace
 from unus_edge.nn import Graph
 from unus_edge.onnx_io import fingerprint
 from unus_edge.strategies import load_client_strategies
-from unus_edge.transport import MqttTransport
+from unus_edge.transport import MqttTransport, connect_unless_stopped
 from unus_edge.zoo import resolve_model
 
 __all__ = ["run_device"]
+
+logger = logging.getLogger("unus_edge.device")
 
 
 async def run_device(
@@ -49,6 +52,14 @@ async def run_device(
                     compute_slots=compute_slots)
     if pace is not None:
         device.pace = pace
-    async with transport:
+    # The first connection may retry for as long as the broker is unreachable: a shutdown
+    # (SIGTERM from systemd) must end that wait too, not only a running daemon (issue 14).
+    if not await connect_unless_stopped(transport, device.shutdown_trigger):
+        logger.info("device %s: stopped while waiting for its broker", config.device.id)
+        return device
+    try:
         await device.run()
+    finally:
+        await transport.close()
     return device
+

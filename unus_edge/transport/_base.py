@@ -8,6 +8,7 @@ The seam (:class:`Transport`) is what the aggregator and the device daemon progr
 from __future__ import annotations
 
 import abc
+import asyncio
 import random
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ __all__ = [
     "TLSOptions",
     "Transport",
     "Will",
+    "connect_unless_stopped",
     "options_from_url",
     "redact_url",
     "topic_matches",
@@ -243,3 +245,27 @@ class Transport(abc.ABC):
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+async def connect_unless_stopped(transport: Transport, stop: asyncio.Event) -> bool:
+    """Connect ``transport`` (retrying as its options say) unless ``stop`` is set first.
+
+    Returns True once connected; False, with nothing left open, when ``stop`` came first (a
+    daemon asked to stop while its broker is unreachable). A refusal raises as ``connect`` does.
+    """
+    connecting = asyncio.create_task(transport.connect(), name="transport-connect")
+    stopping = asyncio.create_task(stop.wait(), name="transport-connect-stop")
+    try:
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled from outside: leave nothing running
+        connecting.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await transport.close()
+        return False
+    connecting.result()
+    return True

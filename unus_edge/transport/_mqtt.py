@@ -110,7 +110,11 @@ class MqttTransport(Transport):
                     raise
                 delay = backoff.next_delay()
                 logger.warning("%s: %s; retrying in %.1f s", self.client_id, error, delay)
-                await asyncio.sleep(delay)
+                try:
+                    await asyncio.sleep(delay)
+                except asyncio.CancelledError:  # a shutdown while the broker is unreachable
+                    await self._teardown()
+                    raise
         self._supervisor = asyncio.create_task(self._supervise(), name=f"mqtt-reconnect[{self.client_id}]")
 
     async def close(self) -> None:
