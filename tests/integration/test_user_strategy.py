@@ -168,11 +168,11 @@ def test_its_moments_survive_an_aggregator_checkpoint() -> None:
     accumulator = strategy.new_accumulator(1, params)
     accumulator.add(update("a", 1, [1.0]))
     strategy.aggregate(1, params, accumulator, [])
-    view = SimpleNamespace(strategy=strategy, params=params, version=1)
-    state, tensors = RoundDriver(view, SimpleNamespace()).state()  # type: ignore[arg-type]
+    view = SimpleNamespace(params=params, version=1)
+    state, tensors = RoundDriver(view, SimpleNamespace(), strategy).state()  # type: ignore[arg-type]
     assert {"strategy/m/w", "strategy/v/w"} <= set(tensors)
     restored = load_strategy(f"{EXAMPLE}:FedAdam")
-    RoundDriver(SimpleNamespace(strategy=restored, version=1), SimpleNamespace()).restore(  # type: ignore[arg-type]
+    RoundDriver(SimpleNamespace(version=1), SimpleNamespace(), restored).restore(  # type: ignore[arg-type]
         json.loads(json.dumps(state)), {name: np.array(value) for name, value in tensors.items()})
     assert np.array_equal(restored.m["w"], strategy.m["w"])  # type: ignore[attr-defined]
     assert np.array_equal(restored.v["w"], strategy.v["w"])  # type: ignore[attr-defined]
