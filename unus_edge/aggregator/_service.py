@@ -14,6 +14,7 @@ The service stops when the job is done, when it fails, or when its injectable
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -129,6 +130,8 @@ class Aggregator:
                                          "job.mode = 'ssp'")
             self.driver = RoundDriver(self, self, strategy)
         """The job's mode; it is given this service as its :class:`JobView` and :class:`Outbox` only."""
+        self._connections = 0
+        transport.add_connection_listener(self._on_connect)
         if resume and config.checkpoint.dir:
             self._resume()
 
@@ -413,6 +416,19 @@ class Aggregator:
             _inbound.on_registration(self, decoded, time.time())
         elif isinstance(decoded, Heartbeat | Status):
             _inbound.on_presence(self, decoded, time.time())
+
+    def _on_connect(self, session_present: bool) -> None:
+        """After a reconnection, say ``online`` again: the lost connection's will left the retained
+        status at ``offline``, and devices register only with an online aggregator."""
+        self._connections += 1
+        if self._connections > 1:
+            self.spawn(self._announce_again(), "aggregator-status")
+
+    async def _announce_again(self) -> None:
+        with contextlib.suppress(TransportError):  # lost again: the next reconnection announces it
+            await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
+                               Status("aggregator", "online", self.session, role="aggregator",
+                                      software_version=__version__))
 
     def registry_updated(self) -> None:
         self.registry_changed.set()
