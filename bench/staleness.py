@@ -471,7 +471,7 @@ def main() -> None:
     runs = build_runs(args)
     settings = (f"2NN, {dataset} {args.scheme}, {args.devices} in-process devices, profiles {args.device_profiles}, "
                 f"stragglers {args.stragglers} "
-                f"({', '.join(sorted(slow_ids))}), E={args.epochs} B={args.batch_size} lr={args.lr}, seed {args.seed}, "
+                f"({_listed(sorted(slow_ids))}), E={args.epochs} B={args.batch_size} lr={args.lr}, seed {args.seed}, "
                 f"budget {args.budget:.0f} s per run, FedBuff K={args.buffer_size}")
     say(f"{settings}\n{os.cpu_count()} CPUs, BLAS threads {blas_threads()}, load average {load_average():.2f}; "
         f"{len(runs)} runs: {', '.join(r.name for r in runs)}")
@@ -483,6 +483,11 @@ def main() -> None:
         outcomes.extend(run_one(args, run, dataset, data_dir, slowdowns, profiles) for run in runs)
     total = time.perf_counter() - started
     finish_experiment(args, runs, outcomes, slow_ids, settings, total)
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    """Names for a plot title: all of them, or the first few and how many more."""
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])} and {len(names) - most} more"
 
 
 def run_one(args: argparse.Namespace, run: Run, dataset: str, data_dir: str, slowdowns: dict[int, float],
