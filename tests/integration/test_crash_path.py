@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.brokers import PYTHON, python_env, running_broker
 from unus_edge import topics
-from unus_edge.aggregator import Aggregator, prepare_job
+from unus_edge.aggregator import Aggregator, prepare_job, run_aggregator
 from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, load_job_config
 from unus_edge.data import load_dataset
 from unus_edge.device import run_device
@@ -180,6 +181,37 @@ asyncio.run(main())
 """
 
 
+class StatusWatcher:
+    """Reads a status topic and keeps every (state, reason) it saw, in order."""
+
+    def __init__(self, stream: Any, channel: Channel) -> None:
+        self.stream = stream
+        self.channel = channel
+        self.seen: list[tuple[str, str]] = []
+
+    async def until(self, expected: tuple[str, str]) -> None:
+        while True:
+            message = await anext(self.stream)
+            _, status = decode_message(message.payload, self.channel)
+            assert isinstance(status, Status)
+            self.seen.append((status.state, status.reason))
+            if self.seen[-1] == expected:
+                return
+
+
+async def take_over_and_die(port: int, status_topic: str, client_id: str, sender: str) -> None:
+    """An intruder connects with ``client_id`` and that client's will, then is SIGKILLed while
+    connected: the broker publishes its will (``offline``, ``will``) on ``status_topic``."""
+    intruder = await asyncio.create_subprocess_exec(
+        PYTHON, "-c", _INTRUDER, str(port), JOB, status_topic, client_id, sender,
+        stdout=asyncio.subprocess.PIPE, env=python_env())
+    assert intruder.stdout is not None
+    assert (await intruder.stdout.readline()).strip() == b"connected"
+    intruder.kill()  # connected, then gone without a DISCONNECT
+    await intruder.wait()
+
+
+
 @pytest.mark.parametrize("kind", BROKERS)
 def test_a_device_says_online_again_after_another_client_took_its_id_over(kind: str, tmp_path: Path) -> None:
     """Issue 14: two clients as pi-001 kicked each other; afterwards its retained status stayed
@@ -191,37 +223,20 @@ def test_a_device_says_online_again_after_another_client_took_its_id_over(kind: 
         async with running_broker(kind, tmp_path) as broker:
             url = f"mqtt://127.0.0.1:{broker.port}"
             status_topic = topics.device_topic(JOB, "d0", Channel.STATUS)
-            seen: list[tuple[str, str]] = []
             stop = asyncio.Event()
             async with MqttTransport(ConnectOptions(port=broker.port, client_id="watcher")) as watcher:
                 await watcher.subscribe(status_topic, qos=1)
-                stream = watcher.messages()
-
-                async def until(expected: tuple[str, str]) -> None:
-                    while True:
-                        message = await anext(stream)
-                        _, status = decode_message(message.payload, Channel.STATUS)
-                        assert isinstance(status, Status)
-                        seen.append((status.state, status.reason))
-                        if seen[-1] == expected:
-                            return
-
+                statuses = StatusWatcher(watcher.messages(), Channel.STATUS)
                 device = asyncio.create_task(run_device(
                     DeviceConfig(DeviceSettings(id="d0", job=JOB, model="logreg"), BrokerSettings(url=url)),
                     dataset=load_dataset("synthetic", "train", seed=0, num_examples=50), shutdown_trigger=stop))
-                await until(("online", ""))
-                intruder = await asyncio.create_subprocess_exec(
-                    PYTHON, "-c", _INTRUDER, str(broker.port), JOB, status_topic, f"unus-{JOB}-d0", "d0",
-                    stdout=asyncio.subprocess.PIPE, env=python_env())
-                assert intruder.stdout is not None
-                assert (await intruder.stdout.readline()).strip() == b"connected"
-                intruder.kill()  # connected, then gone without a DISCONNECT: the broker publishes its will
-                await intruder.wait()
-                await until(("offline", "will"))
-                await until(("online", ""))  # the device, back, says so
+                await statuses.until(("online", ""))
+                await take_over_and_die(broker.port, status_topic, f"unus-{JOB}-d0", "d0")
+                await statuses.until(("offline", "will"))
+                await statuses.until(("online", ""))  # the device, back, says so
                 stop.set()
                 await device
-            return seen
+            return statuses.seen
 
     async def bounded() -> list[tuple[str, str]]:
         async with asyncio.timeout(60):
@@ -248,7 +263,6 @@ def test_a_service_waiting_for_an_unreachable_broker_stops_when_asked(service: s
     """Issue 14: while it retried an unreachable broker the device ignored SIGTERM for 12 minutes
     and the aggregator for 26 s (the CLI's signal handlers set the same shutdown trigger)."""
     from tests.brokers import free_port
-    from unus_edge.aggregator import run_aggregator
 
     async def scenario() -> str:
         stop = asyncio.Event()
@@ -288,40 +302,21 @@ def test_the_aggregator_says_online_again_after_a_lost_connection(kind: str, tmp
         async with running_broker(kind, tmp_path) as broker:
             url = f"mqtt://127.0.0.1:{broker.port}"
             status_topic = topics.aggregator_status(JOB)
-            seen: list[tuple[str, str]] = []
             stop = asyncio.Event()
             async with MqttTransport(ConnectOptions(port=broker.port, client_id="watcher")) as watcher:
                 await watcher.subscribe(status_topic, qos=1)
-                stream = watcher.messages()
-
-                async def until(expected: tuple[str, str]) -> None:
-                    while True:
-                        message = await anext(stream)
-                        _, status = decode_message(message.payload, Channel.AGGREGATOR_STATUS)
-                        assert isinstance(status, Status)
-                        seen.append((status.state, status.reason))
-                        if seen[-1] == expected:
-                            return
-
+                statuses = StatusWatcher(watcher.messages(), Channel.AGGREGATOR_STATUS)
                 config = load_job_config(environ={}, overrides=[
                     f"job.name={JOB}", "model.source=logreg", "evaluation.dataset=none", f"broker.url={url}",
                     "job.wait_for_devices=120"])
-                from unus_edge.aggregator import run_aggregator
-
                 serving = asyncio.create_task(run_aggregator(config, shutdown_trigger=stop, resume=False))
-                await until(("online", ""))
-                intruder = await asyncio.create_subprocess_exec(
-                    PYTHON, "-c", _INTRUDER, str(broker.port), JOB, status_topic, f"unus-aggregator-{JOB}",
-                    "aggregator", stdout=asyncio.subprocess.PIPE, env=python_env())
-                assert intruder.stdout is not None
-                assert (await intruder.stdout.readline()).strip() == b"connected"
-                intruder.kill()
-                await intruder.wait()
-                await until(("offline", "will"))
-                await until(("online", ""))
+                await statuses.until(("online", ""))
+                await take_over_and_die(broker.port, status_topic, f"unus-aggregator-{JOB}", "aggregator")
+                await statuses.until(("offline", "will"))
+                await statuses.until(("online", ""))
                 stop.set()
                 await serving
-            return seen
+            return statuses.seen
 
     async def bounded() -> list[tuple[str, str]]:
         async with asyncio.timeout(60):

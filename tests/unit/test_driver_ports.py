@@ -124,6 +124,20 @@ def setup(num_devices: int, **settings: Any) -> tuple[View, RecordingOutbox]:
     return view, RecordingOutbox(view)
 
 
+async def start_ssp(view: View, outbox: RecordingOutbox, devices: int) -> tuple[SSPDriver, asyncio.Task[None]]:
+    """An SSP driver running on ``view``, its ``devices`` standing tasks sent."""
+    driver = SSPDriver(view, outbox, view.strategy)  # type: ignore[arg-type]
+    outbox.driver = driver
+    running = asyncio.create_task(driver.run())
+    await outbox.standing_tasks(devices)
+    return driver, running
+
+
+async def stop_ssp(driver: SSPDriver, running: asyncio.Task[None]) -> None:
+    driver.done.set()
+    await running
+
+
 def update(view: View, device_id: str, task_id: str, *, base_version: int = 0, clock: int = 0,
            encoding: str = "delta") -> Update:
     tensors = {name: np.zeros_like(value) for name, value in view.params.items()}
@@ -171,10 +185,7 @@ def test_a_device_back_mid_round_gets_its_task_again() -> None:
 def test_ssp_publishes_a_model_only_when_someone_may_start_from_it(bound: str) -> None:
     async def scenario() -> None:
         view, outbox = setup(2, job__mode="ssp", job__staleness_bound=bound, job__rounds=5)
-        driver = SSPDriver(view, outbox, view.strategy)
-        outbox.driver = driver
-        running = asyncio.create_task(driver.run())
-        await outbox.standing_tasks(2)
+        driver, running = await start_ssp(view, outbox, 2)
         task_id = outbox.tasks()["d0"].task_id
         # d0 reports its first clock; d1 has not. With s = 0, d0 (now at clock 1) may not start
         # again until c_min rises, so no model goes out; with s = 1 it may, so one does.
@@ -191,8 +202,7 @@ def test_ssp_publishes_a_model_only_when_someone_may_start_from_it(bound: str) -
         assert driver.c_min == 1
         await outbox.run_spawned()
         assert outbox.models[-1] == view.version and outbox.clocks[-1] == (1, int(bound))
-        driver.done.set()
-        await running
+        await stop_ssp(driver, running)
 
     run(scenario)
 
@@ -200,10 +210,7 @@ def test_ssp_publishes_a_model_only_when_someone_may_start_from_it(bound: str) -
 def test_the_ssp_clock_never_names_a_c_min_the_retained_model_does_not_hold() -> None:
     async def scenario() -> None:
         view, outbox = setup(2, job__mode="ssp", job__staleness_bound="0", job__rounds=5)
-        driver = SSPDriver(view, outbox, view.strategy)
-        outbox.driver = driver
-        running = asyncio.create_task(driver.run())
-        await outbox.standing_tasks(2)
+        driver, running = await start_ssp(view, outbox, 2)
         for index, device_id in enumerate(("d0", "d1")):
             view.registry.get(device_id).clock += 1  # type: ignore[union-attr]
             driver.apply(f"m{index}", update(view, device_id, outbox.tasks()[device_id].task_id))
@@ -211,8 +218,7 @@ def test_the_ssp_clock_never_names_a_c_min_the_retained_model_does_not_hold() ->
         assert driver.clock_state()[0] == 0  # the model of c_min 1 is not published yet
         await outbox.run_spawned()
         assert driver.clock_state()[0] == 1  # now it is
-        driver.done.set()
-        await running
+        await stop_ssp(driver, running)
 
     run(scenario)
 
@@ -220,10 +226,7 @@ def test_the_ssp_clock_never_names_a_c_min_the_retained_model_does_not_hold() ->
 def test_an_ssp_device_that_rejoins_starts_at_c_min_and_gets_its_task() -> None:
     async def scenario() -> None:
         view, outbox = setup(3, job__mode="ssp", job__staleness_bound="2", job__rounds=5)
-        driver = SSPDriver(view, outbox, view.strategy)
-        outbox.driver = driver
-        running = asyncio.create_task(driver.run())
-        await outbox.standing_tasks(3)
+        driver, running = await start_ssp(view, outbox, 3)
         view.registry.status("d2", False, "s2", time.time())
         driver.device_offline("d2", "will")
         for device_id in ("d0", "d1"):
@@ -238,8 +241,7 @@ def test_an_ssp_device_that_rejoins_starts_at_c_min_and_gets_its_task() -> None:
         assert list(outbox.tasks()) == []  # the task goes out through a spawned send
         await outbox.run_spawned()
         assert list(outbox.tasks()) == ["d2"]
-        driver.done.set()
-        await running
+        await stop_ssp(driver, running)
 
     run(scenario)
 
@@ -275,10 +277,8 @@ def test_an_ssp_update_counts_only_under_a_standing_task_the_driver_handed_out()
 
     async def scenario() -> None:
         view, outbox = setup(1, job__mode="ssp", job__staleness_bound="inf", job__rounds=5)
-        driver = SSPDriver(view, outbox, view.strategy)
-        outbox.driver = driver
-        running = asyncio.create_task(driver.run())
-        first = (await outbox.standing_tasks(1))["d0"].task_id
+        driver, running = await start_ssp(view, outbox, 1)
+        first = outbox.tasks()["d0"].task_id
         assert first not in (f"ssp.{view.session}.d0", "ssp.agg.d0")
         assert driver.judge(update(view, "d0", f"ssp.{view.session}.d0"))[0] == "unassigned"  # type: ignore[index]
         assert driver.judge(update(view, "d0", first)) is None
@@ -290,8 +290,7 @@ def test_an_ssp_update_counts_only_under_a_standing_task_the_driver_handed_out()
         assert driver.judge(update(view, "d0", first)) is None  # an update sent before the rejoin still counts
         state, _ = driver.state()
         assert state["standing"] == {"d0": [first, second]}  # and over a restart, through the checkpoint
-        driver.done.set()
-        await running
+        await stop_ssp(driver, running)
 
     run(scenario)
 
