@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from unus_edge import onnx_io, zoo
-from unus_edge.nn import Graph, TrainConfig, train
+from unus_edge.nn import Graph, TrainConfig, gemm_backend, set_gemm_backend, set_gemm_threads, train
 
 MODELS = {"2nn": "mnist_2nn", "cnn": "mnist_cnn"}
 TARGETS = {"2nn": 0.975, "cnn": 0.990}
@@ -167,7 +167,16 @@ def _measure(name: str, batch_size: int, steps: int, repeats: int, torch: Any) -
     def ours() -> None:
         train(graph, params, x, y, config)
 
+    def ours_numpy_products() -> None:  # the engine with every product in NumPy's OpenBLAS
+        set_gemm_backend("numpy")
+        try:
+            train(graph, params, x, y, config)
+        finally:
+            set_gemm_backend("auto")
+
     runners: dict[str, Callable[[], None]] = {"ours": ours}
+    if gemm_backend() == "onnxruntime":
+        runners["ours_numpy_products"] = ours_numpy_products
     if name == "mnist_2nn":
         from _reference import train_reference
 
@@ -213,7 +222,8 @@ def _throughput_worker(threads: int, quick: bool) -> dict[str, Any]:
         torch = None
     if torch is not None:
         torch.set_num_threads(threads)
-    results: dict[str, Any] = {}
+    set_gemm_threads(threads)
+    results: dict[str, Any] = {"gemm_backend": gemm_backend()}
     for key, name in MODELS.items():
         for batch_size in (1, 10, 50):
             steps = (60 if quick else 300) if key == "2nn" else (8 if quick else 30)
@@ -234,8 +244,11 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
         output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
         figures = json.loads(output.strip().splitlines()[-1])
         results[f"threads{threads}"] = figures
+        print(f"throughput threads {threads}: large float32 products in {figures.pop('gemm_backend')}")
         for case, entry in figures.items():
             line = f"throughput {case:13s} threads {threads}: ours {entry['ours_samples_per_s']:8.0f} samples/s"
+            if "ours_numpy_products_samples_per_s" in entry:
+                line += f" (NumPy products {entry['ours_numpy_products_samples_per_s']:8.0f})"
             if "torch_samples_per_s" in entry:
                 ratio = entry["ratio_ours_over_torch"]
                 line += f"  torch {entry['torch_samples_per_s']:8.0f}  ratio ours/torch {ratio:.2f}"

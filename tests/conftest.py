@@ -32,3 +32,22 @@ def mnist_dir() -> Path:
     if not (path / "train-labels-idx1-ubyte.gz").exists() and not (path / "train-labels-idx1-ubyte").exists():
         pytest.skip(f"UNUS_DATA_DIR={path} holds no MNIST IDX files")
     return path
+
+
+@pytest.fixture(params=["numpy", "onnxruntime"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with NumPy's products, then with onnxruntime's for every product, however small.
+
+    ``MIN_WORK = 0`` sends even a test's tiny shapes through the onnxruntime kernels, so the
+    gradient and oracle tests check both code paths of ``unus_edge/nn/_mlas.py``.
+    """
+    from unus_edge.nn import _mlas
+
+    if request.param == "numpy":
+        monkeypatch.setattr(_mlas, "_state", {**_mlas._state, "forced_numpy": True})
+    else:
+        pytest.importorskip("onnxruntime")
+        monkeypatch.setattr(_mlas, "_state", {**_mlas._state, "forced_numpy": False})
+        monkeypatch.setattr(_mlas, "MIN_WORK", 0)
+        assert _mlas.gemm_backend() == "onnxruntime"
+    return str(request.param)

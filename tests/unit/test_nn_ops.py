@@ -11,6 +11,9 @@ import pytest
 
 from unus_edge.nn._base import OPS, Build, Op, Run
 
+# Every case runs with NumPy's products and with onnxruntime's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("kernels")
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 helper = onnx.helper

@@ -19,7 +19,11 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [  # every test runs with NumPy's products and with onnxruntime's (tests/conftest.py)
+    pytest.mark.usefixtures("kernels"),
+    pytest.mark.torch,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 
 class LogReg(nn.Module):  # type: ignore[misc]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 
 from unus_edge._blas import set_blas_threads
@@ -11,7 +12,7 @@ from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset, load_partition
 from unus_edge.device._daemon import Device
 from unus_edge.device._pace import Pace
-from unus_edge.nn import Graph
+from unus_edge.nn import Graph, set_gemm_threads
 from unus_edge.onnx_io import fingerprint
 from unus_edge.strategies import load_client_strategies
 from unus_edge.transport import MqttTransport, connect_unless_stopped
@@ -33,13 +34,15 @@ async def run_device(
 ) -> Device:
     """Run a device until shutdown (or the job's end with ``exit_when_finished``).
 
-    Sizes the process's BLAS pool to ``device.blas_threads`` first (process-wide: in-process
-    devices share it, and each sets the same value). ``compute_slots``, shared by the devices
-    of one process, bounds how many of them train at once (the simulator passes one), and
-    ``pace`` makes a simulated device as slow as its profile (:mod:`unus_edge.profiles`).
+    Sizes the process's BLAS pool and onnxruntime's product kernels to ``device.blas_threads``
+    first (process-wide: in-process devices share them, and each sets the same value).
+    ``compute_slots``, shared by the devices of one process, bounds how many of them train at
+    once (the simulator passes one), and ``pace`` makes a simulated device as slow as its
+    profile (:mod:`unus_edge.profiles`).
     """
     if config.device.blas_threads:
         set_blas_threads(config.device.blas_threads)
+    set_gemm_threads(config.device.blas_threads or os.cpu_count() or 1)  # 0: one per core, as OpenBLAS
     load_client_strategies(config.device.client_strategies)
     model = resolve_model(config.device.model, seed=config.device.model_seed)
     graph = Graph(model)

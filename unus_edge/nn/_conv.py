@@ -1,4 +1,4 @@
-"""2-D convolution and pooling: im2col + one BLAS matmul, vectorised col2im and argmax masks.
+"""2-D convolution and pooling: im2col + one matmul, vectorised col2im and argmax masks.
 
 Design decisions (measured on x86-64 and relevant to a Raspberry Pi's small caches):
 
@@ -31,6 +31,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from unus_edge.errors import ModelError
 from unus_edge.nn._base import Array, Build, Grads, Op, Run, register
+from unus_edge.nn._mlas import matmul
 
 COLS_BUDGET_BYTES = 64 << 20
 
@@ -165,11 +166,14 @@ class Conv(_Window):
         n = x.shape[0]
         rows_per_sample = height * width * w2.shape[1] * x.itemsize
         step = n if run.record else max(1, COLS_BUDGET_BYTES // max(rows_per_sample, 1))
-        y = np.empty((n * height * width, m), dtype=np.result_type(x, weight))
-        cols = np.empty((0,), dtype=x.dtype)
-        for start in range(0, n, step):
-            cols = self.im2col(_padded_nhwc(x[start : start + step], pads), kernel, height, width)
-            np.matmul(cols, w2.T, out=y[start * height * width : (start + step) * height * width])
+        if step >= n:  # one product (always when training): no copy of its result
+            cols = self.im2col(_padded_nhwc(x, pads), kernel, height, width)
+            y = matmul(cols, w2.T)
+        else:
+            y = np.empty((n * height * width, m), dtype=np.result_type(x, weight))
+            for start in range(0, n, step):
+                cols = self.im2col(_padded_nhwc(x[start : start + step], pads), kernel, height, width)
+                y[start * height * width : (start + step) * height * width] = matmul(cols, w2.T)
         if bias is not None:
             y += bias
         out = y.reshape(n, height, width, m).transpose(0, 3, 1, 2)
@@ -191,7 +195,7 @@ class Conv(_Window):
         dx = dw = db = None
         m_, c, kh, kw = w_shape
         if needs[1]:
-            dw = np.ascontiguousarray((dy2.T @ cols).reshape(m_, kh, kw, c).transpose(0, 3, 1, 2))
+            dw = np.ascontiguousarray(matmul(dy2.T, cols).reshape(m_, kh, kw, c).transpose(0, 3, 1, 2))
         if has_bias and needs[2]:
             db = dy2.sum(axis=0)
         if needs[0]:
@@ -199,7 +203,7 @@ class Conv(_Window):
             # (a single batched matmul), so that col2im adds contiguous blocks: 15-25% faster than
             # slicing the offsets out of one (n*Ho*Wo, kh*kw*C) matrix, and bit-identical.
             w_blocks = np.ascontiguousarray(w2.reshape(m, kh * kw, c).transpose(1, 0, 2))  # (kh*kw, M, C)
-            blocks = np.matmul(dy2, w_blocks)  # (kh*kw, n*Ho*Wo, C)
+            blocks = matmul(dy2, w_blocks)  # (kh*kw, n*Ho*Wo, C)
             top, left, bottom, right = pads
             dxp = np.zeros((n, x_shape[2] + top + bottom, x_shape[3] + left + right, c), dtype=dy.dtype)
             sh, sw = self.strides

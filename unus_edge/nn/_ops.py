@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from unus_edge.nn._base import Array, Build, Grads, Op, Run, normalize_axis, register, unbroadcast
+from unus_edge.nn._mlas import matmul
 
 
 @register("Gemm")
@@ -33,7 +34,7 @@ class Gemm(Op):
         a, b = inputs[0], inputs[1]
         assert a is not None and b is not None
         c = inputs[2] if len(inputs) > 2 else None
-        y = (a.T if self.trans_a else a) @ (b.T if self.trans_b else b)
+        y = matmul(a.T if self.trans_a else a, b.T if self.trans_b else b)
         if self.alpha != 1.0:
             y *= self.alpha
         if c is not None:
@@ -46,10 +47,10 @@ class Gemm(Op):
         da = db = dc = None
         if needs[0]:
             bb = b.T if self.trans_b else b
-            da = bb @ g.T if self.trans_a else g @ bb.T
+            da = matmul(bb, g.T) if self.trans_a else matmul(g, bb.T)
         if needs[1]:
             aa = a.T if self.trans_a else a
-            db = g.T @ aa if self.trans_b else aa.T @ g
+            db = matmul(g.T, aa) if self.trans_b else matmul(aa.T, g)
         if len(needs) > 2 and needs[2]:
             dc = unbroadcast(dy, c_shape)
             if self.beta != 1.0:
@@ -69,10 +70,12 @@ class MatMul(Op):
     def forward(self, inputs: Sequence[Array | None], run: Run) -> tuple[tuple[Array, ...], Any]:
         a, b = inputs
         assert a is not None and b is not None
-        return (np.matmul(a, b),), (a, b)
+        return (matmul(a, b) if a.ndim == 2 and b.ndim == 2 else np.matmul(a, b),), (a, b)
 
     def backward(self, dy: Array, cache: Any, needs: Sequence[bool]) -> Grads:
         a, b = cache
+        if a.ndim == 2 and b.ndim == 2:
+            return (matmul(dy, b.T) if needs[0] else None), (matmul(a.T, dy) if needs[1] else None)
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
         if a.ndim == 1:
