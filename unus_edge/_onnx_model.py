@@ -334,15 +334,22 @@ def _canonical(value: object) -> object:
     return value
 
 
+def _little_endian(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The same type in little-endian order (ONNX's), so a big-endian host computes the same hash."""
+    return dtype.newbyteorder("<")
+
+
 def _tensor_summary(array: NDArray[Any], *, with_values: bool) -> dict[str, object]:
-    summary: dict[str, object] = {"dtype": array.dtype.str, "shape": list(array.shape)}
+    dtype = _little_endian(array.dtype)
+    summary: dict[str, object] = {"dtype": dtype.str, "shape": list(array.shape)}
     if with_values:
-        summary["sha256"] = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+        summary["sha256"] = hashlib.sha256(np.ascontiguousarray(array, dtype=dtype).tobytes()).hexdigest()
     return summary
 
 
 def _value_info_summary(info: ValueInfo) -> list[object]:
-    return [info.name, None if info.dtype is None else info.dtype.str, info.shape and list(info.shape)]
+    dtype = None if info.dtype is None else _little_endian(info.dtype).str
+    return [info.name, dtype, info.shape and list(info.shape)]
 
 
 def fingerprint(model: OnnxModel) -> str:

@@ -33,7 +33,11 @@ BAD_CONFIGS = {
     "a module in the task": {"client": "this:ClientStrategy"},  # `import this` prints to stdout
     "an unknown name": {"client": "no-such-half"},
     "a setting of the wrong type": {"client": "fedprox", "proximal_mu": "lots"},
+    "a momentum in text": {"momentum": "0.9"},  # was trained without momentum, silently
+    "a seed that is not an integer": {"seed": 1.5},
+    "a boolean weight decay": {"weight_decay": True},
 }
+REASONS = {"a module in the task": "unknown_client", "an unknown name": "unknown_client"}  # else bad_config
 
 
 class BadFirstRound(FedAvg):
@@ -73,7 +77,7 @@ def test_a_task_the_device_cannot_carry_out_is_refused_and_the_next_one_runs(
     assert [m.num_updates for m in result.history] == [0, 1]  # refused in round 1, trained in round 2
     assert sent == 1
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    reason = "bad_config" if case == "a setting of the wrong type" else "unknown_client"
+    reason = REASONS.get(case, "bad_config")
     assert refusals and all(f"({reason})" in line for line in refusals), refusals
     assert ("this" in sys.modules) == already  # nothing was imported on the task's word
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -336,6 +337,18 @@ def test_fingerprint_ignores_weights_and_field_order() -> None:
     assert onnx_io.fingerprint(model) == onnx_io.fingerprint(other_seed) == onnx_io.fingerprint(reordered)
     assert onnx_io.fingerprint(model).startswith("sha256:")
     assert len(onnx_io.fingerprint(model)) == len("sha256:") + 64
+
+
+def test_fingerprint_does_not_depend_on_the_hosts_byte_order() -> None:
+    """A big-endian host holds native arrays in '>' order: the hash is of the little-endian bytes."""
+    model = onnx_io.load_model(zoo.build_model("mnist_cnn"))
+    as_big_endian = {
+        key: array.astype(array.dtype.newbyteorder(">")) for key, array in model.initializers.items()
+    }
+    inputs = tuple(i._replace(dtype=None if i.dtype is None else i.dtype.newbyteorder(">")) for i in model.inputs)
+    swapped = dataclasses.replace(model, initializers=as_big_endian, inputs=inputs)
+    assert any(a.dtype.byteorder == ">" for a in as_big_endian.values())
+    assert onnx_io.fingerprint(swapped) == onnx_io.fingerprint(model)
 
 
 def test_fingerprint_is_stable_across_processes() -> None:

@@ -133,6 +133,8 @@ def on_presence(service: Aggregator, presence: Heartbeat | Status, now: float) -
         service.registry_updated()
         if presence.state == "offline":
             service.driver.device_offline(presence.device_id, presence.reason or "offline")
+        else:  # back online (a reconnection after its will said offline): it rejoins, as on a heartbeat
+            service.driver.device_joined(presence.device_id)
 
 
 async def liveness(service: Aggregator) -> None:

@@ -357,6 +357,14 @@ class Device:
         else:
             level = logging.INFO if ack.reason == "not_running" else logging.WARNING  # the job just ended
             logger.log(level, "update for %s refused by the aggregator: %s", ack.task_id, ack.reason)
+            standing = self.standing
+            if ack.reason == "unassigned" and standing is not None and standing.task_id == ack.task_id:
+                # The aggregator does not count this device in the SSP computation (it lost track
+                # of it: an offline verdict, a restart). Computing again with the same task would be
+                # refused again; registering again hands out a new standing task.
+                logger.warning("standing task %s is no longer valid: registering again", ack.task_id)
+                self.standing = None
+                self.registration_wanted.set()
         self.acked.set()
 
     def _set_session(self, session: str) -> None:
@@ -369,6 +377,7 @@ class Device:
         self.clock_version = 0
         self.ack_version = 0
         self.published_version = -1
+        self.job_over = False  # a `finished` or `failed` clock of the old session ended only that run
         self.model_changed.set()  # a fetch for the old session gives up
         self._apply_model()
         self._apply_clock()

@@ -16,6 +16,7 @@ import numpy as np
 
 from unus_edge.codec import Tensor
 from unus_edge.data import Dataset
+from unus_edge.errors import MessageError
 from unus_edge.messages import Task
 from unus_edge.nn import Graph, TrainConfig, TrainHook, train
 from unus_edge.strategies import ClientStrategy, Params, client_strategy
@@ -52,9 +53,16 @@ class LocalResult:
     """CPU time of the training thread (with one BLAS thread: all of the training's CPU)."""
 
 
-def _number(config: Mapping[str, Any], key: str, default: float) -> float:
+def _number(config: Mapping[str, Any], key: str, default: float, *, integer: bool = False) -> float:
+    """A numeric task setting; one of the wrong type is refused (``bad_config``), never defaulted:
+    a device that trained without the momentum the job asked for would train differently."""
     value = config.get(key, default)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not np.isfinite(value):
+        wanted = "an integer" if integer else "a finite number"
+        raise MessageError("bad_config", f"{key} must be {wanted}, got {value!r}", kind="task",
+                           field=f"config.{key}")
+    return float(value)
 
 
 def train_task(
@@ -68,12 +76,13 @@ def train_task(
     """Train from ``start`` as ``task`` says; return what ``client`` uploads (by default the delta).
 
     Task settings read here: ``momentum``, ``weight_decay``, ``seed``; the device strategy
-    (``client``, default FedAvg's) reads its own (``proximal_mu``, ``encoding``...).
+    (``client``, default FedAvg's) reads its own (``proximal_mu``, ``encoding``...). A setting
+    of the wrong type raises ``MessageError`` (``bad_config``) before any training.
     """
     started = time.perf_counter()
     cpu_started = time.thread_time()
     client = client or client_strategy(task.config)
-    seed = int(_number(task.config, "seed", 0))
+    seed = int(_number(task.config, "seed", 0, integer=True))
     config = TrainConfig(
         epochs=task.epochs,
         batch_size=min(task.batch_size, len(dataset)),
