@@ -25,7 +25,9 @@ from NumPy's in the last bits (another summation order); each backend is determi
 given thread count.
 
 Threads: the sessions use :func:`set_gemm_threads`'s count (one by default, as
-``device.blas_threads``, for the reason ``unus_edge/_blas.py`` gives).
+``device.blas_threads``, for the reason ``unus_edge/_blas.py`` gives), never spin waiting for
+work, and allocate without onnxruntime's arena (no lock shared by the threads of in-process
+devices, and no cache of freed blocks on a small board).
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class _Kernels:
                     options.intra_op_num_threads = self.threads
                     options.inter_op_num_threads = 1
                     options.log_severity_level = 3
+                    options.enable_cpu_mem_arena = False
+                    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
                     session = self._ort.InferenceSession(
                         _product_model(op_type, attributes, 2 if op_type == "Gemm" else 0),
                         options,
