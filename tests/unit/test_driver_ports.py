@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,17 @@ from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, RoundProgress
 from unus_edge.aggregator._ssp import SSPDriver
 from unus_edge.config import JobConfig
+from unus_edge.errors import StrategyError
 from unus_edge.messages import Message, Registration, RoundMetrics, Task, Update
-from unus_edge.strategies import Params, Strategy
+from unus_edge.strategies import (
+    ClientUpdate,
+    Failure,
+    NormClipping,
+    Params,
+    SavableAccumulator,
+    Strategy,
+    WeightedMean,
+)
 from unus_edge.topics import Channel
 
 
@@ -35,7 +44,7 @@ class View:
     """A job's state as a plain object (what the aggregator holds, without the aggregator)."""
 
     config: JobConfig
-    strategy: Strategy
+    strategy: Strategy[Any]
     registry: Registry
     params: Params
     job: str = "test"
@@ -314,3 +323,57 @@ def test_round_task_ids_carry_a_nonce_and_survive_a_restore() -> None:
         assert restored.judge(update(view, "d1", ids["d1"])) is None
 
     run(scenario)
+
+
+class Tally:
+    """An accumulator that only counts: an ``Accumulator`` that cannot be saved."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.num_examples = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        self.count += 1
+        self.num_examples += update.num_examples
+
+    @property
+    def train_loss(self) -> float | None:
+        return None
+
+
+class KeepModel(Strategy[Tally]):
+    """A strategy generic over its own accumulator type: its ``aggregate`` gets a ``Tally``."""
+
+    name = "keep"
+
+    def new_accumulator(self, server_round: int, global_params: Params) -> Tally:
+        return Tally()
+
+    def aggregate(self, server_round: int, global_params: Params, accumulator: Tally,
+                  failures: Sequence[Failure]) -> Params | None:
+        assert isinstance(accumulator, Tally)
+        return None
+
+
+def test_a_round_with_an_accumulator_that_cannot_be_saved_is_not_checkpointed_and_reports_its_totals() -> None:
+    async def scenario() -> None:
+        view, outbox = setup(1, job__rounds=1)
+        view.strategy = KeepModel()
+        driver = RoundDriver(view, outbox, view.strategy)
+        outbox.driver = driver
+        await driver._start_round(1)
+        task = outbox.tasks()["d0"]
+        assert not isinstance(driver.accumulator, SavableAccumulator)
+        driver.apply("m0", update(view, "d0", task.task_id))
+        state, _ = driver.state()
+        assert "round" not in state  # nothing to save it with: a restart runs the round again
+        await driver._aggregate(driver.current_round)  # type: ignore[arg-type]
+        assert view.history[-1].num_examples == 100 and view.history[-1].train_loss is None
+        assert isinstance(WeightedMean(view.params), SavableAccumulator)
+
+    run(scenario)
+
+
+def test_norm_clipping_refuses_an_inner_accumulator_it_could_not_save() -> None:
+    with pytest.raises(StrategyError, match="cannot clip into Tally"):
+        NormClipping(Tally(), 1.0)

@@ -31,7 +31,16 @@ from unus_edge.aggregator._round import SyncRound
 from unus_edge.errors import JobError, StrategyError
 from unus_edge.messages import RoundMetrics, Task, Update
 from unus_edge.seeds import device_seed
-from unus_edge.strategies import Assignment, ClientUpdate, Failure, Params, RoundContext, Strategy
+from unus_edge.strategies import (
+    Accumulator,
+    Assignment,
+    ClientUpdate,
+    Failure,
+    Params,
+    RoundContext,
+    SavableAccumulator,
+    Strategy,
+)
 from unus_edge.topics import Channel
 
 __all__ = ["RoundDriver", "wait_for_devices"]
@@ -58,12 +67,12 @@ async def wait_for_devices(view: JobView) -> None:
 class RoundDriver:
     """Synchronous rounds, given the job's state (:class:`JobView`) and what it may send (:class:`Outbox`)."""
 
-    def __init__(self, view: JobView, outbox: Outbox, strategy: Strategy) -> None:
+    def __init__(self, view: JobView, outbox: Outbox, strategy: Strategy[Any]) -> None:
         self.view = view
         self.outbox = outbox
         self.strategy = strategy
         self.current_round: SyncRound | None = None
-        self.accumulator: Any = None
+        self.accumulator: Accumulator | None = None
         self.round_changed = asyncio.Event()
         """Set when the current round gains an update or a failure."""
         self._tasks: dict[str, Task] = {}
@@ -93,7 +102,7 @@ class RoundDriver:
         """Fold an accepted update into the round; returns the device's clock and the version."""
         view = self.view
         current = self.current_round
-        assert current is not None
+        assert current is not None and self.accumulator is not None
         self.accumulator.add(ClientUpdate(update.device_id, update.num_examples, update.tensors,
                                              update.base_version, update.train_loss, 0, update.metrics))
         current.accept(update.device_id, msg_id)
@@ -141,7 +150,7 @@ class RoundDriver:
                             for d, a in current.assignments.items()},
         }
         accumulator = self.accumulator
-        if not hasattr(accumulator, "state_dict"):
+        if not isinstance(accumulator, SavableAccumulator):
             return None, {}  # an accumulator that cannot be saved: the round restarts
         tensors, scalars = accumulator.state_dict()
         round_state["accumulator"] = scalars
@@ -162,7 +171,11 @@ class RoundDriver:
                             dict(saved["task_ids"]), math.inf, 0.0, dict(saved["accepted"]),
                             {d: Failure(d, r, t) for d, (r, t) in saved["failures"].items()})
         accumulator = self.strategy.new_accumulator(current.server_round, view.params)
-        accumulator.load_state_dict({n[len("accumulator/"):]: v for n, v in tensors.items()  # type: ignore[attr-defined]
+        if not isinstance(accumulator, SavableAccumulator):  # saved by an earlier version of the strategy
+            logger.warning("%s's accumulator cannot be restored: round %d runs again", self.strategy.name,
+                           current.server_round)
+            return
+        accumulator.load_state_dict({n[len("accumulator/"):]: v for n, v in tensors.items()
                                      if n.startswith("accumulator/")}, saved["accumulator"])
         self.accumulator = accumulator
         self.current_round = current
@@ -308,7 +321,9 @@ class RoundDriver:
     async def _aggregate(self, current: SyncRound) -> None:
         view = self.view
         failures = current.close()
-        new_params = self.strategy.aggregate(current.server_round, view.params, self.accumulator, failures)
+        accumulator = self.accumulator
+        assert accumulator is not None  # made with the round (or restored with it)
+        new_params = self.strategy.aggregate(current.server_round, view.params, accumulator, failures)
         if new_params is not None:
             _check_shapes(new_params, view.params, self.strategy.name)
             view.params = new_params
@@ -324,8 +339,8 @@ class RoundDriver:
         metrics = RoundMetrics(
             server_round=current.server_round, version=view.version, num_selected=len(current.assignments),
             num_updates=len(current.accepted), num_failures=len(failures),
-            num_examples=getattr(self.accumulator, "num_examples", 0), duration_seconds=elapsed,
-            train_loss=getattr(self.accumulator, "train_loss", None), eval_loss=evaluation.get("loss"),
+            num_examples=accumulator.num_examples, duration_seconds=elapsed,
+            train_loss=accumulator.train_loss, eval_loss=evaluation.get("loss"),
             eval_accuracy=evaluation.get("accuracy"), bytes_up=view.counters.bytes_up,
             bytes_down=view.counters.bytes_down, rejected=dict(view.counters.rejected),
             wall_seconds=view.wall_seconds(), num_rejected=view.counters.refused - self._refused_at_start,

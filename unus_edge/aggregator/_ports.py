@@ -42,7 +42,7 @@ class JobView(Protocol):
     config: JobConfig
     job: str
     session: str
-    strategy: Strategy | AsyncStrategy
+    strategy: Strategy[Any] | AsyncStrategy
     registry: Registry
     counters: Counters
     rng: np.random.Generator

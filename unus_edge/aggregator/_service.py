@@ -73,7 +73,7 @@ class Aggregator:
         *,
         params: Params,
         fingerprint: str,
-        strategy: Strategy | AsyncStrategy,
+        strategy: Strategy[Any] | AsyncStrategy,
         evaluate: Evaluate | None = None,
         session: str | None = None,
         shutdown_trigger: asyncio.Event | None = None,

@@ -7,6 +7,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from unus_edge.aggregator._ports import Evaluate
 from unus_edge.aggregator._results import JobResult, RoundProgress
@@ -30,7 +31,7 @@ class JobParts:
     model: OnnxModel
     params: Params
     fingerprint: str
-    strategy: Strategy | AsyncStrategy
+    strategy: Strategy[Any] | AsyncStrategy
     evaluate: Evaluate | None
 
 

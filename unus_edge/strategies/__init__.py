@@ -10,6 +10,7 @@ from __future__ import annotations
 from unus_edge.strategies._async import STALENESS_FUNCTIONS, FedAsync, FedBuff, SSPAveraging, staleness_function
 from unus_edge.strategies._base import (
     Accumulator,
+    AccumulatorT,
     Assignment,
     AsyncContext,
     AsyncStrategy,
@@ -18,6 +19,7 @@ from unus_edge.strategies._base import (
     Failure,
     Params,
     RoundContext,
+    SavableAccumulator,
     Scalar,
     Strategy,
     StrategyBase,
@@ -58,6 +60,7 @@ __all__ = [
     "ROBUST_RULES",
     "STALENESS_FUNCTIONS",
     "Accumulator",
+    "AccumulatorT",
     "Assignment",
     "AsyncContext",
     "AsyncStrategy",
@@ -81,6 +84,7 @@ __all__ = [
     "RobustFedProx",
     "RoundContext",
     "SSPAveraging",
+    "SavableAccumulator",
     "Scalar",
     "Strategy",
     "StrategyBase",

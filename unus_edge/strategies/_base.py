@@ -26,7 +26,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from unus_edge.codec import SparseTensor, Tensor
 
 __all__ = [
     "Accumulator",
+    "AccumulatorT",
     "Assignment",
     "AsyncContext",
     "AsyncStrategy",
@@ -43,6 +44,7 @@ __all__ = [
     "Failure",
     "Params",
     "RoundContext",
+    "SavableAccumulator",
     "Scalar",
     "Strategy",
     "StrategyBase",
@@ -125,11 +127,34 @@ class Failure:
 
 
 class Accumulator(Protocol):
-    """Receives accepted updates one at a time."""
+    """Receives a round's accepted updates one at a time, and reports the round's totals.
+
+    ``count`` is the number of updates added; ``num_examples`` and ``train_loss`` (the mean
+    training loss over those examples, ``None`` when there are none) go into the round's metrics.
+    """
 
     count: int
 
     def add(self, update: ClientUpdate) -> None: ...
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def train_loss(self) -> float | None: ...
+
+
+@runtime_checkable
+class SavableAccumulator(Accumulator, Protocol):
+    """An accumulator the aggregator can checkpoint mid-round (every built-in one is); with one
+    that is not, an aggregator restarted mid-round runs the round again."""
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]: ...
+
+    def load_state_dict(self, tensors: Mapping[str, np.ndarray[Any, Any]], scalars: Mapping[str, Any]) -> None: ...
+
+
+AccumulatorT = TypeVar("AccumulatorT", bound=Accumulator)
 
 
 _CHUNK = 1 << 18
@@ -265,8 +290,13 @@ class StrategyBase:
         """Restore what :meth:`state_dict` returned (default: nothing to restore)."""
 
 
-class Strategy(StrategyBase, ABC):
-    """A synchronous strategy (``job.mode = "sync"``): rounds. Subclasses take their options as keyword arguments."""
+class Strategy(StrategyBase, ABC, Generic[AccumulatorT]):
+    """A synchronous strategy (``job.mode = "sync"``): rounds. Subclasses take their options as keyword arguments.
+
+    Generic over the accumulator its ``new_accumulator`` makes and its ``aggregate`` consumes:
+    ``class FedAvg(Strategy[WeightedMean])``. A strategy with an accumulator of its own type
+    overrides ``new_accumulator`` (the default makes a :class:`WeightedMean`).
+    """
 
     def configure_round(self, context: RoundContext, devices: Sequence[DeviceInfo]) -> list[Assignment]:
         """Select ``max(floor(C * K), 1)`` of the ``K`` available devices, uniformly at random.
@@ -284,13 +314,13 @@ class Strategy(StrategyBase, ABC):
             for i in sorted(chosen)
         ]
 
-    def new_accumulator(self, server_round: int, global_params: Params) -> Accumulator:
+    def new_accumulator(self, server_round: int, global_params: Params) -> AccumulatorT:
         """Where the round's updates go as they arrive. Default: :class:`WeightedMean` by n_k."""
-        return WeightedMean(global_params)
+        return cast(AccumulatorT, WeightedMean(global_params))
 
     @abstractmethod
     def aggregate(
-        self, server_round: int, global_params: Params, accumulator: Any, failures: Sequence[Failure]
+        self, server_round: int, global_params: Params, accumulator: AccumulatorT, failures: Sequence[Failure]
     ) -> Params | None:
         """The next global parameters, or ``None`` to keep ``global_params`` unchanged."""
 

@@ -153,7 +153,7 @@ class _SelectiveModel(StrategyBase):
 
 
 
-class DSSGD(_SelectiveModel, Strategy):
+class DSSGD(_SelectiveModel, Strategy[DeltaSum]):
     """Distributed Selective SGD, one participant per round (the paper's round-robin or random order).
 
     Options: ``theta_d`` (download fraction; 1: the whole model, dense), ``theta_u``,
@@ -191,10 +191,10 @@ class DSSGD(_SelectiveModel, Strategy):
         self._ensure_counts(global_params)
         return DeltaSum(global_params)
 
-    def aggregate(self, server_round: int, global_params: Params, accumulator: Any,
+    def aggregate(self, server_round: int, global_params: Params, accumulator: DeltaSum,
                   failures: Sequence[Failure]) -> Params | None:
         """``global + sum of the uploaded deltas``; the counters take the round's changes."""
-        if not isinstance(accumulator, DeltaSum):
+        if not isinstance(accumulator, DeltaSum):  # a wrapper that hands over something else
             raise StrategyError(f"expected a DeltaSum accumulator, got {type(accumulator).__name__}",
                                 strategy=self.name)
         if accumulator.count == 0:

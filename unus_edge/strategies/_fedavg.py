@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from unus_edge.errors import StrategyError
 from unus_edge.strategies._base import Assignment, DeviceInfo, Failure, Params, RoundContext, Strategy, WeightedMean
@@ -14,7 +14,7 @@ FULL_BATCH = 2**31 - 1
 """A batch size that means "all local examples in one batch"."""
 
 
-class FedAvg(Strategy):
+class FedAvg(Strategy[WeightedMean]):
     """Federated averaging: ``w <- w + eta * sum_k (n_k / n) * delta_k`` over the devices that answered.
 
     ``server_learning_rate`` (eta) is 1.0 in McMahan et al.: the new model is then exactly the
@@ -30,9 +30,9 @@ class FedAvg(Strategy):
         self.server_learning_rate = float(server_learning_rate)
 
     def aggregate(
-        self, server_round: int, global_params: Params, accumulator: Any, failures: Sequence[Failure]
+        self, server_round: int, global_params: Params, accumulator: WeightedMean, failures: Sequence[Failure]
     ) -> Params | None:
-        if not isinstance(accumulator, WeightedMean):
+        if not isinstance(accumulator, WeightedMean):  # a wrapper that hands over something else
             raise StrategyError(f"expected a WeightedMean accumulator, got {type(accumulator).__name__}",
                                 strategy=self.name)
         if accumulator.count == 0:

@@ -20,14 +20,14 @@ from unus_edge.strategies._robust import RobustFedAvg, RobustFedProx
 
 __all__ = ["BUILTIN_STRATEGIES", "load_strategy", "strategy_class"]
 
-BUILTIN_STRATEGIES: dict[str, type[Strategy] | type[AsyncStrategy]] = {
+BUILTIN_STRATEGIES: dict[str, type[Strategy[Any]] | type[AsyncStrategy]] = {
     cls.name: cls
     for cls in (FedAvg, FedSGD, FedProx, RobustFedAvg, RobustFedProx,
                 SSPAveraging, FedAsync, FedBuff, DSSGD, DSSGDAsync)
 }
 
 
-def strategy_class(spec: str) -> type[Strategy] | type[AsyncStrategy]:
+def strategy_class(spec: str) -> type[Strategy[Any]] | type[AsyncStrategy]:
     """The class named by ``spec`` (see the module docstring)."""
     if spec.lower() in BUILTIN_STRATEGIES:
         return BUILTIN_STRATEGIES[spec.lower()]
@@ -61,7 +61,7 @@ def strategy_class(spec: str) -> type[Strategy] | type[AsyncStrategy]:
     return cls
 
 
-def load_strategy(spec: str, options: Mapping[str, Any] | None = None) -> Strategy | AsyncStrategy:
+def load_strategy(spec: str, options: Mapping[str, Any] | None = None) -> Strategy[Any] | AsyncStrategy:
     """Instantiate the strategy ``spec`` with ``options`` as keyword arguments."""
     cls = strategy_class(spec)
     options = dict(options or {})

@@ -76,6 +76,7 @@ from unus_edge.strategies._base import (
     Failure,
     Params,
     RoundContext,
+    SavableAccumulator,
     Scalar,
     Strategy,
     WeightedMean,
@@ -270,8 +271,8 @@ class NormClipping:
     as :class:`WeightedMean`, :class:`CoordinateMedian` and :class:`TrimmedMean` are.
     """
 
-    def __init__(self, inner: Any, clip_norm: float) -> None:
-        if not (hasattr(inner, "add") and hasattr(inner, "state_dict") and hasattr(inner, "load_state_dict")):
+    def __init__(self, inner: Accumulator, clip_norm: float) -> None:
+        if not isinstance(inner, SavableAccumulator):
             raise StrategyError(f"cannot clip into {type(inner).__name__}: it needs add, state_dict and "
                                 "load_state_dict", strategy="norm_clipping")
         if not (math.isfinite(clip_norm) and clip_norm > 0):
@@ -306,12 +307,11 @@ class NormClipping:
 
     @property
     def num_examples(self) -> int:
-        return int(getattr(self.inner, "num_examples", 0))
+        return self.inner.num_examples
 
     @property
     def train_loss(self) -> float | None:
-        value = getattr(self.inner, "train_loss", None)
-        return None if value is None else float(value)
+        return self.inner.train_loss
 
     def state_dict(self) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
         tensors, scalars = self.inner.state_dict()
@@ -325,7 +325,7 @@ class NormClipping:
         self.ignored = [(str(device), str(reason)) for device, reason in scalars["ignored"]]
 
 
-def robust_view(accumulator: Any) -> Any:
+def robust_view(accumulator: Accumulator) -> Accumulator:
     """What an averaging strategy's ``aggregate`` should see: a :class:`WeightedMean` for the robust
     accumulators (whose mean is the robust aggregate), the inner accumulator of a :class:`NormClipping`,
     anything else unchanged."""
@@ -336,7 +336,7 @@ def robust_view(accumulator: Any) -> Any:
     return accumulator
 
 
-class Robust(Strategy):
+class Robust(Strategy[Accumulator]):
     """Robust aggregation around any strategy whose ``aggregate`` consumes a :class:`WeightedMean`.
 
     It holds that strategy, as Flower's differential-privacy wrapper holds one: selection,
@@ -358,7 +358,7 @@ class Robust(Strategy):
 
     name: ClassVar[str] = "robust"
 
-    def __init__(self, strategy: Strategy, robust: str = "none", trim_fraction: float = 0.1,
+    def __init__(self, strategy: Strategy[Any], robust: str = "none", trim_fraction: float = 0.1,
                  clip_norm: float = 0.0) -> None:
         if not isinstance(strategy, Strategy):  # e.g. an AsyncStrategy: no rounds to take a median over
             raise StrategyError(f"{getattr(strategy, 'name', '') or type(strategy).__name__} is not a synchronous "
@@ -379,7 +379,7 @@ class Robust(Strategy):
         return self.strategy.configure_round(context, devices)
 
     def new_accumulator(self, server_round: int, global_params: Params) -> Accumulator:
-        inner: Any
+        inner: Accumulator
         if self.robust == "median":
             inner = CoordinateMedian(global_params)
         elif self.robust == "trimmed_mean":
@@ -389,7 +389,7 @@ class Robust(Strategy):
         return NormClipping(inner, self.clip_norm) if self.clip_norm > 0 else inner
 
     def aggregate(
-        self, server_round: int, global_params: Params, accumulator: Any, failures: Sequence[Failure]
+        self, server_round: int, global_params: Params, accumulator: Accumulator, failures: Sequence[Failure]
     ) -> Params | None:
         return self.strategy.aggregate(server_round, global_params, robust_view(accumulator), failures)
 
