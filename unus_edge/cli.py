@@ -349,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--no-faults", action="store_true", help="the same run without faults (the reference)")
     chaos.set_defaults(handler=_cmd_chaos)
 
+    from unus_edge.conformance import add_arguments as conformance_arguments
+    from unus_edge.conformance import command as conformance_command
+
+    conformance = commands.add_parser("conformance", help="check a device implementation against the protocol",
+                                      description="Play the aggregator of a throw-away job over a real broker and "
+                                      "drive a device through registration, a round, a duplicate, refusals, a new "
+                                      "session, the SSP clock, the end of the job and its will (docs/protocol.md).")
+    conformance_arguments(conformance)
+    conformance.set_defaults(handler=conformance_command)
+
     from unus_edge.provision import add_arguments as provision_arguments
 
     provision = commands.add_parser("provision", help="certificates, credentials, ACL and device configs for a job",
