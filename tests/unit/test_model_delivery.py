@@ -94,9 +94,9 @@ def test_ssp_needs_the_version_the_clock_names_not_the_devices_own_update() -> N
     async def scenario() -> None:
         broker = MemoryBroker()
         device = make_device(broker, "d0", shards(1)[0])
-        device.ack_version, device.clock_version = 9, 8  # its own update made version 9
+        device.view.ack_version, device.view.clock_version = 9, 8  # its own update made version 9
         assert ssp_required_version(device) == 9  # an aggregator that names no model version: the old wait
-        device.published_version = 7  # the clock says the retained model is version 7
+        device.view.published_version = 7  # the clock says the retained model is version 7
         assert ssp_required_version(device) == 7
 
     run(scenario)
@@ -153,8 +153,8 @@ def test_a_fetch_ends_when_the_retained_copy_arrives_even_if_the_device_already_
     async def scenario() -> None:
         device = make_device(MemoryBroker(), "d0", shards(1)[0])
         device.settings = dataclasses.replace(device.settings, model_wait=3600.0)
-        device.aggregator_session = "agg"
-        device.model, device.model_version = dict(device.template), 5
+        device.view.session = "agg"
+        device.view.model, device.view.model_version = dict(device.template), 5
         seen = device.model_messages
         waiting = asyncio.create_task(wait_for_model(device, 5, 3600.0, after=seen))
         await asyncio.sleep(0)  # the wait has begun

@@ -52,7 +52,7 @@ def test_an_ssp_daemon_trains_for_the_restarted_aggregator_after_a_failed_clock(
             await _acknowledged(device, 2)
             first.shutdown_trigger.set()  # an operator stops it before the end: the clock says failed
             stopped = await job
-        assert device.job_over  # the daemon saw the failed clock
+        assert device.view.job_over  # the daemon saw the failed clock
         second = _aggregator(broker, settings, "agg-2", resume=True)
         async with second.transport:
             finished = await second.run()

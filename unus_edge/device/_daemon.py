@@ -28,14 +28,13 @@ import threading
 import time
 from typing import Literal
 
-import numpy as np
-
 from unus_edge import __version__, topics
-from unus_edge.codec import Limits, Tensor
+from unus_edge.codec import Limits
 from unus_edge.config import DeviceConfig, DeviceSettings
 from unus_edge.data import Dataset
 from unus_edge.device import _worker
 from unus_edge.device._pace import NO_PACE, Pace
+from unus_edge.device._view import AggregatorView
 from unus_edge.device._worker import Pending
 from unus_edge.errors import ProtocolError, PublishError, RejectedError, describe_error
 from unus_edge.messages import (
@@ -51,7 +50,7 @@ from unus_edge.messages import (
     encode_message,
 )
 from unus_edge.nn import Graph
-from unus_edge.strategies import ClientStrategy, Params
+from unus_edge.strategies import ClientStrategy
 from unus_edge.topics import Channel
 from unus_edge.transport import Backoff, ConnectOptions, Transport, Will
 
@@ -96,12 +95,10 @@ class Device:
         self.template = graph.model.initializers
         # Twice the dense model: a partial (sparse) model costs index + value per entry.
         self.limits = Limits(max_payload_bytes=2 * sum(v.nbytes for v in self.template.values()) + 65_536)
-        self.model: Params | None = None
-        self.model_version = -1
+        self.view = AggregatorView(self.template, fingerprint)
+        """What this device knows of the aggregator (session, model, clocks): the protocol's device
+        rules, without I/O (:mod:`unus_edge.device._view`)."""
         self.model_changed = asyncio.Event()
-        self._latest_model: GlobalModel | None = None
-        self.download: dict[str, Tensor] = {}
-        """What the last model message carried (the device strategy may use only that part)."""
         self.model_messages = 0
         """Model messages received (the device subscribes to the model only to fetch one)."""
         self.model_bytes = 0
@@ -110,9 +107,6 @@ class Device:
         self.models_while_training = 0
         """Model messages that arrived while this device trained (the protocol says none should)."""
         self.client: ClientStrategy | None = None
-        self._latest_clock: Clock | None = None
-        self.clock = 0
-        self.aggregator_session = ""
         self.registered = asyncio.Event()
         self.registration_wanted = asyncio.Event()
         self.state: DeviceState = "idle"
@@ -120,16 +114,9 @@ class Device:
         self.done_tasks: set[str] = set()
         self.pending: Pending | None = None
         self.acked = asyncio.Event()
-        # SSP state: the device's clock c_i is self.clock; c_min and s come from the retained clock.
-        self.c_min = 0
-        self.bound: int | None = 0
-        self.clock_version = 0
-        self.ack_version = 0
-        self.published_version = -1
-        """The retained model's version as the last clock names it (-1: an aggregator that does not say)."""
         self.gate = asyncio.Event()
+        """Set whenever the SSP start rule may have changed its answer (a clock, an ack)."""
         self.standing: Task | None = None
-        self.job_over = False
         self.stop_training = threading.Event()
         self.started = time.monotonic()
         self.updates_sent = 0
@@ -303,22 +290,21 @@ class Device:
             if self.state == "training":
                 self.models_while_training += 1
                 logger.warning("model version %d arrived while training", message.version)
-            self._latest_model = message
-            self._apply_model()
+            self._on_model(message)
             self.model_changed.set()  # a fetch waits for the arrival even of a model it already has
         elif isinstance(message, RegistrationReply):
             self._on_registration_reply(message)
         elif isinstance(message, Clock):
-            self._latest_clock = message
-            self._apply_clock()
+            if self.view.on_clock(message):
+                self._clock_applied()
         elif isinstance(message, Status) and message.role == "aggregator":
-            if message.state == "online" and message.session != self.aggregator_session:
-                if self.aggregator_session:
+            if message.state == "online" and message.session != self.view.session:
+                if self.view.session:
                     logger.info("the aggregator restarted (session %s): registering again", message.session)
                     if self.pending is not None and self._group is not None:
                         # It resumes from its checkpoint: the update may have to be applied there.
                         self._group.create_task(self._republish(), name="device-republish")
-                self._set_session(message.session)
+                self._follow(message.session)
                 self.registration_wanted.set()
             elif message.state == "offline":
                 logger.warning("the aggregator is offline (%s)", message.reason or "no reason given")
@@ -337,8 +323,8 @@ class Device:
             detail = f" ({reply.detail})" if reply.detail else ""
             logger.error("device %s refused by the aggregator: %s%s", self.device_id, reply.reason, detail)
             raise RejectedError(self.device_id, reply.reason, reply.detail)
-        self._set_session(reply.aggregator_session)
-        self.clock = reply.clock
+        self._follow(reply.aggregator_session)
+        self.view.registered(reply.aggregator_session, reply.clock)
         self.gate.set()
         if not self.registered.is_set():
             logger.info("device %s registered with aggregator session %s", self.device_id, reply.aggregator_session)
@@ -349,8 +335,7 @@ class Device:
         if pending is None or ack.update_msg_id != pending.msg_id:
             return
         self.pending = None
-        self.clock = ack.clock
-        self.ack_version = max(self.ack_version, ack.version)
+        self.view.on_ack(ack)
         self.gate.set()
         if ack.accepted:
             logger.info("update %s for %s applied (clock %d)", ack.update_msg_id, ack.task_id, ack.clock)
@@ -367,67 +352,22 @@ class Device:
                 self.registration_wanted.set()
         self.acked.set()
 
-    def _set_session(self, session: str) -> None:
-        """Follow an aggregator session. Model versions and clocks of another session (a retained
-        leftover of an earlier job, or of the aggregator before a restart) do not count."""
-        if session == self.aggregator_session:
-            return
-        self.aggregator_session = session
-        self.model_version = -1
-        self.clock_version = 0
-        self.ack_version = 0
-        self.published_version = -1
-        self.job_over = False  # a `finished` or `failed` clock of the old session ended only that run
-        self.model_changed.set()  # a fetch for the old session gives up
-        self._apply_model()
-        self._apply_clock()
+    def _follow(self, session: str) -> None:
+        """Follow an aggregator session (:meth:`AggregatorView.follow`); a fetch for the old one gives up."""
+        if self.view.follow(session):
+            self.model_changed.set()
+            self._clock_applied()
 
-    def _apply_clock(self) -> None:
-        message = self._latest_clock
-        if message is None or message.aggregator_session != self.aggregator_session:
-            return
-        self.c_min = message.c_min
-        self.bound = message.staleness_bound
-        self.clock_version = max(self.clock_version, message.version)
-        self.published_version = max(self.published_version, message.model_version)
+    def _clock_applied(self) -> None:
         self.gate.set()
-        if message.state in ("finished", "failed"):
-            self.job_over = True
-            if self.exit_when_finished:
-                logger.info("job %s is %s: device %s exits", self.job, message.state, self.device_id)
-                self.shutdown_trigger.set()
+        if self.view.job_over and self.exit_when_finished:
+            state = self.view.latest_clock.state if self.view.latest_clock else "over"
+            logger.info("job %s is %s: device %s exits", self.job, state, self.device_id)
+            self.shutdown_trigger.set()
 
-    def _apply_model(self) -> None:
-        model = self._latest_model
-        if model is None or model.aggregator_session != self.aggregator_session:
-            return
-        if model.fingerprint != self.fingerprint:
-            logger.error("the job's model %s is not the one this device runs (%s)", model.fingerprint,
-                         self.fingerprint)
-            return
-        if model.version <= self.model_version:
-            return
-        from unus_edge.aggregator import check_tensors
-
-        problem = check_tensors(model.tensors, self.template)
-        if problem is not None:
-            logger.error("ignoring global model version %d: %s (%s)", model.version, *problem)
-            return
-        # A model message may carry only part of the model (sparse tensors: Distributed Selective
-        # SGD publishes the most-updated parameters); it is merged into the device's view of the
-        # global model, which starts as the device's own copy of the job's initial weights.
-        view = self.model if self.model is not None else self.template
-        merged: Params = {}
-        for name, tensor in model.tensors.items():
-            if isinstance(tensor, np.ndarray):
-                merged[name] = tensor
-            else:
-                merged[name] = np.array(view[name])
-                merged[name].reshape(-1)[tensor.indices] = tensor.values
-        self.model = {name: merged.get(name, view[name]) for name in self.template}
-        self.download = dict(model.tensors)
-        self.model_version = model.version
-        self.model_changed.set()
+    def _on_model(self, model: GlobalModel) -> None:
+        if self.view.on_model(model) in ("wrong_fingerprint", "bad_tensors"):
+            logger.error("ignoring a model message: %s", self.view.model_problem)
 
 
 def _memory_bytes() -> int:

@@ -70,7 +70,7 @@ def _refused(task: Task, error: MessageError) -> None:
 
 def _over(device: Device) -> bool:
     """Whether the job ended (a separate call: the flag changes while we await)."""
-    return device.job_over
+    return device.view.job_over
 
 
 async def heartbeat(device: Device) -> None:
@@ -79,7 +79,7 @@ async def heartbeat(device: Device) -> None:
     while True:
         sequence += 1
         uptime = time.monotonic() - device.started
-        heartbeat = Heartbeat(device.device_id, device.session, sequence, device.state, device.clock, uptime)
+        heartbeat = Heartbeat(device.device_id, device.session, sequence, device.state, device.view.clock, uptime)
         with contextlib.suppress(PublishError):  # QoS 0 while disconnected: skip this beat
             await device._publish(Channel.HEARTBEAT, heartbeat)
         await asyncio.sleep(device.settings.heartbeat_interval)
@@ -107,14 +107,14 @@ async def fetch_model(device: Device, version: int, budget: float) -> bool:
     subscription until a model of ``version`` or newer arrives. False if none came within
     ``budget`` seconds.
     """
-    if device.model is not None and device.model_version >= max(version, device.published_version):
+    if device.view.model is not None and device.view.model_version >= max(version, device.view.published_version):
         return True  # it already holds the retained model (e.g. FedBuff between two flushes)
     topic = topics.model(device.job)
     seen, received = device.model_messages, device.model_bytes
     loop = asyncio.get_running_loop()
     end = loop.time() + budget
     arrived = False
-    if version <= device.published_version:
+    if version <= device.view.published_version:
         with contextlib.suppress(TimeoutError, SubscribeError):  # then hold the subscription instead
             async with asyncio.timeout(min(budget, device.settings.model_wait)):
                 await asyncio.gather(device.transport.subscribe(topic, qos=FETCH_QOS),
@@ -136,10 +136,10 @@ async def wait_for_model(device: Device, version: int, budget: float, *, after: 
     messages have arrived; re-subscribe if it is late (the broker re-sends the retained copy)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + budget
-    session = device.aggregator_session
-    while device.model_version < version or device.model_messages <= after:
+    session = device.view.session
+    while device.view.model_version < version or device.model_messages <= after:
         remaining = end - loop.time()
-        if remaining <= 0 or device.aggregator_session != session:
+        if remaining <= 0 or device.view.session != session:
             return False  # a new aggregator session: the caller decides again what it needs
         device.model_changed.clear()
         try:
@@ -162,15 +162,15 @@ async def work(device: Device) -> None:
             await run_ssp(device)
             continue
         budget = task.deadline_seconds or 3600.0
-        have = device.model is not None and device.model_version == task.model_version  # e.g. a retried round
+        have = device.view.model is not None and device.view.model_version == task.model_version  # e.g. a retried round
         if not have and not await fetch_model(device, task.model_version, budget):
             logger.warning("task %s dropped: model version %d never arrived", task.task_id, task.model_version)
             continue
-        if device.model_version != task.model_version or device.model is None:
-            logger.info("task %s is stale (model is at version %d)", task.task_id, device.model_version)
+        if device.view.model_version != task.model_version or device.view.model is None:
+            logger.info("task %s is stale (model is at version %d)", task.task_id, device.view.model_version)
             continue
         try:
-            await do_task(device, task, device.model, task.model_version)
+            await do_task(device, task, device.view.model, task.model_version)
         except MessageError as error:
             device.done_tasks.add(task.task_id)  # a redelivery is refused the same way: not retried
             _refused(task, error)
@@ -178,35 +178,26 @@ async def work(device: Device) -> None:
 
 async def wait_gate(device: Device) -> None:
     """Wait until the SSP rule lets this device start: c_i <= c_min + s (event-driven)."""
-    while not device.job_over and not (device.bound is None or device.clock <= device.c_min + device.bound):
+    while not device.view.job_over and not device.view.may_start():
         device.state = "waiting"
         device.gate.clear()
         await device.gate.wait()
 
 
 def ssp_required_version(device: Device) -> int:
-    """The oldest model an SSP computation may start from: any model within the staleness bound.
-
-    The aggregator publishes the model whenever a device becomes allowed to start, before the
-    clock that says so, and each clock names the retained model's version: a model of at least
-    that version holds every update of the clocks below ``c_min``, which is what the bound asks
-    (``c_i <= c_min + s``). It need not hold the device's own last update. An aggregator that
-    does not name it (-1) gets the older, stricter wait: the device's own update included.
-    """
-    if device.published_version >= 0:
-        return device.published_version
-    return max(device.ack_version, device.clock_version)
+    """The oldest model an SSP computation may start from (:meth:`AggregatorView.ssp_required_version`)."""
+    return device.view.ssp_required_version()
 
 
 async def run_ssp(device: Device) -> None:
     """SSP: update after update, each started only when the clock allows it."""
-    while not device.job_over and device.standing is not None:
+    while not device.view.job_over and device.standing is not None:
         await wait_gate(device)
         if _over(device):
             break
-        if not await fetch_model(device, ssp_required_version(device), 3600.0) or device.model is None:
+        if not await fetch_model(device, ssp_required_version(device), 3600.0) or device.view.model is None:
             continue
-        task, base, version, clock = device.standing, device.model, device.model_version, device.clock
+        task, base, version, clock = device.standing, device.view.model, device.view.model_version, device.view.clock
         try:
             job_seed = _job_seed(task)
         except MessageError as error:
@@ -215,7 +206,7 @@ async def run_ssp(device: Device) -> None:
             break
         # The SSP invariant, logged at every start (tests check it over whole runs).
         ssp_logger.info("ssp start device=%s clock=%d c_min=%d bound=%s version=%d", device.device_id, clock,
-                        device.c_min, "inf" if device.bound is None else device.bound, version)
+                        device.view.c_min, "inf" if device.view.bound is None else device.view.bound, version)
         step = dataclasses.replace(task, server_round=clock + 1, model_version=version,
                                    config={**task.config, "seed": device_seed(job_seed, clock + 1,
                                                                               device.device_id)})
@@ -237,7 +228,7 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     device.state = "training"
     started = time.perf_counter()
     paced_from = device.pace.now()
-    start = device.client.starting_point(base, device.download)
+    start = device.client.starting_point(base, device.view.download)
     try:
         async with device.compute_slots:
             result = await asyncio.to_thread(train_task, device.graph, start, device.dataset, task,
@@ -254,7 +245,7 @@ async def do_task(device: Device, task: Task, base: Params, base_version: int, *
     encoding = task.encoding
     update = Update(device.device_id, device.session, task.task_id, task.server_round, base_version,
                     result.num_examples, result.train_loss, result.delta, encoding,
-                    device.clock if clock is None else clock, time.perf_counter() - started,
+                    device.view.clock if clock is None else clock, time.perf_counter() - started,
                     {"steps": result.steps, "cpu_seconds": result.cpu_seconds,
                      "model_bytes": device.model_bytes - device.model_bytes_reported})
     device.model_bytes_reported = device.model_bytes
