@@ -1,7 +1,8 @@
 """What the aggregator does with inbound messages: registrations, updates, presence and liveness.
 
-Procedures over an :class:`~unus_edge.aggregator.Aggregator`, which owns the state, receives
-and dispatches (``Aggregator._receive`` / ``_dispatch``) and counts every message.
+Procedures over the :class:`~unus_edge.aggregator._ports.Inbound` port (the aggregator, which
+owns the state, receives, dispatches and counts every message, satisfies it), not over the
+service itself: what they may touch is declared there.
 """
 
 from __future__ import annotations
@@ -11,22 +12,19 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
 
+from unus_edge.aggregator._ports import Inbound
 from unus_edge.aggregator._round import check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope
 from unus_edge.errors import CodecError
 from unus_edge.messages import Ack, Heartbeat, Registration, RegistrationReply, Status, Update
-
-if TYPE_CHECKING:
-    from unus_edge.aggregator._service import Aggregator
 
 __all__ = ["liveness", "on_presence", "on_registration", "on_update", "refuse_registration"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
 
-def on_registration(service: Aggregator, registration: Registration, now: float) -> None:
+def on_registration(service: Inbound, registration: Registration, now: float) -> None:
     """Accept or refuse a registration and answer it on the device's tasks topic."""
     verdict = service.registry.register(registration, now)
     if verdict.accepted:
@@ -43,7 +41,7 @@ def on_registration(service: Aggregator, registration: Registration, now: float)
     service.spawn(service.send_to_device(registration.device_id, reply), "aggregator-registration-reply")
 
 
-def refuse_registration(service: Aggregator, device_id: str, error: CodecError) -> None:
+def refuse_registration(service: Inbound, device_id: str, error: CodecError) -> None:
     """A registration in another schema: tell the device why (it may be able to read it)."""
     if error.reason != "unsupported_schema":
         return
@@ -52,7 +50,7 @@ def refuse_registration(service: Aggregator, device_id: str, error: CodecError) 
     service.spawn(service.send_to_device(device_id, reply), "aggregator-registration-reply")
 
 
-def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
+def on_update(service: Inbound, envelope: Envelope, update: Update) -> None:
     """Judge an update; apply it (acknowledged after the next commit) or refuse it (at once)."""
     known = service.dedup.get(envelope.msg_id)
     if known is not None:  # a redelivery or re-publication: same verdict, never applied twice
@@ -102,7 +100,7 @@ def on_update(service: Aggregator, envelope: Envelope, update: Update) -> None:
     })
 
 
-def on_presence(service: Aggregator, presence: Heartbeat | Status, now: float) -> None:
+def on_presence(service: Inbound, presence: Heartbeat | Status, now: float) -> None:
     """A status or heartbeat: presence of a registered session, routine noise, or a stray heartbeat.
 
     Only the registered session's presence counts. A device publishes its status before it
@@ -137,7 +135,7 @@ def on_presence(service: Aggregator, presence: Heartbeat | Status, now: float) -
             service.driver.device_joined(presence.device_id)
 
 
-async def liveness(service: Aggregator) -> None:
+async def liveness(service: Inbound) -> None:
     """Mark devices offline when their heartbeats stop (a timer on the next expiry, no polling)."""
     while True:
         deadline = service.registry.next_expiry()

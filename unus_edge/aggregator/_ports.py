@@ -8,7 +8,9 @@ service; they get these ports, as hypercorn's protocol classes get a ``send``:
   its configuration. A driver reads it and moves the model forward;
 * :class:`Outbox`: everything a part may send or start (a message to one device, a
   publication, the retained model and clock, a commit, a background task);
-* :class:`Driver`: what the service asks of a driver, whether it runs rounds or SSP clocks.
+* :class:`Driver`: what the service asks of a driver, whether it runs rounds or SSP clocks;
+* :class:`Inbound`: what the handlers of inbound messages (``_inbound``: registrations,
+  updates, presence, liveness) may read, change and send.
 
 The service satisfies :class:`JobView` and :class:`Outbox` structurally; a unit test passes
 small fakes instead (``tests/unit/test_driver_ports.py``), and calls a driver's decisions
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,7 +32,12 @@ from unus_edge.messages import Message, RoundMetrics, Update
 from unus_edge.strategies import AsyncStrategy, Params, Strategy
 from unus_edge.topics import Channel
 
-__all__ = ["Driver", "Evaluate", "JobView", "Outbox"]
+if TYPE_CHECKING:  # these modules import this one
+    from unus_edge.aggregator._coalesce import Coalescer
+    from unus_edge.aggregator._commit import GroupCommit
+    from unus_edge.aggregator._round import DedupWindow
+
+__all__ = ["Driver", "Evaluate", "Inbound", "JobView", "Outbox"]
 
 Evaluate = Callable[[Params], dict[str, float]]
 """A central evaluation: the model's parameters in, metrics (``loss``, ``accuracy``) out."""
@@ -123,3 +130,30 @@ class Driver(Protocol):
 
     async def run(self) -> None:
         """Drive the job until it is done; a job-level failure raises :class:`~unus_edge.errors.JobError`."""
+
+
+class Inbound(Outbox, Protocol):
+    """What the inbound handlers use: the registry and the driver they feed, the deduplication
+    window and the group commit they answer through, and the counters they keep."""
+
+    config: JobConfig
+    session: str
+    params: Params
+    server_round: int
+    registry: Registry
+    counters: Counters
+    driver: Driver
+    dedup: DedupWindow
+    committer: GroupCommit
+    fleet: Coalescer
+    registry_changed: asyncio.Event
+    """Set whenever a heartbeat deadline may have moved (the liveness timer re-arms)."""
+
+    def registry_updated(self) -> None:
+        """Membership or presence changed: the fleet summary and the liveness timer follow."""
+
+    def reject(self, reason: str, detail: str, device_id: str = "") -> None:
+        """Count and log a refused message."""
+
+    def ack(self, update: Update, msg_id: str, accepted: bool, reason: str = "") -> None:
+        """Answer an update at once (a refusal, or a duplicate's known verdict)."""
