@@ -79,7 +79,11 @@ def test_a_restarted_aggregator_resumes_the_round_and_applies_every_update_once(
             job.cancel()  # the aggregator "crashes": no graceful shutdown, no final checkpoint
             with pytest.raises(asyncio.CancelledError):
                 await job
+        totals = first.counters.as_dict()
         second = make_aggregator(broker, settings, resume=True)  # same checkpoint dir
+        # The job totals go on from the checkpoint (they were lost on every restart before).
+        assert second.counters.bytes_up > 0 and second.counters.accepted > 0
+        assert second.counters.bytes_up <= totals["bytes_up"] and second.counters.accepted <= totals["accepted"]
         assert isinstance(second.driver, RoundDriver)
         assert second.driver.current_round is not None  # the round in progress came back with the checkpoint
         assert list(second.driver.current_round.accepted) == ["d0"]

@@ -77,6 +77,9 @@ class Checkpoint:
     """Audit entries applied up to and including this checkpoint."""
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
     """The audit entries of the commit that wrote this checkpoint (the last ``len`` of them)."""
+    counters: dict[str, Any] = field(default_factory=dict)
+    """The job totals (bytes up and down, messages by outcome, refusals by reason): a resumed job
+    goes on counting from them (``Counters.as_dict``)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def freeze_checkpoint(checkpoint: Checkpoint) -> FrozenCheckpoint:
         "driver": json.dumps(checkpoint.driver),
         "audit_count": checkpoint.audit_count,
         "pending_audit": json.dumps(checkpoint.pending_audit),
+        "counters": json.dumps(checkpoint.counters),
     }
     tensors: dict[str, np.ndarray[Any, Any]] = {name: np.array(value, copy=True)
                                                 for name, value in checkpoint.params.items()}
@@ -223,6 +227,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
             tensors={n[len(_EXTRA):]: np.array(v) for n, v in tensors.items() if n.startswith(_EXTRA)},
             audit_count=int(body.get("audit_count", 0)),
             pending_audit=json.loads(body.get("pending_audit", "[]")),
+            counters=json.loads(body.get("counters", "{}")),  # absent in checkpoints before 2026-12-03
         )
     except (CodecError, KeyError, TypeError, ValueError) as error:
         raise JobError("?", f"checkpoint {path} is corrupt: {error}") from error

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from unus_edge.messages import RoundMetrics
 from unus_edge.strategies import Params
@@ -66,3 +68,15 @@ class Counters:
     """Valid messages of no concern: other jobs' topics, statuses of unregistered sessions, heartbeats of
     announced but unregistered sessions (``_inbound.on_presence``)."""
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The totals as plain values, for a checkpoint."""
+        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "refused": self.refused,
+                "inbound": self.inbound, "accepted": self.accepted, "ignored": self.ignored,
+                "rejected": dict(self.rejected)}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Go on from the totals of a checkpoint (an empty one: from zero)."""
+        for name in ("bytes_up", "bytes_down", "refused", "inbound", "accepted", "ignored"):
+            setattr(self, name, int(saved.get(name, 0)))
+        self.rejected = collections.Counter({str(k): int(v) for k, v in saved.get("rejected", {}).items()})

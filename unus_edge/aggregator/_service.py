@@ -184,6 +184,7 @@ class Aggregator:
         for msg_id, accepted, reason in checkpoint.dedup:
             self.dedup.remember(msg_id, accepted, reason)
         self.committer.audit_count = checkpoint.audit_count
+        self.counters.restore(checkpoint.counters)
         self.driver.restore(checkpoint.driver, checkpoint.tensors)
         logger.info("resuming job %s after round %d (model version %d)", self.job, self.server_round, self.version)
 
@@ -194,7 +195,7 @@ class Aggregator:
             params=self.params, rng_state=dict(self.rng.bit_generator.state),
             devices=list(self.registry), history=self._history_bodies(),
             dedup=self.dedup.items(), finished=self.state == "finished", driver=driver, tensors=tensors,
-            audit_count=self.audit_count, pending_audit=pending_audit or [],
+            audit_count=self.audit_count, pending_audit=pending_audit or [], counters=self.counters.as_dict(),
         )
 
     def _history_bodies(self) -> list[dict[str, Any]]:
