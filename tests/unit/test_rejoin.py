@@ -16,7 +16,7 @@ from tests.unit.test_service_memory import aggregator_online, config, make_devic
 from unus_edge.aggregator import Aggregator, JobResult, prepare_job
 from unus_edge.config import JobConfig
 from unus_edge.device import Device
-from unus_edge.device._worker import Pending
+from unus_edge.device._worker import Pending, run_ssp
 from unus_edge.messages import Ack, Status, Task
 from unus_edge.topics import Channel
 from unus_edge.transport import MemoryBroker, MemoryTransport
@@ -108,3 +108,22 @@ def test_an_unassigned_standing_task_is_dropped_and_the_device_registers_again()
     device._on_ack(Ack("d0", "m2", standing.task_id, False, "unassigned", 0, 0))
     assert device.standing is None
     assert device.registration_wanted.is_set()
+
+
+def test_an_ssp_loop_that_ended_lets_the_next_standing_task_start_it_again() -> None:
+    """The timeout of the first test in one full run: the daemon's SSP loop ended on the `failed`
+    clock but kept its standing task, so the restarted aggregator's standing task replaced it
+    without being queued, and nothing trained (whether the loop had ended first was a race)."""
+
+    async def scenario() -> None:
+        device = make_device(MemoryBroker(), "d0", shards(1)[0])
+        device.view.follow("agg-1")
+        device.standing = Task("d0", "ssp.00000000000000aa.d0", 0, 0, 1, 10, 0.1, mode="ssp")
+        device.view.job_over = True  # the failed clock of agg-1
+        await run_ssp(device)  # ends at once: the job is over
+        assert device.standing is None and device.tasks.empty()
+        device.view.follow("agg-2")
+        device._dispatch(Task("d0", "ssp.00000000000000bb.d0", 0, 0, 1, 10, 0.1, mode="ssp"))
+        assert device.tasks.qsize() == 1  # queued: the worker starts the SSP loop again
+
+    run(scenario)

@@ -13,15 +13,58 @@ import dataclasses
 import logging
 import time
 
+from unus_edge import topics
 from unus_edge.aggregator._ports import Inbound
 from unus_edge.aggregator._round import check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope
-from unus_edge.errors import CodecError
-from unus_edge.messages import Ack, Heartbeat, Registration, RegistrationReply, Status, Update
+from unus_edge.errors import CodecError, ProtocolError
+from unus_edge.messages import Ack, Heartbeat, Registration, RegistrationReply, Status, Update, decode_message
+from unus_edge.topics import Channel
 
-__all__ = ["liveness", "on_presence", "on_registration", "on_update", "refuse_registration"]
+__all__ = ["liveness", "on_presence", "on_registration", "on_update", "receive", "refuse_registration"]
 
 logger = logging.getLogger("unus_edge.aggregator")
+
+_INBOUND = {Channel.STATUS, Channel.HEARTBEAT, Channel.REGISTER, Channel.UPDATE}
+
+
+async def receive(service: Inbound) -> None:
+    """Read the devices' topics: check the topic, decode within limits, check the job and the
+    sender's identity, then hand each message to its handler. Every message is counted once."""
+    async for message in service.transport.messages():
+        service.counters.inbound += 1
+        try:
+            parsed = topics.parse(message.topic)
+        except ProtocolError as error:
+            service.reject("bad_topic", error.detail)
+            continue
+        if parsed.job != service.job or parsed.channel not in _INBOUND:
+            service.counters.ignored += 1  # not ours (a broker may leak retained topics: docs/brokers.md)
+            continue
+        try:
+            envelope, decoded = decode_message(message.payload, parsed.channel, limits=service.limits)
+        except ProtocolError as error:
+            service.reject(error.reason, error.detail, parsed.device_id)
+            if parsed.channel is Channel.REGISTER and isinstance(error, CodecError):
+                refuse_registration(service, parsed.device_id, error)
+            continue
+        if envelope.job != service.job:
+            service.reject("wrong_job", f"payload names job {envelope.job!r}", parsed.device_id)
+            continue
+        if not isinstance(decoded, Update | Registration | Heartbeat | Status):
+            service.counters.ignored += 1  # a kind the devices' channels do not carry
+            continue
+        if decoded.device_id != parsed.device_id:
+            service.reject("identity_mismatch", f"topic says {parsed.device_id!r}, payload {decoded.device_id!r}",
+                           parsed.device_id)
+            continue
+        if isinstance(decoded, Update):
+            service.counters.bytes_up += len(message.payload)
+            on_update(service, envelope, decoded)
+        elif isinstance(decoded, Registration):
+            on_registration(service, decoded, time.time())
+        else:
+            on_presence(service, decoded, time.time())
 
 
 def on_registration(service: Inbound, registration: Registration, now: float) -> None:

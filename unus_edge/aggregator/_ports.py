@@ -27,10 +27,12 @@ import numpy as np
 
 from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, RoundProgress
+from unus_edge.codec import Limits
 from unus_edge.config import JobConfig
 from unus_edge.messages import Message, RoundMetrics, Update
 from unus_edge.strategies import AsyncStrategy, Params, Strategy
 from unus_edge.topics import Channel
+from unus_edge.transport import Transport
 
 if TYPE_CHECKING:  # these modules import this one
     from unus_edge.aggregator._coalesce import Coalescer
@@ -137,9 +139,13 @@ class Inbound(Outbox, Protocol):
     window and the group commit they answer through, and the counters they keep."""
 
     config: JobConfig
+    job: str
     session: str
     params: Params
     server_round: int
+    transport: Transport
+    limits: Limits
+    """Decoding limits derived from the model (nothing larger than an update can be)."""
     registry: Registry
     counters: Counters
     driver: Driver

@@ -36,27 +36,24 @@ from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
 from unus_edge.aggregator._round import DedupWindow
 from unus_edge.aggregator._ssp import SSPDriver
-from unus_edge.codec import Envelope, Limits
+from unus_edge.codec import Limits
 from unus_edge.config import JobConfig
-from unus_edge.errors import CodecError, JobError, ProtocolError, TransportError, UnusError, describe_error
+from unus_edge.errors import JobError, TransportError, UnusError, describe_error
 from unus_edge.messages import (
     Ack,
     Clock,
     FleetMetrics,
     GlobalModel,
-    Heartbeat,
     JobMetrics,
     Message,
-    Registration,
     RoundMetrics,
     Status,
     Update,
-    decode_message,
     encode_message,
 )
 from unus_edge.strategies import AsyncStrategy, Params, Strategy
 from unus_edge.topics import Channel
-from unus_edge.transport import ConnectOptions, ReceivedMessage, Transport, Will
+from unus_edge.transport import ConnectOptions, Transport, Will
 
 __all__ = ["Aggregator"]
 
@@ -263,7 +260,7 @@ class Aggregator:
             self._tasks = group
             # Consume before subscribing: retained statuses of a large fleet must not fill the
             # receive queue while nobody drains it (reads would pause, and the SUBACKs with them).
-            receiver = group.create_task(self._receive(), name="aggregator-receive")
+            receiver = group.create_task(_inbound.receive(self), name="aggregator-receive")
             # Subscribe, publish the model and clock, and only then announce ourselves: devices
             # register when they see this online status, so nothing they send arrives unheard.
             for channel, qos in ((Channel.STATUS, 1), (Channel.HEARTBEAT, 0), (Channel.REGISTER, 1),
@@ -379,45 +376,6 @@ class Aggregator:
             logger.log(level, "rejected message%s: %s (%s)%s", f" from {device_id}" if device_id else "", reason,
                            detail, f" [{count} so far]" if count > 10 else "")
 
-    # ------------------------------------------------------------------ receiving
-
-    async def _receive(self) -> None:
-        async for message in self.transport.messages():
-            self.counters.inbound += 1
-            try:
-                parsed = topics.parse(message.topic)
-            except ProtocolError as error:
-                self.reject("bad_topic", error.detail)
-                continue
-            if parsed.job != self.job or parsed.channel not in _INBOUND:
-                self.counters.ignored += 1  # not ours (a broker may leak retained topics: docs/brokers.md)
-                continue
-            try:
-                envelope, decoded = decode_message(message.payload, parsed.channel, limits=self.limits)
-            except ProtocolError as error:
-                self.reject(error.reason, error.detail, parsed.device_id)
-                if parsed.channel is Channel.REGISTER and isinstance(error, CodecError):
-                    _inbound.refuse_registration(self, parsed.device_id, error)
-                continue
-            if envelope.job != self.job:
-                self.reject("wrong_job", f"payload names job {envelope.job!r}", parsed.device_id)
-                continue
-            device_id = getattr(decoded, "device_id", "")
-            if device_id != parsed.device_id:
-                self.reject("identity_mismatch", f"topic says {parsed.device_id!r}, payload {device_id!r}",
-                            parsed.device_id)
-                continue
-            self._dispatch(message, envelope, decoded)
-
-    def _dispatch(self, message: ReceivedMessage, envelope: Envelope, decoded: Message) -> None:
-        if isinstance(decoded, Update):
-            self.counters.bytes_up += len(message.payload)
-            _inbound.on_update(self, envelope, decoded)
-        elif isinstance(decoded, Registration):
-            _inbound.on_registration(self, decoded, time.time())
-        elif isinstance(decoded, Heartbeat | Status):
-            _inbound.on_presence(self, decoded, time.time())
-
     def _on_connect(self, session_present: bool) -> None:
         """After a reconnection, say ``online`` again: the lost connection's will left the retained
         status at ``offline``, and devices register only with an online aggregator."""
@@ -447,7 +405,6 @@ class Aggregator:
         self.spawn(self.send_to_device(update.device_id, ack), "aggregator-ack")
 
 
-_INBOUND = {Channel.STATUS, Channel.HEARTBEAT, Channel.REGISTER, Channel.UPDATE}
 
 
 def _clock_state(state: str) -> Any:

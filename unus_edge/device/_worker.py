@@ -216,6 +216,10 @@ async def run_ssp(device: Device) -> None:
             _refused(task, error)
             device.standing = None
             break
+    # The loop is over (the job ended, or its task was refused): the next standing task must start
+    # it again, and the daemon queues one only when it holds none (an aggregator restarted after a
+    # `failed` clock sends one; it was dropped while this was still set: found by test_rejoin).
+    device.standing = None
     device.state = "idle"
 
 
