@@ -142,6 +142,7 @@ def _parse(data: bytes, name: str) -> OnnxModel:
 
 def load_model(source: str | os.PathLike[str] | bytes, *, name: str = "") -> OnnxModel:
     """Parse an ONNX model from a path or from bytes; :class:`ModelError` when it is unusable."""
+    path: Path | None = None
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
     else:
@@ -154,9 +155,17 @@ def load_model(source: str | os.PathLike[str] | bytes, *, name: str = "") -> Onn
     try:
         return _parse(data, name)
     except ModelError as error:
-        if error.model or not name:
+        if path is None and (error.model or not name):
             raise
-        raise ModelError(error.reason, model=name) from error
+        detail = error.detail
+        if error.reason in _NOT_PROTOBUF:  # the bytes are not a protobuf message at all
+            detail = f"{detail}; is it an ONNX file?" if detail else "is it an ONNX file?"
+        if path is not None:
+            detail = f"{path}: {detail}" if detail else str(path)
+        raise ModelError(error.reason, detail, model=error.model or name) from error
+
+
+_NOT_PROTOBUF = frozenset({"truncated", "bad_varint", "bad_wire_type"})
 
 
 # ----------------------------------------------------------------------------------- parameters

@@ -26,7 +26,7 @@ from typing import Literal
 from unus_edge._settings import Scalar, load_settings
 from unus_edge.errors import ConfigError, ProtocolError
 from unus_edge.topics import validate_name
-from unus_edge.transport import ConnectOptions, TLSOptions, Will, options_from_url
+from unus_edge.transport import ConnectOptions, TLSOptions, Will, options_from_url, redact_url
 
 __all__ = [
     "BrokerSettings",
@@ -73,9 +73,16 @@ class BrokerSettings:
             try:
                 password = Path(self.password_file).read_text().strip()
             except OSError as error:
-                raise ConfigError("broker.password_file", f"cannot read it: {error.strerror}") from error
+                raise ConfigError("broker.password_file",
+                                  f"cannot read {self.password_file}: {error.strerror}") from error
         tls: TLSOptions | None = None
-        if self.url.startswith(("mqtts://", "ssl://")) or self.ca_file or self.cert_file:
+        secure = self.url.startswith(("mqtts://", "ssl://"))
+        if not secure and (self.ca_file or self.cert_file):
+            # Once this silently switched to TLS: the URL said one thing and the connection did another.
+            given = "broker.ca_file" if self.ca_file else "broker.cert_file"
+            raise ConfigError("broker.url", f"{redact_url(self.url)} is plain MQTT but {given} is set: use "
+                              "mqtts://HOST:PORT for TLS, or leave the TLS files out")
+        if secure:
             tls = TLSOptions(self.ca_file or None, self.cert_file or None, self.key_file or None, self.check_hostname)
         options = options_from_url(self.url, client_id=self.client_id or client_id, clean_session=clean_session,
                                    keepalive=self.keepalive, will=will)

@@ -186,6 +186,26 @@ def _scalar(array: NDArray[Any]) -> int:
     return int(array.reshape(-1)[0])
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_magic(path: Path) -> None:
+    """Refuse what is neither an .npz (a zip) nor an .npy file before NumPy reads it: for any
+    other bytes NumPy's message is about pickles (``allow_pickle``), which misleads."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except FileNotFoundError as error:
+        raise data_error("not_found", "no such partition file", path=path) from error
+    except OSError as error:
+        raise data_error("unreadable", error.strerror or str(error), path=path) from error
+    if not head.startswith((_ZIP_MAGIC, _NPY_MAGIC)):
+        kind = "an empty file" if not head else f"a file starting with {head!r}"
+        raise data_error("not_npz", f"{kind}, not an .npz archive: write partitions with "
+                         "`unus-edge data split` (or numpy.savez with x, y, num_classes)", path=path)
+
+
 def load_partition(path: PathLike, *, num_classes: int | None = None) -> Dataset:
     """Read a partition file written by :func:`save_partition` into a :class:`Dataset`.
 
@@ -193,6 +213,7 @@ def load_partition(path: PathLike, *, num_classes: int | None = None) -> Dataset
     exist they must agree. Raises :class:`DataError` with the reason and ``path``.
     """
     file_path = as_path(path)
+    _check_magic(file_path)
     try:
         archive = np.load(file_path, allow_pickle=False)
     except FileNotFoundError as error:

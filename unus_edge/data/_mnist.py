@@ -4,7 +4,7 @@ Decisions
 ---------
 * Where the data lives is a *setting*, never a default path baked into the code:
   :func:`resolve_data_dir` returns the explicit value (a ``--data-dir`` flag or the
-  ``data.data_dir`` config key, passed in by the caller), else ``$UNUS_DATA_DIR``, else
+  ``evaluation.data_dir`` config key, passed in by the caller), else ``$UNUS_DATA_DIR``, else
   ``None``. An empty string counts as "not set".
 * MNIST files may be raw or gzipped (``train-images-idx3-ubyte`` or ``...ubyte.gz``); when
   both exist the raw file wins (no decompression on a Raspberry Pi). A missing or malformed
@@ -59,7 +59,7 @@ _EXPECTED_LISTING = ", ".join(f"{name}[.gz]" for pair in MNIST_FILES.values() fo
 def resolve_data_dir(explicit: PathLike | None = None) -> Path | None:
     """The data folder: ``explicit`` if given, else ``$UNUS_DATA_DIR``, else ``None``.
 
-    ``explicit`` is what the user passed (``--data-dir`` or the ``data.data_dir`` config key).
+    ``explicit`` is what the user passed (``--data-dir`` or the ``evaluation.data_dir`` config key).
     Empty strings count as unset. ``~`` is expanded. The folder is not checked here.
     """
     if explicit is not None and os.fspath(explicit) != "":
@@ -129,7 +129,7 @@ def load_mnist(
     if folder is None:
         raise data_error(
             "no_data_dir",
-            f"no MNIST folder given: pass --data-dir, set the data.data_dir config key or set {DATA_DIR_ENV}",
+            f"no MNIST folder given: pass --data-dir, set the evaluation.data_dir config key or set {DATA_DIR_ENV}",
         )
     if not folder.is_dir():
         raise data_error("not_a_directory", "the MNIST folder does not exist or is not a folder", path=folder)

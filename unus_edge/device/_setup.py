@@ -12,6 +12,7 @@ from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset, load_partition
 from unus_edge.device._daemon import Device
 from unus_edge.device._pace import Pace
+from unus_edge.device._training import check_dataset
 from unus_edge.nn import Graph, set_gemm_threads
 from unus_edge.onnx_io import fingerprint
 from unus_edge.strategies import load_client_strategies
@@ -47,6 +48,7 @@ async def run_device(
     model = resolve_model(config.device.model, seed=config.device.model_seed)
     graph = Graph(model)
     data = dataset if dataset is not None else load_partition(config.device.data)
+    check_dataset(graph, data, config.device.data if dataset is None else "the device's data")
     session = secrets.token_hex(8)
     options = Device.connect_options(config, session)
     transport = MqttTransport(options)

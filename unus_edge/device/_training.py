@@ -16,12 +16,13 @@ import numpy as np
 
 from unus_edge.codec import Tensor
 from unus_edge.data import Dataset
-from unus_edge.errors import MessageError
+from unus_edge.errors import DataError, MessageError
 from unus_edge.messages import Task
 from unus_edge.nn import Graph, TrainConfig, TrainHook, train
+from unus_edge.onnx_io import prepare_input, read_parameters
 from unus_edge.strategies import ClientStrategy, Params, client_strategy
 
-__all__ = ["Abandoned", "LocalResult", "StopHook", "train_task"]
+__all__ = ["Abandoned", "LocalResult", "StopHook", "check_dataset", "train_task"]
 
 
 class Abandoned(Exception):  # noqa: N818 (a signal, not an error)
@@ -95,3 +96,22 @@ def train_task(
     tensors = client.upload(start, result.params, np.random.default_rng([seed, 0x0DD5]))
     return LocalResult(tensors, result.num_examples, result.mean_loss, time.perf_counter() - started, result.steps,
                        result.params, time.thread_time() - cpu_started)
+
+
+def check_dataset(graph: Graph, dataset: Dataset, source: str) -> None:
+    """Refuse, before the device registers, local data its model cannot train on: examples of
+    another shape, or more classes than the model has outputs (such a device used to register
+    and fail at its first task). ``source`` names the data in the error."""
+    model = graph.model
+    if len(dataset) == 0:
+        raise DataError("empty", f"{source} holds no examples")
+    try:
+        batch = prepare_input(model, dataset.x[:1])
+    except DataError as error:
+        wanted = model.inputs[0].shape if model.inputs else None
+        raise DataError("bad_shape", f"{source}: examples of shape {tuple(dataset.x.shape[1:])} do not fit "
+                        f"model {model.name} (input {wanted})") from error
+    outputs = int(np.asarray(graph.forward(read_parameters(model), batch)).shape[-1])
+    if dataset.num_classes > outputs:
+        raise DataError("bad_num_classes", f"{source}: {dataset.num_classes} classes, but model {model.name} "
+                        f"has {outputs} outputs")
