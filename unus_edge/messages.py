@@ -315,6 +315,9 @@ class JobMetrics(Message):
     staleness: Mapping[str, int] = field(default_factory=dict)
     """Applied updates by staleness (model versions between an update's base and its
     application), in buckets ``"0"``, ``"1"``, ``"2-3"``, ``"4-7"``, ... (:func:`staleness_bucket`)."""
+    current_round: int = 0
+    """Synchronous rounds: the round in progress (0 between rounds and in SSP); ``server_round``
+    is the last completed one."""
 
 
 def task_encoding(config: Mapping[str, Scalar]) -> Literal["delta", "weights"]:

@@ -64,7 +64,9 @@ def render(state: MonitorState, job: str, now: float | None = None) -> str:
         j = state.job
         accuracy = f"{j.eval_accuracy:.4f}" if j.eval_accuracy is not None else "-"
         loss = f"{j.eval_loss:.4f}" if j.eval_loss is not None else "-"
-        lines.append(f"job {job}: {j.state}  strategy {j.strategy}  round {j.server_round}/{j.total_rounds}  "
+        rounds = (f"round {j.current_round}/{j.total_rounds} in progress ({j.server_round} done)"
+                  if j.current_round else f"round {j.server_round}/{j.total_rounds}")
+        lines.append(f"job {job}: {j.state}  strategy {j.strategy}  {rounds}  "
                      f"model v{j.version}  accuracy {accuracy}  loss {loss}")
         if j.reason:
             lines.append(f"  reason: {j.reason}")

@@ -24,7 +24,7 @@ def test_a_text_file_given_as_a_partition_is_named_and_no_pickle_is_suggested(tm
         load_partition(path)
     assert caught.value.reason == "not_npz"
     assert str(path) in str(caught.value) and "unus-edge data split" in str(caught.value)
-    assert "pickle" not in str(caught.value)
+    assert "allow_pickle" not in str(caught.value)
     (tmp_path / "empty.npz").write_bytes(b"")
     with pytest.raises(DataError, match="an empty file"):
         load_partition(tmp_path / "empty.npz")

@@ -121,6 +121,9 @@ class RoundDriver:
         if current is not None and device_id in current.pending:
             self.resend_task(device_id)
 
+    def round_in_progress(self) -> int:
+        return self.current_round.server_round if self.current_round is not None else 0
+
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         """Synchronous rounds as seen through the clock: every device is at the round, s = 0."""
         return self.view.server_round, 0, {}
@@ -289,6 +292,9 @@ class RoundDriver:
         self.current_round = current
         self._tasks.clear()
         await self._assign(current, assignments)
+        logger.info("round %d/%d started: %d device(s) selected of %d online (model version %d)", server_round,
+                    view.config.job.rounds, len(assignments), len(view.registry.online()), view.version)
+        await self.outbox.publish_state()  # operators see the round under way, not "waiting, round 0"
         return current
 
     async def _finish_round(self, current: SyncRound) -> None:

@@ -118,6 +118,9 @@ class Driver(Protocol):
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         """``c_min``, the staleness bound (``None``: infinite) and the live devices' clocks."""
 
+    def round_in_progress(self) -> int:
+        """The synchronous round under way (0: none, and always 0 in SSP)."""
+
     def staleness_histogram(self) -> dict[str, int]:
         """Applied updates by staleness bucket (``messages.staleness_bucket``)."""
 

@@ -359,7 +359,8 @@ class Aggregator:
                          self.server_round, self.config.job.rounds, self.version, self.session, bound, c_min,
                          eval_accuracy=last.eval_accuracy if last else None,
                          eval_loss=last.eval_loss if last else None, reason=reason,
-                         staleness=self.driver.staleness_histogram())
+                         staleness=self.driver.staleness_histogram(),
+                         current_round=self.driver.round_in_progress())
         await self.publish(topics.metrics(self.job, "job"), Channel.METRICS, job)
         await self.publish_fleet()
 

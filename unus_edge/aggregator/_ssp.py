@@ -377,6 +377,9 @@ class SSPDriver:
     def staleness_histogram(self) -> dict[str, int]:
         return dict(self.staleness_counts)
 
+    def round_in_progress(self) -> int:
+        return 0
+
     def clock_state(self) -> tuple[int, int | None, dict[str, int]]:
         """The clock to announce. Its ``c_min`` never runs ahead of the retained model: devices
         start from that model (protocol.md, "Model delivery"), so until the model holding the

@@ -159,8 +159,11 @@ async def work(device: Device) -> None:
         task = await device.tasks.get()
         await device.registered.wait()
         if task.mode == "ssp":
+            logger.info("standing SSP task %s received: computing while the clock allows", task.task_id)
             await run_ssp(device)
             continue
+        logger.info("task %s received: round %d, model version %d, %d epoch(s), batch %d", task.task_id,
+                    task.server_round, task.model_version, task.epochs, task.batch_size)
         budget = task.deadline_seconds or 3600.0
         have = device.view.model is not None and device.view.model_version == task.model_version  # e.g. a retried round
         if not have and not await fetch_model(device, task.model_version, budget):
