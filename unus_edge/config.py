@@ -108,6 +108,9 @@ class JobSettings:
     """Seconds a round waits for updates before aggregating what arrived."""
     min_fraction: float = 0.0
     """Quorum: fraction of the selected devices that must answer for a round to count."""
+    allow_empty_rounds: bool = False
+    """Whether a round in which no device answered counts (the model stays as it was). By default
+    it does not: the quorum is at least one update, whatever ``min_fraction`` says."""
     max_retries: int = 3
     """Rounds below quorum are retried with newly selected devices this many times."""
     heartbeat_timeout: float = 30.0

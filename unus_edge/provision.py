@@ -29,6 +29,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -343,7 +344,11 @@ def _device_config(job: str, device: str, settings: Mapping[str, Any]) -> dict[s
 
 def _aggregator_config(job: str, settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     user = aggregator_user(job)
-    return {"job": {"name": job}, "model": {"source": settings["model"]},
+    # A quorum that fits the fleet (issue 14: with min_devices 1 and min_fraction 0 a round of
+    # 0/4 updates counted): rounds start when half the fleet is online, and count when half of
+    # the selected devices answered.
+    quorum = {"min_devices": max(1, math.ceil(len(settings["devices"]) / 2)), "min_fraction": 0.5}
+    return {"job": {"name": job, **quorum}, "model": {"source": settings["model"]},
             "checkpoint": {"dir": f"{settings['state_dir']}/{job}"},
             "broker": {"url": settings["aggregator_url"], "username": user,
                        "password_file": f"{settings['config_dir']}/{user}.password"}}

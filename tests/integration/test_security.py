@@ -19,6 +19,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tomllib
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,8 @@ def test_provision_writes_secrets_0600_never_prints_them_and_runs_again(tmp_path
     assert 'url = "mqtts://gw.example:8883"' in device and 'username = "d1"' in device
     assert 'password_file = "/etc/unus-edge/password"' in device and 'cert_file = "/etc/unus-edge/d1.crt"' in device
     assert redacted({"broker": {"password": "x", "url": "u"}}) == {"broker": {"password": "***", "url": "u"}}
+    job = tomllib.loads((out / "gateway" / "j.toml").read_text())["job"]
+    assert (job["min_devices"], job["min_fraction"]) == (1, 0.5)  # a quorum that fits 2 devices, not 1 and 0
 
     # Again, adding a device and revoking one: existing secrets and certificates are kept.
     kept = {path: path.read_bytes() for path in (out / "devices" / "d1" / "password", out / "gateway" / "server.crt",
@@ -177,6 +180,7 @@ def test_provision_writes_secrets_0600_never_prints_them_and_runs_again(tmp_path
     acl = (out / "gateway" / "mosquitto.acl").read_text()
     assert "user d3\n" in acl and "user d2\n" not in acl
     assert 'url = "mqtts://gw.example:8883"' in (out / "devices" / "d3" / "device.toml").read_text()  # remembered
+    assert tomllib.loads((out / "gateway" / "j.toml").read_text())["job"]["min_devices"] == 1  # d1, d3: half is 1
 
     rotated = provision_cli("--job", "j", "--rotate", "d1", "--out", str(out))
     assert rotated.returncode == 0, rotated.stderr

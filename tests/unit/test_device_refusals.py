@@ -62,7 +62,8 @@ def test_a_task_the_device_cannot_carry_out_is_refused_and_the_next_one_runs(
 
     async def scenario() -> tuple[JobResult, int]:
         broker = MemoryBroker()
-        aggregator = make_aggregator(broker, config(job__min_devices=1, job__round_deadline=1, job__min_fraction=0),
+        aggregator = make_aggregator(broker, config(job__min_devices=1, job__round_deadline=1, job__min_fraction=0,
+                                             job__allow_empty_rounds="true"),
                                      strategy=BadFirstRound(BAD_CONFIGS[case]))
         device = make_device(broker, "d0", shards(1)[0])
         task = asyncio.create_task(run_device(device))

@@ -9,6 +9,8 @@ by mypy, where it hands itself to its driver.)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +80,7 @@ class RecordingOutbox:
         """The version of every model publication, in order."""
         self.clocks: list[tuple[int, int | None]] = []
         self.states = 0
+        self.sent_event = asyncio.Event()
         """Publications of the retained clock and the job metrics."""
         self.spawned: list[tuple[str, Coroutine[Any, Any, object]]] = []
         self.spawn_event = asyncio.Event()
@@ -85,6 +88,7 @@ class RecordingOutbox:
 
     async def send_to_device(self, device_id: str, message: Message) -> None:
         self.sent.append((device_id, message))
+        self.sent_event.set()
 
     async def publish(self, topic: str, channel: Channel, message: Message) -> int:
         return 0
@@ -381,3 +385,59 @@ def test_a_round_with_an_accumulator_that_cannot_be_saved_is_not_checkpointed_an
 def test_norm_clipping_refuses_an_inner_accumulator_it_could_not_save() -> None:
     with pytest.raises(StrategyError, match="cannot clip into Tally"):
         NormClipping(Tally(), 1.0)
+
+
+def test_a_round_without_updates_is_retried_with_the_device_that_came_back() -> None:
+    """Issue 14: with min_fraction 0 a round of 0/4 updates counted and the job went on. Now the
+    quorum is at least one update: the retry asks the device that went offline and came back,
+    with a new task of the retry."""
+
+    async def scenario() -> None:
+        view, outbox = setup(1, job__rounds=1, job__round_deadline=30, job__min_fraction=0)
+        driver = RoundDriver(view, outbox, view.strategy)
+        outbox.driver = driver
+        current = await driver._start_round(1)
+        first = outbox.tasks()["d0"]
+        driver.device_offline("d0", "will")  # its will: offline mid-round, the round has no one left
+        view.registry.status("d0", True, "s0", time.time())  # and it is back
+        outbox.sent_event.clear()
+        finishing = asyncio.create_task(driver._finish_round(current))
+        await outbox.sent_event.wait()  # the retry's task
+        second = outbox.tasks()["d0"]
+        assert second.task_id != first.task_id and second.task_id.startswith("r1.1.")
+        assert not view.history  # the empty attempt did not count as a round
+        driver.apply("m1", update(view, "d0", second.task_id))
+        await finishing
+        assert view.history[-1].num_updates == 1
+
+    run(scenario)
+
+
+def test_an_empty_round_counts_only_when_the_job_allows_it() -> None:
+    async def scenario() -> None:
+        view, outbox = setup(1, job__rounds=1, job__round_deadline=30, job__allow_empty_rounds="true")
+        driver = RoundDriver(view, outbox, view.strategy)
+        outbox.driver = driver
+        current = await driver._start_round(1)
+        driver.device_offline("d0", "will")
+        await driver._finish_round(current)
+        assert view.history[-1].num_updates == 0 and current.attempt == 0
+
+    run(scenario)
+
+
+def test_devices_that_time_out_are_logged_with_the_numbers_for_the_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        view, outbox = setup(2, job__rounds=1, job__round_deadline=0.05, job__max_retries=0)
+        driver = RoundDriver(view, outbox, view.strategy)
+        outbox.driver = driver
+        current = await driver._start_round(1)
+        task = outbox.tasks()["d0"]
+        driver.apply("m0", dataclasses.replace(update(view, "d0", task.task_id), train_seconds=42.0))
+        await driver._finish_round(current)  # d1 never answers: the deadline passes
+
+    with caplog.at_level(logging.WARNING, logger="unus_edge.aggregator"):
+        run(scenario)
+    warning = next(r.getMessage() for r in caplog.records if "timed out" in r.getMessage())
+    assert "1 device(s) timed out after job.round_deadline = 0.05 s" in warning
+    assert "the 1 that answered trained for up to 42 s" in warning and "raise job.round_deadline" in warning

@@ -23,6 +23,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from unus_edge import topics
@@ -79,6 +80,8 @@ class RoundDriver:
         self._planned = 0
         self._started = 0.0
         self._refused_at_start = 0
+        self._slowest = 0.0
+        """The longest training time (`train_seconds`) an accepted update of this round reported."""
         """Updates refused over the job when the current round started (num_rejected is per round)."""
         self._resumed = False
 
@@ -106,6 +109,7 @@ class RoundDriver:
         self.accumulator.add(ClientUpdate(update.device_id, update.num_examples, update.tensors,
                                              update.base_version, update.train_loss, 0, update.metrics))
         current.accept(update.device_id, msg_id)
+        self._slowest = max(self._slowest, update.train_seconds)
         self.round_changed.set()
         record = view.registry.get(update.device_id)
         return (record.clock if record else 0), view.version
@@ -281,6 +285,7 @@ class RoundDriver:
         view = self.view
         loop = asyncio.get_running_loop()
         self._begin_round_clock()
+        self._slowest = 0.0
         view.state = "running"
         assignments = self.strategy.configure_round(self._context(server_round), view.registry.online())
         if not assignments:
@@ -302,6 +307,8 @@ class RoundDriver:
         job = view.config.job
         loop = asyncio.get_running_loop()
         quorum = math.ceil(job.min_fraction * self._planned)
+        if not job.allow_empty_rounds:
+            quorum = max(quorum, 1)  # a round of 0/4 updates is not progress (issue 14)
         while True:
             self._progress(current)
             await self._collect(current)
@@ -312,11 +319,17 @@ class RoundDriver:
                 self.current_round = None
                 raise JobError(view.job, f"round {current.server_round}: {len(current.accepted)} of "
                                             f"{self._planned} selected devices answered, below the quorum of "
-                                            f"{quorum} (job.min_fraction); gave up after {job.max_retries} retries")
+                                            f"{quorum} (job.min_fraction, at least one unless "
+                                            f"job.allow_empty_rounds); gave up after {job.max_retries} retries")
             current.attempt += 1
-            candidates = [d for d in view.registry.online() if d.device_id not in current.assignments]
             missing = self._planned - len(current.accepted)
-            extra = self.strategy.configure_round(self._context(current.server_round), candidates)[:missing]
+            extra = self._retry_devices(current, missing)
+            if not extra:  # nobody to ask now: wait for a device to come (back) online, not a busy retry
+                view.devices_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(job.round_deadline):
+                        await view.devices_changed.wait()
+                extra = self._retry_devices(current, missing)
             logger.warning("round %d: %d of %d answered (quorum %d); retry %d with %d new device(s)",
                            current.server_round, len(current.accepted), self._planned, quorum, current.attempt,
                            len(extra))
@@ -324,9 +337,33 @@ class RoundDriver:
             await self._assign(current, extra)
         await self._aggregate(current)
 
+    def _retry_devices(self, current: SyncRound, missing: int) -> list[Assignment]:
+        """Devices for a retry: online ones not tried in this round, and ones that failed by going
+        offline and are back (they get a new task of this attempt)."""
+        online = self.view.registry.online()
+        candidates = [d for d in online if d.device_id not in current.assignments
+                      or (d.device_id in current.failures and current.failures[d.device_id].reason == "offline")]
+        extra = self.strategy.configure_round(self._context(current.server_round), candidates)[:missing]
+        for assignment in extra:
+            current.failures.pop(assignment.device_id, None)
+        return extra
+
+    def _warn_of_timeouts(self, current: SyncRound, failures: Sequence[Failure]) -> None:
+        """Devices that timed out, with the numbers an operator needs to set the deadline."""
+        timed_out = [f.device_id for f in failures if f.reason == "timeout"]
+        if not timed_out:
+            return
+        deadline = self.view.config.job.round_deadline
+        answered = (f"the {len(current.accepted)} that answered trained for up to {self._slowest:.0f} s"
+                    if current.accepted else "none answered")
+        logger.warning("round %d: %d device(s) timed out after job.round_deadline = %g s (%s); if they are "
+                       "only slow, raise job.round_deadline", current.server_round, len(timed_out), deadline,
+                       answered)
+
     async def _aggregate(self, current: SyncRound) -> None:
         view = self.view
         failures = current.close()
+        self._warn_of_timeouts(current, failures)
         accumulator = self.accumulator
         assert accumulator is not None  # made with the round (or restored with it)
         new_params = self.strategy.aggregate(current.server_round, view.params, accumulator, failures)
