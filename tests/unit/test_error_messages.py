@@ -71,3 +71,13 @@ def test_data_that_does_not_fit_the_model_is_refused_before_registering_with_the
     with pytest.raises(DataError, match="20 classes, but model mnist_2nn has 10 outputs"):
         check_dataset(graph, too_many_classes, "p.npz")
     check_dataset(graph, Dataset(np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64), 10), "ok.npz")
+
+
+def test_the_deploy_readme_shows_what_provision_prints_and_no_password_on_a_command_line() -> None:
+    """The README's max_packet_size line drifted from provision's output (issue 14), and its
+    commands put the monitor password in the process list."""
+    from unus_edge.provision import _packet_hint
+
+    readme = (Path(__file__).parents[2] / "deploy" / "raspberry-pi" / "README.md").read_text()
+    assert _packet_hint("mnist_2nn") in readme
+    assert '-P "$P"' not in readme and "monitor:$P@" not in readme
