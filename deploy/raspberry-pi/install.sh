@@ -148,7 +148,9 @@ else
     STATE_OWNER=()
 fi
 install -d -m 0755 "$PREFIX"
-install -d -m 0750 "${OWNER[@]}" "$ETC"
+# 0751: the mosquitto user must traverse it to reach broker/ (it is not in the service group);
+# every file in it has its own restrictive mode, and others cannot list it.
+install -d -m 0751 "${OWNER[@]}" "$ETC"
 install -d -m 0750 "${STATE_OWNER[@]}" "$STATE"
 
 # ------------------------------------------------------------------------------ the venv
@@ -172,6 +174,14 @@ say "installed $VERSION in $PREFIX ($(du -sh "$PREFIX" | cut -f1))"
 
 # ------------------------------------------------------------------------------ files
 escape() { printf '%s' "$1" | sed -e 's/[|&\\]/\\&/g'; }
+relocate() {  # a bundle's configuration with provision's default folders moved to this install's
+    if [ "$ETC" != /etc/unus-edge ] || [ "$STATE" != /var/lib/unus-edge ]; then
+        if grep -q -e '"/etc/unus-edge/' -e '"/var/lib/unus-edge/' "$1"; then
+            warn "$(basename "$1"): paths under /etc/unus-edge and /var/lib/unus-edge moved to $ETC and $STATE"
+        fi
+    fi
+    sed -e "s|\"/etc/unus-edge/|\"$(escape "$ETC")/|g" -e "s|\"/var/lib/unus-edge/|\"$(escape "$STATE")/|g" "$1"
+}
 render() {  # the shipped file with the default paths and user replaced by this install's
     sed -e "s|/opt/unus-edge|$(escape "$PREFIX")|g" \
         -e "s|/etc/unus-edge|$(escape "$ETC")|g" \
@@ -226,7 +236,7 @@ if [ "$ROLE" = device ]; then
     render "$HERE/device.toml.example" | sed -e "s|pi-001|$(escape "$id")|g" >"$WORK/device.toml.template"
     if [ -n "$BUNDLE" ]; then
         [ -f "$BUNDLE/device.toml" ] || die "$BUNDLE holds no device.toml: give a fleet/devices/<id> folder"
-        cp "$BUNDLE/device.toml" "$WORK/device.toml"
+        relocate "$BUNDLE/device.toml" >"$WORK/device.toml"
         for file in "$BUNDLE"/*; do
             name=$(basename "$file")
             case "$name" in
@@ -259,7 +269,7 @@ else
             JOB=$(basename "${jobs[0]}" .toml)
         fi
         [ -f "$BUNDLE/$JOB.toml" ] || die "the bundle has no job $JOB ($BUNDLE/$JOB.toml)"
-        cp "$BUNDLE/$JOB.toml" "$WORK/job.toml"
+        relocate "$BUNDLE/$JOB.toml" >"$WORK/job.toml"
         if [ "$ROOT" = 1 ]; then
             install -d -m 0750 -o root -g "$MOSQUITTO_GROUP" "$ETC/broker"
         else
@@ -273,6 +283,9 @@ else
             fi
         done
         place "$BUNDLE/ca.crt" "$ETC/ca.crt" 0644
+        if [ -f "$BUNDLE/listeners.env" ]; then
+            replace "$BUNDLE/listeners.env" "$ETC/broker/listeners.env" 0644 root  # provision's, not edited here
+        fi
         for file in "$BUNDLE"/*.password; do
             place "$file" "$ETC/$(basename "$file")" 0640 "$SERVICE_GROUP"
         done
@@ -280,6 +293,20 @@ else
         cp "$WORK/job.toml.template" "$WORK/job.toml"
     fi
     place "$WORK/job.toml" "$ETC/job.toml" 0640 "$SERVICE_GROUP" "$WORK/job.toml.template"
+    # The listeners as provisioned: the TLS port (provision --port) and its address (--bind),
+    # and the loopback port of the aggregator's broker.url; the shipped drop-in says 8883, 1883.
+    TLS_PORT=8883 TLS_BIND="" PLAIN_PORT=1883
+    if [ -f "$ETC/broker/listeners.env" ]; then
+        TLS_PORT=$(sed -n 's/^TLS_PORT=\([0-9][0-9]*\)$/\1/p' "$ETC/broker/listeners.env")
+        TLS_BIND=$(sed -n 's/^TLS_BIND=\([0-9A-Fa-f.:]*\)$/\1/p' "$ETC/broker/listeners.env")
+        [ -n "$TLS_PORT" ] || die "$ETC/broker/listeners.env names no TLS_PORT"
+    fi
+    url_port=$(sed -n 's|^url *= *"mqtt://[^"]*:\([0-9][0-9]*\)".*|\1|p' "$ETC/job.toml" | head -n 1)
+    PLAIN_PORT=${url_port:-1883}
+    sed -e "s|^listener 1883 127.0.0.1\$|listener $PLAIN_PORT 127.0.0.1|" \
+        -e "s|^listener 8883\$|listener $TLS_PORT${TLS_BIND:+ $TLS_BIND}|" \
+        "$SHARE/mosquitto-unus-edge.conf" >"$WORK/mosquitto-unus-edge.conf"
+    cp "$WORK/mosquitto-unus-edge.conf" "$SHARE/mosquitto-unus-edge.conf"
     render "$HERE/aggregator.env.example" >"$WORK/aggregator.env"
     place "$WORK/aggregator.env" "$ETC/aggregator.env" 0640 "$SERVICE_GROUP"
     # The drop-in names the provisioned files: without them Mosquitto would not start.
@@ -326,7 +353,14 @@ say "done: $ROLE, $VERSION, configuration in $ETC, state in $STATE"
 for file in "${NEW_FILES[@]}"; do
     say "kept your $(basename "${file%.new}"); the new version is $file (compare and merge)"
 done
-if [ "$ROLE" = device ] && [ -f "$DATA" ] && [ "$SYSTEMD" = 1 ] && [ -n "$BUNDLE" ]; then
+if [ "$SYSTEMD" = 0 ]; then  # no units: the commands they would run
+    if [ "$ROLE" = device ]; then
+        say "next: put this device's partition at ${DATA:-the path device.data names}, check $ETC/device.toml, then"
+        say "      $PREFIX/bin/unus-edge device --config $ETC/device.toml"
+    else
+        say "next: complete $ETC/job.toml, then $PREFIX/bin/unus-edge aggregator --config $ETC/job.toml"
+    fi
+elif [ "$ROLE" = device ] && [ -f "$DATA" ] && [ -n "$BUNDLE" ]; then
     say "started: journalctl -u unus-device -f"
 elif [ "$ROLE" = device ]; then
     say "next: put this device's partition at ${DATA:-the path device.data names}, check $ETC/device.toml, then"

@@ -9,6 +9,7 @@ verified, not started.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import re
@@ -16,17 +17,19 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.brokers import PYTHON, REPO, python_env, require_mosquitto
+from tests.brokers import PYTHON, REPO, free_port, python_env, require_mosquitto
 from tests.e2e._install import DEVICE, INSTALL, JOB, UNINSTALL, Installed, installed_device
-from tests.secure_gateway import SecureBroker
+from tests.secure_gateway import SecureBroker, provision
 from unus_edge import topics
+from unus_edge.errors import UnusError
 from unus_edge.topics import Channel
-from unus_edge.transport import ConnectOptions, MqttTransport
+from unus_edge.transport import ConnectOptions, MqttTransport, TLSOptions
 
 DEPLOY = REPO / "deploy" / "raspberry-pi"
 UNITS = ("unus-device.service", "unus-aggregator.service")
@@ -271,3 +274,69 @@ def test_gateway_install_places_broker_files_and_the_drop_in(installed: Installe
     install("--bundle", str(changed), "--replace-credentials")
     assert (etc / "broker" / "mosquitto.acl").read_text().endswith("# re-provisioned\n")
     assert (etc / "broker" / "mosquitto.acl.old").read_bytes() == (bundle / "mosquitto.acl").read_bytes()
+
+
+@pytest.mark.mosquitto
+def test_the_installed_gateway_runs_mosquitto_as_its_user_with_the_provisioned_listeners(
+        installed: Installed) -> None:
+    """Issue 14, found deploying: Mosquitto could not open the password file (the mosquitto user
+    could not enter the 0750 configuration folder); the drop-in listened on 1883/8883 whatever
+    provision --port said, its TLS listener on every interface; a bundle provisioned with the
+    default folders kept /etc/unus-edge paths when UNUS_ETC moved them; --no-systemd printed
+    systemctl steps. Mosquitto starts here from the installed drop-in, as the mosquitto user when
+    this runs as root, and a provisioned device connects over TLS on the provisioned port."""
+    require_mosquitto()
+    root = Path(tempfile.mkdtemp(prefix="unus-gateway-"))  # not under pytest's 0700 folder: mosquitto enters it
+    try:
+        root.chmod(0o755)
+        tls_port, plain_port = free_port(), free_port()
+        fleet = provision(root / "fleet", JOB, [DEVICE], "--port", str(tls_port), "--bind", "127.0.0.1",
+                          "--aggregator-url", f"mqtt://127.0.0.1:{plain_port}")  # default folders
+        etc, conf_d = root / "etc", root / "conf.d"
+        conf_d.mkdir()
+        env = {**installed.env, "UNUS_ETC": str(etc), "UNUS_STATE": str(root / "state"), "UNUS_EXTRAS": "",
+               "UNUS_MOSQUITTO_CONF_D": str(conf_d)}
+        result = subprocess.run(["bash", str(INSTALL), "--role", "gateway", "--no-systemd", "--no-apt", "--bundle",
+                                 str(fleet.gateway)], env=env, capture_output=True, text=True, timeout=600,
+                                check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        next_steps = [line for line in result.stdout.splitlines() if "next:" in line]
+        assert next_steps and not any("systemctl" in line for line in next_steps), result.stdout
+        assert f"{installed.prefix}/bin/unus-edge aggregator --config {etc}/job.toml" in result.stdout
+        job = (etc / "job.toml").read_text()
+        assert f'password_file = "{etc}/aggregator-{JOB}.password"' in job and "/etc/unus-edge/" not in job
+        drop_in = (conf_d / "unus-edge.conf").read_text()
+        assert f"\nlistener {tls_port} 127.0.0.1\n" in drop_in and f"\nlistener {plain_port} 127.0.0.1\n" in drop_in
+        assert "\nlistener 8883" not in drop_in and "\nlistener 1883 " not in drop_in
+        assert stat.S_IMODE(etc.stat().st_mode) == 0o751
+
+        data = root / "mosquitto-data"
+        data.mkdir()
+        as_root = os.geteuid() == 0
+        if as_root:
+            shutil.chown(data, "mosquitto", "mosquitto")
+        main = root / "mosquitto.conf"  # what Debian's main file holds, and its include_dir
+        main.write_text(("user mosquitto\n" if as_root else f"user {getpass.getuser()}\n")
+                        + f"persistence_location {data}/\nlog_dest stdout\ninclude_dir {conf_d}\n")
+        broker = subprocess.Popen(["mosquitto", "-c", str(main)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        async def connect() -> None:
+            options = ConnectOptions(host="localhost", port=tls_port, username=DEVICE,
+                                     password=fleet.password(DEVICE), client_id=f"unus-{JOB}-{DEVICE}",
+                                     tls=TLSOptions(ca_file=fleet.ca_file), retry_first_connect=True)
+            async with asyncio.timeout(30):
+                async with MqttTransport(options):
+                    pass
+
+        try:
+            asyncio.run(connect())
+            connected = ""
+        except (TimeoutError, OSError, UnusError) as error:
+            connected = f"{type(error).__name__}: {error}"
+        finally:
+            broker.terminate()
+            log, _ = broker.communicate(timeout=20)
+        assert not connected, f"a provisioned device could not connect ({connected}); mosquitto said:\n{log}"
+        assert "Unable to open" not in log and "Error" not in log, log
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
