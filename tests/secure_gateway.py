@@ -45,12 +45,15 @@ class Fleet:
 class SecureBroker:
     """The drop-in as shipped, included from a Debian-like main file, on free loopback ports."""
 
-    def __init__(self, workdir: Path, gateway: Path) -> None:
+    def __init__(self, workdir: Path, gateway: Path, *, client_certs: bool = False) -> None:
+        """``client_certs``: the drop-in as install.sh writes it for ``provision --client-certs``."""
         self.plain_port, self.tls_port = free_port(), free_port()
         text = DROP_IN.read_text()
+        identity = "require_certificate true\nuse_identity_as_username true" if client_certs else None
         for old, new in (("/etc/unus-edge/broker/", f"{gateway}/"),
                          ("listener 1883 127.0.0.1\n", f"listener {self.plain_port} 127.0.0.1\n"),
-                         ("listener 8883\n", f"listener {self.tls_port} 127.0.0.1\n")):
+                         ("listener 8883\n", f"listener {self.tls_port} 127.0.0.1\n"),
+                         ("\nrequire_certificate false\n", f"\n{identity or 'require_certificate false'}\n")):
             assert old in text, old
             text = text.replace(old, new)
         conf_d = workdir / "conf.d"

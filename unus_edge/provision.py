@@ -204,7 +204,11 @@ def run(args: argparse.Namespace) -> int:
     # The listeners install.sh writes into Mosquitto's drop-in (it shipped 8883 on every interface).
     (out / "gateway" / "listeners.env").write_text(
         "# Written by `unus-edge provision`: the Mosquitto listeners install.sh configures.\n"
-        f"TLS_PORT={int(settings['port'])}\nTLS_BIND={settings['bind']}\n")
+        f"TLS_PORT={int(settings['port'])}\nTLS_BIND={settings['bind']}\n"
+        # With client certificates the certificate is the identity: its CN (the device id) is
+        # the username, whatever the client sends (issue 14: device 1's certificate with device
+        # 2's password logged in as device 2).
+        f"CLIENT_CERTS={1 if settings['client_certs'] else 0}\n")
     for device in devices:
         folder = out / "devices" / device
         shutil.copyfile(ca.cert_file, folder / "ca.crt")

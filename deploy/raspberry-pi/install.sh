@@ -299,12 +299,18 @@ else
     if [ -f "$ETC/broker/listeners.env" ]; then
         TLS_PORT=$(sed -n 's/^TLS_PORT=\([0-9][0-9]*\)$/\1/p' "$ETC/broker/listeners.env")
         TLS_BIND=$(sed -n 's/^TLS_BIND=\([0-9A-Fa-f.:]*\)$/\1/p' "$ETC/broker/listeners.env")
+        CLIENT_CERTS=$(sed -n 's/^CLIENT_CERTS=\([01]\)$/\1/p' "$ETC/broker/listeners.env")
         [ -n "$TLS_PORT" ] || die "$ETC/broker/listeners.env names no TLS_PORT"
+    fi
+    # With client certificates (provision --client-certs) the certificate is the identity.
+    IDENTITY='s|^require_certificate false$|require_certificate false|'
+    if [ "${CLIENT_CERTS:-0}" = 1 ]; then
+        IDENTITY='s|^require_certificate false$|require_certificate true\nuse_identity_as_username true|'
     fi
     url_port=$(sed -n 's|^url *= *"mqtt://[^"]*:\([0-9][0-9]*\)".*|\1|p' "$ETC/job.toml" | head -n 1)
     PLAIN_PORT=${url_port:-1883}
     sed -e "s|^listener 1883 127.0.0.1\$|listener $PLAIN_PORT 127.0.0.1|" \
-        -e "s|^listener 8883\$|listener $TLS_PORT${TLS_BIND:+ $TLS_BIND}|" \
+        -e "s|^listener 8883\$|listener $TLS_PORT${TLS_BIND:+ $TLS_BIND}|" -e "$IDENTITY" \
         "$SHARE/mosquitto-unus-edge.conf" >"$WORK/mosquitto-unus-edge.conf"
     cp "$WORK/mosquitto-unus-edge.conf" "$SHARE/mosquitto-unus-edge.conf"
     render "$HERE/aggregator.env.example" >"$WORK/aggregator.env"

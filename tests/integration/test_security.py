@@ -417,6 +417,45 @@ def test_provisioned_client_certificates_authenticate(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_client_certificate_logs_in_as_its_own_device_whatever_name_it_gives(tmp_path: Path) -> None:
+    """Issue 14: with require_certificate true, device 1's certificate and device 2's password
+    logged in as device 2. With --client-certs the drop-in takes the identity from the
+    certificate (use_identity_as_username): the same attempt is device 1, and the ACL keeps it
+    off device 2's topics."""
+    require_mosquitto()
+    fleet = provision(tmp_path / "fleet", JOB, ["pi-c1", "pi-c2"], "--client-certs")
+    assert "CLIENT_CERTS=1" in (fleet.gateway / "listeners.env").read_text()
+    (tmp_path / "broker").mkdir()
+    gateway = SecureBroker(tmp_path / "broker", fleet.gateway, client_certs=True)
+    bundle = fleet.out / "devices" / "pi-c1"
+    own_cert = TLSOptions(ca_file=fleet.ca_file, cert_file=str(bundle / "pi-c1.crt"),
+                          key_file=str(bundle / "pi-c1.key"))
+    seen: list[ReceivedMessage] = []
+
+    async def scenario() -> None:
+        await gateway.broker.start()
+        try:
+            async with connect(fleet, gateway, f"aggregator-{JOB}", tls=False) as aggregator:
+                await aggregator.subscribe(topics.device_filter(JOB, Channel.UPDATE), qos=1)
+                impostor = ConnectOptions(port=gateway.tls_port, username="pi-c2", password=fleet.password("pi-c2"),
+                                          client_id=f"unus-{JOB}-pi-c2", tls=own_cert)
+                async with MqttTransport(impostor) as client:
+                    await client.publish(device_topic("pi-c2", Channel.UPDATE), b"forged", qos=1)
+                    await client.publish(device_topic("pi-c1", Channel.UPDATE), b"marker", qos=1)
+                    async with asyncio.timeout(20):
+                        seen.extend(await until_marker(aggregator, device_topic("pi-c1", Channel.UPDATE), b"marker"))
+                with pytest.raises(ConnectError):  # and no certificate, no connection, password or not
+                    async with MqttTransport(ConnectOptions(port=gateway.tls_port, keepalive=2, username="pi-c2",
+                                                            password=fleet.password("pi-c2"),
+                                                            tls=TLSOptions(ca_file=fleet.ca_file))):
+                        pass
+        finally:
+            await gateway.broker.stop()
+
+    run(scenario)
+    assert [m.topic for m in seen] == [device_topic("pi-c1", Channel.UPDATE)]  # the forged update never arrived
+
+
 def test_provision_uses_a_given_ca_or_server_certificate(tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
