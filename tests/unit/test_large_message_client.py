@@ -101,3 +101,33 @@ def test_queued_packets_are_views_so_partial_sends_do_not_copy() -> None:
     client._packet_queue(0x30, bytearray(b"abc"), 0, 0)
     queued = client._out_packet[-1]["packet"]
     assert isinstance(queued, memoryview) and bytes(queued[1:]) == b"bc"
+
+
+def test_the_pump_survives_paho_unregistering_a_closed_socket_even_after_its_loop_closed() -> None:
+    """Seen once in a full run: a client collected late called ``on_socket_unregister_write``
+    from paho's ``__del__`` with a socket already closed (``fileno() == -1``), and the pump
+    raised ``ValueError: Invalid file descriptor: -1`` out of ``__del__``."""
+    import asyncio
+    import socket
+
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from unus_edge.transport._pump import SocketPump
+
+    loop = asyncio.new_event_loop()
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    pump = SocketPump(loop, client)
+    left, right = socket.socketpair()
+    try:
+        pump._on_socket_register_write(client, None, left)  # watched for writes under its fd
+        fd = left.fileno()
+        assert pump._writer_fd == fd
+        left.close()
+        pump._on_socket_unregister_write(client, None, left)  # closed: fileno() is -1
+        watched = {key.fd for key in loop._selector.get_map().values()}  # type: ignore[attr-defined]
+        assert pump._writer_fd == -1 and fd not in watched
+    finally:
+        right.close()
+        pump.close()
+        loop.close()
+    pump._on_socket_unregister_write(client, None, left)  # after the loop closed: nothing to do

@@ -87,10 +87,10 @@ async def run_aggregator(
     logger.info("aggregator for job %s (%s, %s) on %s", config.job.name, config.model.source,
                 type(parts.strategy).__name__, redact_url(config.broker.url))
     # A shutdown while the broker is unreachable ends the connect back-off too (issue 14).
-    if not await connect_unless_stopped(transport, aggregator.shutdown_trigger):
-        logger.info("job %s: stopped while waiting for the broker", config.job.name)
-        return aggregator.result("stopped", "stopped while waiting for the broker", 0.0)
     try:
+        if not await connect_unless_stopped(transport, aggregator.shutdown_trigger):
+            logger.info("job %s: stopped while waiting for the broker", config.job.name)
+            return aggregator.result("stopped", "stopped while waiting for the broker", 0.0)
         return await aggregator.run()
     finally:
-        await transport.close()
+        await transport.close()  # also after a stop during the first connection: no socket left behind

@@ -59,12 +59,12 @@ async def run_device(
         device.pace = pace
     # The first connection may retry for as long as the broker is unreachable: a shutdown
     # (SIGTERM from systemd) must end that wait too, not only a running daemon (issue 14).
-    if not await connect_unless_stopped(transport, device.shutdown_trigger):
-        logger.info("device %s: stopped while waiting for its broker", config.device.id)
-        return device
     try:
+        if not await connect_unless_stopped(transport, device.shutdown_trigger):
+            logger.info("device %s: stopped while waiting for its broker", config.device.id)
+            return device
         await device.run()
     finally:
-        await transport.close()
+        await transport.close()  # also after a stop during the first connection: no socket left behind
     return device
 

@@ -128,6 +128,7 @@ class SocketPump:
         """Socket reads are paused (the receive queue is full)."""
         self._loop_thread = threading.get_ident()
         self._reader_fd = -1
+        self._writer_fd = -1
         self._misc_handle: asyncio.TimerHandle | None = None
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -167,6 +168,8 @@ class SocketPump:
 
     def _in_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback`` in the loop thread: now if we are in it, else thread-safely soon."""
+        if self.loop.is_closed():
+            return  # paho's __del__ after the loop ended (a client collected late): nothing to unwatch
         if threading.get_ident() == self._loop_thread:
             callback(*args)
         else:
@@ -202,9 +205,15 @@ class SocketPump:
     def _watch_writes(self, fd: int) -> None:
         if self.client is not None:
             self.loop.add_writer(fd, self._on_writable)
+            self._writer_fd = fd
 
     def _unwatch_writes(self, fd: int) -> None:
-        self.loop.remove_writer(fd)
+        # paho may unregister a socket it already closed (fileno() -1, seen from its __del__):
+        # the descriptor it was watched under is the one to remove.
+        fd = fd if fd >= 0 else self._writer_fd
+        if fd >= 0:
+            self.loop.remove_writer(fd)
+        self._writer_fd = -1
 
     def _on_readable(self) -> None:
         """Read whole packets, one at a time, until the socket is drained or reads are paused.
