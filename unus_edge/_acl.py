@@ -40,12 +40,12 @@ topic write unus/v1/{job}/devices/+/tasks
 topic write unus/v1/{job}/model
 topic write unus/v1/{job}/clock
 topic write unus/v1/{job}/aggregator/status
-topic write unus/v1/{job}/metrics/+
+topic write unus/v1/{job}/metrics/#
 
 # Operators and dashboards (unus-edge monitor, mosquitto_sub): read-only, and never the
 # model, the updates, the registrations or the tasks.
 user {monitor}
-topic read unus/v1/{job}/metrics/+
+topic read unus/v1/{job}/metrics/#
 topic read unus/v1/{job}/devices/+/status
 topic read unus/v1/{job}/devices/+/heartbeat
 topic read unus/v1/{job}/aggregator/status

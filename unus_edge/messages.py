@@ -275,7 +275,7 @@ class RoundMetrics(Message):
 
 @dataclass(frozen=True, slots=True)
 class DeviceFacts(Message):
-    """One device as the aggregator sees it (an entry of :class:`FleetMetrics`)."""
+    """One device as the aggregator sees it, retained on ``metrics/devices/{device_id}``."""
 
     KIND: ClassVar[str] = "device"
     device_id: str
@@ -290,10 +290,15 @@ class DeviceFacts(Message):
 
 @dataclass(frozen=True, slots=True)
 class FleetMetrics(Message):
-    """The registry, published on ``metrics/devices`` after it changes, at most once per ``job.fleet_interval``."""
+    """The fleet in counts, on ``metrics/devices``: its size does not grow with the fleet (each
+    device's facts have their own topic). Published after the registry changes, at most once per
+    ``job.fleet_interval``."""
 
     KIND: ClassVar[str] = "devices"
-    devices: tuple[Mapping[str, Scalar | None], ...]
+    registered: int
+    online: int
+    platforms: Mapping[str, int] = field(default_factory=dict)
+    """Registered devices by platform: the most common ones, the rest summed under ``"other"``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +347,7 @@ CHANNEL_KINDS: dict[Channel, tuple[type[Message], ...]] = {
     Channel.TASKS: (Task, RegistrationReply, Ack),
     Channel.MODEL: (GlobalModel,),
     Channel.CLOCK: (Clock,),
-    Channel.METRICS: (RoundMetrics, FleetMetrics, JobMetrics),
+    Channel.METRICS: (RoundMetrics, FleetMetrics, JobMetrics, DeviceFacts),
 }
 
 

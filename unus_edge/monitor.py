@@ -1,7 +1,9 @@
 """``unus-edge monitor``: a live view of a job, built only from MQTT topics.
 
 It reads exactly what ``mosquitto_sub -t 'unus/v1/JOB/#' -v`` shows as JSON: the job, round and
-devices metrics published by the aggregator, and the devices' own status and heartbeats.
+fleet metrics published by the aggregator (the fleet in counts, and each device's facts on its own
+retained topic), and the devices' own status and heartbeats. The device table shows the first
+``max_rows`` devices by id; the counts cover the whole fleet.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, TextIO
 
 from unus_edge import topics
 from unus_edge.errors import ProtocolError
-from unus_edge.messages import FleetMetrics, Heartbeat, JobMetrics, RoundMetrics, Status, decode_message
+from unus_edge.messages import DeviceFacts, FleetMetrics, Heartbeat, JobMetrics, RoundMetrics, Status, decode_message
 from unus_edge.topics import Channel
 from unus_edge.transport import Transport
 
@@ -25,6 +27,7 @@ __all__ = ["MonitorState", "monitor", "render"]
 class MonitorState:
     job: JobMetrics | None = None
     last_round: RoundMetrics | None = None
+    fleet: FleetMetrics | None = None
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     activity: dict[str, str] = field(default_factory=dict)
     updated: float = 0.0
@@ -41,8 +44,9 @@ class MonitorState:
         elif isinstance(message, RoundMetrics):
             self.last_round = message
         elif isinstance(message, FleetMetrics):
-            for entry in message.devices:
-                self.devices.setdefault(str(entry["device_id"]), {}).update(entry)
+            self.fleet = message
+        elif isinstance(message, DeviceFacts):
+            self.devices.setdefault(message.device_id, {}).update(message.body())
         elif isinstance(message, Heartbeat):
             self.activity[message.device_id] = message.state
             self.devices.setdefault(message.device_id, {"device_id": message.device_id})["last_seen"] = time.time()
@@ -55,7 +59,7 @@ class MonitorState:
         return True
 
 
-def render(state: MonitorState, job: str, now: float | None = None) -> str:
+def render(state: MonitorState, job: str, now: float | None = None, *, max_rows: int = 50) -> str:
     now = time.time() if now is None else now
     lines = []
     if state.job is None:
@@ -81,9 +85,14 @@ def render(state: MonitorState, job: str, now: float | None = None) -> str:
         r = state.last_round
         lines.append(f"last round {r.server_round}: {r.num_updates}/{r.num_selected} updates, "
                      f"{r.num_failures} failed, {r.duration_seconds:.2f} s")
+    if state.fleet is not None:
+        f = state.fleet
+        platforms = "  ".join(f"{name}: {count}" for name, count in f.platforms.items())
+        lines.append(f"fleet: {f.registered} registered, {f.online} online" + (f"  ({platforms})" if platforms else ""))
     lines.append("")
     lines.append(f"{'device':<20} {'state':<8} {'activity':<10} {'last seen':>10} {'rounds':>7} {'train loss':>11}")
-    for device_id in sorted(state.devices):
+    shown = sorted(state.devices)
+    for device_id in shown[:max_rows]:
         entry: dict[str, Any] = state.devices[device_id]
         online = entry.get("online")
         seen = entry.get("last_seen")
@@ -92,6 +101,8 @@ def render(state: MonitorState, job: str, now: float | None = None) -> str:
         lines.append(f"{device_id:<20} {'online' if online else 'offline' if online is not None else '?':<8} "
                      f"{state.activity.get(device_id, '-'):<10} {ago:>10} {entry.get('rounds_contributed', 0):>7} "
                      f"{(f'{train_loss:.4f}' if isinstance(train_loss, int | float) else '-'):>11}")
+    if len(shown) > max_rows:
+        lines.append(f"... and {len(shown) - max_rows} more device(s)")
     return "\n".join(lines)
 
 

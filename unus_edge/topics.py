@@ -17,6 +17,7 @@ topic (under ``unus/v1/{job}/``)          format  QoS   retain  publisher -> sub
 ``clock``                                 CBOR    1     yes     aggregator -> devices
 ``aggregator/status``                     JSON    1     yes     aggregator (and its will)
 ``metrics/{name}``                        JSON    1     yes     aggregator -> operators
+``metrics/devices/{device_id}``           JSON    1     yes     aggregator -> operators
 ========================================  ======  ====  ======  ===========================
 
 Why these QoS and retain flags
@@ -41,7 +42,10 @@ Why these QoS and retain flags
     * **aggregator/status** is retained with a last will, so devices notice an aggregator that
       restarts (its ``session`` changes) or dies.
     * **metrics** are for people: JSON that ``mosquitto_sub -t 'unus/v1/JOB/metrics/#' -v``
-      prints as is. Retained, so a monitor that starts late shows the current state.
+      prints as is. Retained, so a monitor that starts late shows the current state. The fleet
+      is a summary in counts on ``metrics/devices`` plus one retained topic per device
+      (``metrics/devices/{device_id}``), so no payload grows with the fleet and a registration
+      republishes one device, not all of them.
 
 Names
     ``job`` and ``device_id`` are 1-64 characters of ``[A-Za-z0-9_.-]`` that do not start with
@@ -68,6 +72,7 @@ __all__ = [
     "all_device_filter",
     "clock",
     "device_filter",
+    "device_metrics",
     "device_topic",
     "job_filter",
     "metrics",
@@ -177,9 +182,14 @@ def metrics(job: str, name: str) -> str:
     return f"{_job_root(job)}/metrics/{validate_name(name, 'metrics name')}"
 
 
+def device_metrics(job: str, device_id: str) -> str:
+    """The retained facts of one device: ``.../metrics/devices/{device_id}``."""
+    return f"{_job_root(job)}/metrics/devices/{validate_name(device_id, 'device_id')}"
+
+
 def metrics_filter(job: str) -> str:
-    """Every metrics topic of a job: ``.../metrics/+``."""
-    return f"{_job_root(job)}/metrics/+"
+    """Every metrics topic of a job, the per-device facts included: ``.../metrics/#``."""
+    return f"{_job_root(job)}/metrics/#"
 
 
 def job_filter(job: str) -> str:
@@ -215,6 +225,8 @@ def parse(topic: str) -> ParsedTopic:
         return ParsedTopic(job, Channel.AGGREGATOR_STATUS)
     if len(rest) == 2 and rest[0] == "metrics" and _NAME.fullmatch(rest[1]):
         return ParsedTopic(job, Channel.METRICS, name=rest[1])
+    if len(rest) == 3 and rest[:2] == ["metrics", "devices"] and _NAME.fullmatch(rest[2]):
+        return ParsedTopic(job, Channel.METRICS, device_id=rest[2], name="devices")
     if len(rest) == 3 and rest[0] == "devices" and _NAME.fullmatch(rest[1]):
         try:
             channel = Channel(rest[2])

@@ -121,9 +121,11 @@ url = "mqtt://127.0.0.1:{port}"
     assert accuracies[-1] > accuracies[0] > 0.1, accuracies
     jobs = [body["body"] for topic, body in metrics.messages if topic.endswith("/job")]
     assert jobs[-1]["state"] == "finished"
-    fleet = [body["body"] for topic, body in metrics.messages if topic.endswith("/devices")][-1]
-    assert {d["device_id"] for d in fleet["devices"]} == {"pi-0", "pi-1", "pi-2"}
-    assert all(d["rounds_contributed"] == 3 for d in fleet["devices"])
+    fleet = [body["body"] for topic, body in metrics.messages if topic.endswith("/metrics/devices")][-1]
+    assert fleet["registered"] == 3 and sum(fleet["platforms"].values()) == 3, fleet
+    facts = {topic.rsplit("/", 1)[1]: body["body"] for topic, body in metrics.messages if "/metrics/devices/" in topic}
+    assert set(facts) == {"pi-0", "pi-1", "pi-2"}  # the last facts of each device, on its own topic
+    assert all(entry["rounds_contributed"] == 3 for entry in facts.values()), facts
     # Devices announced themselves and left gracefully (retained status, JSON).
     states = {(body["body"]["device_id"], body["body"]["state"]) for _, body in status.messages}
     assert {("pi-0", "offline"), ("pi-1", "online")} <= states

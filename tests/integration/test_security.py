@@ -362,6 +362,9 @@ def test_federated_job_over_tls_and_acl_with_three_device_processes(fleet: Fleet
         assert len(rounds) == 3
         assert rounds[-1]["eval_accuracy"] > rounds[0]["eval_accuracy"] > 0.1
         assert all(entry["num_updates"] == 3 and not entry["rejected"] for entry in rounds)
+        # Each device's facts on its own topic (metrics/#: the ACL lets the aggregator write there).
+        facts = {topic.rsplit("/", 1)[1]: body["body"] for topic, body in metrics if "/metrics/devices/" in topic}
+        assert set(facts) == set(DEVICES) and all(entry["rounds_contributed"] == 3 for entry in facts.values())
         # The devices came over TLS, under their own names, and the ACL denied nothing they did.
         for device in DEVICES:
             assert re.search(rf"New client connected from 127\.0\.0\.1:\d+ as {device} \(.*u'{device}'\)", broker.log)

@@ -26,7 +26,8 @@ SAMPLES: list[tuple[m.Message, Channel]] = [
     (m.GlobalModel(5, 5, "sha256:ab", "agg", {"w": np.zeros(3, np.float32)}), Channel.MODEL),
     (m.Clock(5, 5, "agg", c_min=2, staleness_bound=None, live_devices=3, clocks={"d1": 2}), Channel.CLOCK),
     (m.RoundMetrics(5, 5, 10, 9, 1, 5400, 3.2, 0.3, 0.28, 0.91, 100, 200, {"nan_or_inf": 1}), Channel.METRICS),
-    (m.FleetMetrics(({"device_id": "d1", "online": True, "last_train_loss": None},)), Channel.METRICS),
+    (m.FleetMetrics(3, 2, {"Linux-aarch64": 2, "other": 1}), Channel.METRICS),
+    (m.DeviceFacts("d1", True, 1.5, 3, None, 600, 3, "Linux-aarch64"), Channel.METRICS),
     (m.JobMetrics("running", "FedAvg", 5, 100, 5, "agg", eval_accuracy=0.9), Channel.METRICS),
 ]
 

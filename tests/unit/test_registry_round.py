@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from unus_edge.aggregator import DedupWindow, Registry, SyncRound, check_tensors
 from unus_edge.codec import SparseTensor
@@ -134,3 +136,54 @@ def test_dedup_window_remembers_at_least_its_capacity_and_at_most_twice() -> Non
     window.remember("m7", True)
     assert "m7" not in [row[0] for row in copy]  # a checkpoint's copy does not change afterwards
     assert list(copy)[-1] == ("m6", True, "") and copy[-1] == ("m6", True, "") and len(copy) == 4
+
+
+OPERATIONS = st.lists(st.tuples(st.sampled_from(["register", "heartbeat", "offline", "online", "expire", "update"]),
+                                st.integers(0, 5), st.floats(0, 4)), max_size=60)
+
+
+@settings(deadline=None, max_examples=200)
+@given(OPERATIONS)
+def test_counters_and_the_deadline_heap_agree_with_a_fleet_scan(operations: list[tuple[str, int, float]]) -> None:
+    """The O(1) bookkeeping (issue 21) against the obvious scans it replaced."""
+    registry = Registry("sha256:good", heartbeat_timeout=3)
+    now = 0.0
+    changed: set[str] = set()
+    for name, index, step in operations:
+        now += step
+        device_id = f"d{index}"
+        before = {r.device_id: r.facts() for r in registry}
+        if name == "register":
+            registry.register(Registration(device_id, "s1", 10, "sha256:good", "0", platform=f"p{index % 2}"), now)
+        elif name == "heartbeat":
+            registry.heartbeat(device_id, "s1", now)
+        elif name in ("offline", "online"):
+            registry.status(device_id, name == "online", "s1", now)
+        elif name == "update" and device_id in registry:
+            registry.contributed(device_id, 0.5)
+        elif name == "expire":
+            silent = sorted(r.device_id for r in registry if r.online and now - r.last_seen > 3)
+            assert registry.expire(now) == silent
+        online = [r for r in registry if r.online]
+        assert registry.online_count == len(online)
+        deadline = registry.next_expiry()
+        if online:  # the heap's top is never later than the first true deadline
+            assert deadline is not None and deadline <= min(r.last_seen + 3 for r in online)
+        # Whatever changed in the published facts (except last_seen alone) is marked.
+        for record in registry:
+            old = before.get(record.device_id)
+            if old is None or (old.online, old.rounds_contributed) != (record.online, record.rounds_contributed):
+                changed.add(record.device_id)
+        taken = {r.device_id for r in registry.take_changed()}
+        assert changed <= taken
+        changed.clear()
+    assert sum(registry.platforms().values()) == len(registry)
+
+
+def test_platforms_keep_the_most_common_and_sum_the_rest() -> None:
+    registry = Registry("sha256:good", heartbeat_timeout=3)
+    for index in range(30):
+        registry.register(Registration(f"d{index}", "s1", 10, "sha256:good", "0", platform=f"p{index % 6}"), 0)
+    registry.register(Registration("d0", "s2", 10, "sha256:good", "0", platform="p1"), 1)  # moved: p0 4, p1 6
+    assert registry.platforms(limit=2) == {"p1": 6, "p2": 5, "other": 19}
+    assert len(registry) == 30 and registry.online_count == 30

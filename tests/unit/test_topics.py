@@ -34,6 +34,11 @@ def test_job_level_topics() -> None:
     assert topics.parse(topics.aggregator_status("mnist")) == ParsedTopic("mnist", Channel.AGGREGATOR_STATUS)
     assert topics.parse(topics.metrics("mnist", "round")) == ParsedTopic("mnist", Channel.METRICS, name="round")
     assert topics.model("mnist") == "unus/v1/mnist/model"
+    facts = topics.device_metrics("mnist", "pi-7")
+    assert facts == "unus/v1/mnist/metrics/devices/pi-7"
+    assert topics.parse(facts) == ParsedTopic("mnist", Channel.METRICS, device_id="pi-7", name="devices")
+    assert topic_matches(topics.metrics_filter("mnist"), facts)
+    assert topic_matches(topics.metrics_filter("mnist"), topics.metrics("mnist", "devices"))
 
 
 def test_every_channel_has_a_spec_and_retain_matches_the_design() -> None:
@@ -62,6 +67,9 @@ def test_invalid_names_are_refused(bad: str) -> None:
         "unus/v1/job/devices/d1/update/extra",
         "unus/v1/job/devices/+/update",
         "unus/v1/job/metrics",
+        "unus/v1/job/metrics/round/d1",
+        "unus/v1/job/metrics/devices/d1/x",
+        "unus/v1/job/metrics/devices/+",
         "unus/v1/j$b/model",
     ],
 )

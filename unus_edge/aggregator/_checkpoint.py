@@ -102,7 +102,7 @@ def freeze_checkpoint(checkpoint: Checkpoint) -> FrozenCheckpoint:
         "version": checkpoint.version,
         # PCG64 states are 128-bit integers: JSON text keeps them exact.
         "rng_state": json.dumps(checkpoint.rng_state),
-        "devices": [dict(vars(record)) for record in checkpoint.devices],  # plain fields: a shallow copy
+        "devices": [record.as_dict() for record in checkpoint.devices],  # plain fields: a shallow copy
         "history": checkpoint.history,
         "dedup": checkpoint.dedup,  # a copy; its rows are built when encoded (encode_frozen)
         "finished": checkpoint.finished,

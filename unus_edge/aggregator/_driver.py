@@ -53,15 +53,16 @@ async def wait_for_devices(view: JobView) -> None:
     """Wait until ``job.min_devices`` devices are online; fail the job after ``job.wait_for_devices``."""
     needed = view.config.job.min_devices
     limit = view.config.job.wait_for_devices
-    if len(view.registry.online()) < needed:
-        logger.info("waiting for %d device(s) to be online (%d now)", needed, len(view.registry.online()))
+    registry = view.registry
+    if registry.online_count < needed:
+        logger.info("waiting for %d device(s) to be online (%d now)", needed, registry.online_count)
     try:
         async with asyncio.timeout(limit):
-            while len(view.registry.online()) < needed:
+            while registry.online_count < needed:
                 view.devices_changed.clear()
                 await view.devices_changed.wait()
     except TimeoutError:
-        raise JobError(view.job, f"only {len(view.registry.online())} of the {needed} devices needed "
+        raise JobError(view.job, f"only {registry.online_count} of the {needed} devices needed "
                                     f"(job.min_devices) came online within {limit:.0f} s") from None
 
 
@@ -298,7 +299,7 @@ class RoundDriver:
         self._tasks.clear()
         await self._assign(current, assignments)
         logger.info("round %d/%d started: %d device(s) selected of %d online (model version %d)", server_round,
-                    view.config.job.rounds, len(assignments), len(view.registry.online()), view.version)
+                    view.config.job.rounds, len(assignments), view.registry.online_count, view.version)
         await self.outbox.publish_state()  # operators see the round under way, not "waiting, round 0"
         return current
 

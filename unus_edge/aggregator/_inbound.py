@@ -127,11 +127,7 @@ def on_update(service: Inbound, envelope: Envelope, update: Update) -> None:
         service.dedup.remember(envelope.msg_id, False, reason)
         service.ack(update, envelope.msg_id, False, reason)
         return
-    record = service.registry.get(update.device_id)
-    assert record is not None
-    record.rounds_contributed += 1
-    record.last_train_loss = update.train_loss
-    record.clock += 1
+    service.registry.contributed(update.device_id, update.train_loss)
     service.counters.accepted += 1
     step = service.server_round + 1 if service.config.job.mode == "sync" else update.clock
     clock, version = service.driver.apply(envelope.msg_id, update)

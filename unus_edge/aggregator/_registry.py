@@ -11,13 +11,19 @@ Time is passed in (``now``), so the rules are testable without clocks:
 * every session named on a device's ``status`` topic is remembered as *announced* (a bounded
   window): a device announces its session before it registers, and its last will outlives it,
   so presence of an announced session that is not the registered one is routine, not hostile.
+
+Every per-event operation costs the same whatever the fleet's size (issue 21): the online count is
+a counter, silent devices are found through a heap of deadlines (refreshed lazily, so a heartbeat
+only stores a time), and the devices whose published facts changed are collected in a set that
+the fleet publication drains (:meth:`Registry.take_changed`).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
-from dataclasses import dataclass
+import heapq
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
 
 from unus_edge.messages import DeviceFacts, Registration
 from unus_edge.strategies import DeviceInfo
@@ -25,9 +31,9 @@ from unus_edge.strategies import DeviceInfo
 __all__ = ["DeviceRecord", "Registry", "Verdict"]
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceRecord:
-    """What the aggregator knows about one registered device."""
+    """What the aggregator knows about one registered device (slots: a fleet holds thousands)."""
 
     device_id: str
     session: str
@@ -44,6 +50,10 @@ class DeviceRecord:
     def info(self) -> DeviceInfo:
         return DeviceInfo(self.device_id, self.num_examples, self.platform, self.rounds_contributed,
                           self.last_train_loss)
+
+    def as_dict(self) -> dict[str, object]:
+        """The plain fields (what a checkpoint stores)."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
     def facts(self) -> DeviceFacts:
         return DeviceFacts(self.device_id, self.online, self.last_seen, self.rounds_contributed,
@@ -66,6 +76,13 @@ class Registry:
         self._devices: dict[str, DeviceRecord] = {}
         self._announced: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._announced_capacity = announced_capacity
+        self._online = 0
+        self._deadlines: list[tuple[float, str]] = []
+        """A heap of (deadline, device id) of online devices; a deadline may be early (a heartbeat
+        moved it later): :meth:`expire` then pushes the true one."""
+        self._queued: set[str] = set()
+        self._changed: set[str] = set()
+        self._platforms: collections.Counter[str] = collections.Counter()
 
     def __contains__(self, device_id: object) -> bool:
         return device_id in self._devices
@@ -75,6 +92,10 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._devices)
+
+    @property
+    def online_count(self) -> int:
+        return self._online
 
     def get(self, device_id: str) -> DeviceRecord | None:
         return self._devices.get(device_id)
@@ -86,21 +107,31 @@ class Registry:
         record = self._devices.get(registration.device_id)
         if record is None:
             record = DeviceRecord(registration.device_id, registration.session, registration.num_examples,
-                                  registration.platform, registration.software_version, now)
+                                  registration.platform, registration.software_version, now, online=False)
             self._devices[registration.device_id] = record
+            self._platforms[record.platform] += 1
         else:  # a re-registration (device or aggregator restart): keep its history
+            self._platforms[record.platform] -= 1
+            self._platforms[registration.platform] += 1
             record.session = registration.session
             record.num_examples = registration.num_examples
             record.platform = registration.platform
             record.software_version = registration.software_version
-        record.online = True
         record.last_seen = now
+        self._set_online(record, True)
+        self._changed.add(record.device_id)
         return Verdict(True)
 
     def restore(self, record: DeviceRecord) -> None:
         """Put back a record from a checkpoint (offline until the device shows up)."""
+        previous = self._devices.get(record.device_id)
+        if previous is not None:
+            self._online -= previous.online
+            self._platforms[previous.platform] -= 1
+        self._platforms[record.platform] += 1
         record.online = False
         self._devices[record.device_id] = record
+        self._changed.add(record.device_id)
 
     def status(self, device_id: str, online: bool, session: str, now: float) -> bool:
         """A retained status or last will arrived. Returns whether presence changed."""
@@ -112,7 +143,7 @@ class Registry:
         if online:
             record.last_seen = now
         changed = record.online != online
-        record.online = online
+        self._set_online(record, online)
         return changed
 
     def announce(self, device_id: str, session: str) -> None:
@@ -131,25 +162,74 @@ class Registry:
         record = self._devices.get(device_id)
         if record is None or session != record.session:
             return False
-        record.last_seen = now
+        record.last_seen = now  # its heap entry is refreshed when it comes due (expire)
         if not record.online:
-            record.online = True
+            self._set_online(record, True)
             return True
         return False
 
+    def contributed(self, device_id: str, train_loss: float | None) -> DeviceRecord:
+        """An update of the device was accepted: count it; returns the record."""
+        record = self._devices[device_id]
+        record.rounds_contributed += 1
+        record.last_train_loss = train_loss
+        record.clock += 1
+        self._changed.add(device_id)
+        return record
+
     def expire(self, now: float) -> list[str]:
-        """Mark devices silent for longer than the heartbeat timeout offline; return their ids."""
+        """Mark devices silent for longer than the heartbeat timeout offline; return their ids.
+
+        Costs O(log n) per device that came due, not a scan of the fleet."""
         expired = []
-        for record in self._devices.values():
-            if record.online and now - record.last_seen > self.heartbeat_timeout:
-                record.online = False
-                expired.append(record.device_id)
-        return expired
+        heap = self._deadlines
+        while heap and heap[0][0] < now:
+            _, device_id = heapq.heappop(heap)
+            record = self._devices.get(device_id)
+            if record is None or not record.online:
+                self._queued.discard(device_id)
+                continue
+            deadline = record.last_seen + self.heartbeat_timeout
+            if deadline < now:
+                self._queued.discard(device_id)
+                self._set_online(record, False)
+                expired.append(device_id)
+            else:  # a heartbeat came since the entry was pushed
+                heapq.heappush(heap, (deadline, device_id))
+        return sorted(expired)
 
     def next_expiry(self) -> float | None:
-        """When the next online device would time out (for the liveness timer)."""
-        deadlines = [r.last_seen + self.heartbeat_timeout for r in self._devices.values() if r.online]
-        return min(deadlines) if deadlines else None
+        """When the next online device may time out (for the liveness timer; possibly early)."""
+        return self._deadlines[0][0] if self._deadlines else None
 
     def online(self) -> list[DeviceInfo]:
         return [record.info() for record in self if record.online]
+
+    def platforms(self, limit: int = 16) -> dict[str, int]:
+        """Registered devices by platform: the ``limit`` most common, the rest under ``"other"``
+        (a platform is what a device says, so the fleet, not the summary, bounds how many there are)."""
+        ranked = [(name, count) for name, count in self._platforms.most_common() if count > 0]
+        counts = dict(ranked[:limit])
+        rest = sum(count for _, count in ranked[limit:])
+        if rest:
+            counts["other"] = counts.get("other", 0) + rest
+        return counts
+
+    def take_changed(self) -> list[DeviceRecord]:
+        """The records whose published facts changed since the last call, by device id."""
+        changed = [self._devices[device_id] for device_id in sorted(self._changed) if device_id in self._devices]
+        self._changed.clear()
+        return changed
+
+    def mark_changed(self, device_ids: Iterable[str]) -> None:
+        """Publish these devices' facts again with the next fleet publication (one failed)."""
+        self._changed.update(device_ids)
+
+    def _set_online(self, record: DeviceRecord, online: bool) -> None:
+        if record.online != online:
+            self._online += 1 if online else -1
+            record.online = online
+            self._changed.add(record.device_id)
+        if online and record.device_id not in self._queued:
+            self._queued.add(record.device_id)
+            heapq.heappush(self._deadlines, (record.last_seen + self.heartbeat_timeout, record.device_id))

@@ -59,6 +59,9 @@ __all__ = ["Aggregator"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
+_FACTS_IN_FLIGHT = 256
+"""Per-device facts published concurrently (QoS 1: each waits for its PUBACK)."""
+
 
 class Aggregator:
     """A federated job on the gateway. Construct, then ``await run()``."""
@@ -349,10 +352,9 @@ class Aggregator:
         self.published_version = max(self.published_version, version)
 
     async def publish_state(self, reason: str = "") -> None:
-        online = [r for r in self.registry if r.online]
         c_min, bound, clocks = self.driver.clock_state()
         clock = Clock(self.version, self.server_round, self.session, _clock_state(self.state), c_min, bound,
-                      len(online), clocks, self.published_version)
+                      self.registry.online_count, clocks, self.published_version)
         await self.publish(topics.clock(self.job), Channel.CLOCK, clock)
         last = self.history[-1] if self.history else None
         job = JobMetrics(_clock_state(self.state), self.strategy.name or type(self.strategy).__name__,
@@ -365,7 +367,19 @@ class Aggregator:
         await self.publish_fleet()
 
     async def publish_fleet(self) -> None:
-        fleet = FleetMetrics(tuple(dict(record.facts().body()) for record in self.registry))
+        """Publish the facts of the devices that changed (retained, one topic each), then the
+        fleet in counts: the cost follows the changes, not the fleet (issue 21)."""
+        registry = self.registry
+        changed = registry.take_changed()
+        for start in range(0, len(changed), _FACTS_IN_FLIGHT):
+            batch = changed[start:start + _FACTS_IN_FLIGHT]
+            try:
+                await asyncio.gather(*(self.publish(topics.device_metrics(self.job, record.device_id),
+                                                    Channel.METRICS, record.facts()) for record in batch))
+            except BaseException:
+                registry.mark_changed(record.device_id for record in changed[start:])  # the next one sends them
+                raise
+        fleet = FleetMetrics(len(registry), registry.online_count, registry.platforms())
         await self.publish(topics.metrics(self.job, "devices"), Channel.METRICS, fleet)
 
     def reject(self, reason: str, detail: str, device_id: str = "") -> None:
