@@ -132,13 +132,15 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
     options = SimulationOptions(
         config=config, num_devices=args.devices, dataset=dataset, data_dir=str(data_dir or ""),
         scheme=args.scheme, alpha=args.alpha, train_examples=args.train_examples,
-        embedded_broker=args.broker is None, processes=args.processes, out_dir=out_dir,
+        embedded_broker=args.broker is None, processes=args.processes, device_hosts=args.device_hosts, out_dir=out_dir,
         slowdowns=stragglers(args.stragglers, args.devices, config.job.seed) if args.stragglers else {},
         compute_slots=args.compute_slots,
         profiles=(assign_profiles(parse_profiles(args.device_profiles), args.devices, config.job.seed)
                   if args.device_profiles else None),
     )
-    print(f"simulating job {config.job.name}: {args.devices} devices ({'processes' if args.processes else 'tasks'}),"
+    layout = (f"in {args.device_hosts} host processes" if args.device_hosts else
+              "processes" if args.processes else "tasks")
+    print(f"simulating job {config.job.name}: {args.devices} devices ({layout}),"
           f" {config.model.source}, {config.strategy.resolved(config.job.mode)}, {dataset} {args.scheme}, "
           f"{config.job.rounds} rounds, "
           f"C={config.job.fraction} E={config.train.epochs} B={config.train.batch_size} "
@@ -157,6 +159,9 @@ def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
         overruns, trainings = report.pace_overruns
         print(f"device profiles: {overruns} of {trainings} trainings took the host longer than their profile"
               + (" (the host, not the profiles, set those devices' speed)" if overruns else ""))
+    if report.hosts:
+        print(f"device hosts: {sum(h.registrations for h in report.hosts)} registrations for {args.devices} devices, "
+              f"{sum(h.failed for h in report.hosts)} device(s) failed (logs: {out_dir / 'logs'})")
     print(f"metrics: {out_dir / 'metrics.csv'}, {out_dir / 'metrics.json'}; model: {out_dir / 'model.onnx'}")
     print(f"plot: {report.plot}" if report.plot else "plot: none (pip install 'unus-edge[plot]')")
     return 0 if result.state == "finished" else 1
@@ -297,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
         sim.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
         sim.add_argument("--processes", action="store_true", help="devices as separate OS processes")
+        sim.add_argument("--device-hosts", type=int, default=0, metavar="K", help="split the devices over K "
+                         "processes of in-process devices (for fleets of thousands; the aggregator keeps its own)")
         sim.add_argument("--compute-slots", type=int, metavar="K", help="in-process devices: at most K train at "
                          "once (default: the usable cores; 0: no limit)")
         sim.add_argument("--sync-bound", metavar="S", help="SSP with staleness bound S (an integer, or inf for "

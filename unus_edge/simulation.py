@@ -3,7 +3,10 @@
 Nothing is faked: the devices speak MQTT to a real broker (the embedded amqtt by default, or
 any ``mqtt://`` URL) exactly as Raspberry Pis would. By default the devices are asyncio tasks
 in this process; with ``processes=True`` each one is a real ``unus-edge device`` process that
-reads its partition from an ``.npz`` file.
+reads its partition from an ``.npz`` file; with ``device_hosts=K`` the fleet is split over K
+processes that each run their slice as in-process devices (:mod:`unus_edge._device_host`), the
+layout for fleets of thousands: the aggregator (and the embedded broker, if used) keeps this
+process to itself.
 
 Outputs, in ``out_dir``: ``metrics.json`` and ``metrics.csv`` (one row per round),
 ``metrics.png`` (accuracy and loss against round; needs matplotlib) and ``model.onnx`` (the
@@ -27,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from unus_edge._device_host import HostReport, read_report, write_host
 from unus_edge._paced_device import profile_to_json, read_pace_report
 from unus_edge.aggregator import JobResult, RoundProgress, run_aggregator
 from unus_edge.broker import EmbeddedBroker
@@ -56,6 +60,9 @@ class SimulationOptions:
     """Use only the first N training examples (0: all)."""
     embedded_broker: bool = True
     processes: bool = False
+    device_hosts: int = 0
+    """Run the devices in this many processes, each hosting its share as in-process devices
+    (0: in this process, or one process each with ``processes``)."""
     out_dir: Path | None = None
     device_settings: DeviceSettings = field(default_factory=DeviceSettings)
     slowdowns: dict[int, float] = field(default_factory=dict)
@@ -85,6 +92,8 @@ class SimulationReport:
     paces: tuple[ProfilePace, ...] = ()
     """The devices' paces (with ``profiles``): their trainings and overruns (a device process's as
     it reported them at exit)."""
+    hosts: tuple[HostReport, ...] = ()
+    """With ``device_hosts``: each host's counters (devices, failures, registrations sent)."""
 
     @property
     def pace_overruns(self) -> tuple[int, int]:
@@ -156,18 +165,33 @@ def _device_command(config: Path, index: int, out_dir: Path, paces: list[Profile
             "--report", str(report)]
 
 
-async def _run_processes(configs: list[Path], out_dir: Path, finished: asyncio.Event,
-                         paces: list[ProfilePace], slowdowns: dict[int, float]) -> None:
+def _host_commands(options: SimulationOptions, shards: list[Dataset], config: JobConfig) -> list[list[str]]:
+    """Write each device host's files; return the commands that start them."""
+    assert options.out_dir is not None
+    folder, hosts = options.out_dir / "hosts", options.device_hosts
+    slots = 1 if options.compute_slots is None else options.compute_slots  # one interpreter each
+    commands = []
+    for host in range(hosts):
+        first, last = host * len(shards) // hosts, (host + 1) * len(shards) // hosts
+        path = write_host(folder, host, first, shards[first:last], _device_config(options, first, config.broker, "-"))
+        report = folder / f"report_{host}.json"
+        report.unlink(missing_ok=True)
+        commands.append([sys.executable, "-m", "unus_edge._device_host", "--config", str(path), "--layout",
+                         str(path.with_suffix(".json")), "--report", str(report), "--compute-slots", str(slots),
+                         *(["--quiet"] if last - first > 100 else [])])
+    return commands
+
+
+async def _run_processes(commands: list[list[str]], names: list[str], out_dir: Path, finished: asyncio.Event) -> None:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     processes = []
-    for index, config in enumerate(configs):
-        # A small local log file per device, created before the process starts; closed below.
-        log = open(logs / f"{config.stem}.log", "wb")  # noqa: SIM115, ASYNC230
-        process = await asyncio.create_subprocess_exec(
-            *_device_command(config, index, out_dir, paces, slowdowns), stdout=log, stderr=subprocess.STDOUT,
-            env=environment)
+    for command, name in zip(commands, names, strict=True):
+        # A small local log file per process, created before the process starts; closed below.
+        log = open(logs / f"{name}.log", "wb")  # noqa: SIM115, ASYNC230
+        process = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=subprocess.STDOUT,
+                                                       env=environment)
         processes.append((process, log))
     try:
         await finished.wait()
@@ -195,8 +219,14 @@ async def simulate(
         raise ConfigError("--devices", "must be at least 1")
     if options.compute_slots is not None and options.compute_slots < 0:
         raise ConfigError("--compute-slots", f"must be 0 (no limit) or more, not {options.compute_slots}")
-    if options.processes and options.out_dir is None:
-        raise ConfigError("--out", "is required with --processes (partition files live there)")
+    if (options.processes or options.device_hosts) and options.out_dir is None:
+        raise ConfigError("--out", "is required with --processes or --device-hosts (partition files live there)")
+    if options.device_hosts and (options.processes or options.profiles or options.slowdowns):
+        raise ConfigError("--device-hosts", "runs plain devices: it cannot be combined with --processes, "
+                                            "--device-profiles or --stragglers")
+    if not 0 <= options.device_hosts <= options.num_devices:
+        raise ConfigError("--device-hosts", f"must be between 0 and the {options.num_devices} devices, "
+                                            f"not {options.device_hosts}")
     if options.profiles is not None and len(options.profiles) != options.num_devices:
         raise ConfigError("--device-profiles", f"{len(options.profiles)} profiles for {options.num_devices} devices")
     train = load_dataset(options.dataset, "train", data_dir=options.data_dir or None, seed=config.job.seed,
@@ -215,11 +245,20 @@ async def simulate(
         finished = asyncio.Event()
         devices: list[asyncio.Task[object]] = []
         paces = _paces(options, config)
-        if options.processes:
+        if options.device_hosts:
+            assert options.out_dir is not None
+            commands = _host_commands(options, shards, config)
+            del shards  # the hosts have their own copies; the aggregator's process should not hold them
+            devices.append(asyncio.create_task(
+                _run_processes(commands, [f"host_{h}" for h in range(len(commands))], options.out_dir, finished),
+                name="simulation-device-hosts"))
+        elif options.processes:
             assert options.out_dir is not None
             paths = _write_device_files(options, shards, config.broker)
-            devices.append(asyncio.create_task(_run_processes(paths, options.out_dir, finished, paces,
-                                                              options.slowdowns),
+            commands = [_device_command(path, index, options.out_dir, paces, options.slowdowns)
+                        for index, path in enumerate(paths)]
+            devices.append(asyncio.create_task(_run_processes(commands, [path.stem for path in paths],
+                                                              options.out_dir, finished),
                                                name="simulation-device-processes"))
         else:
             slots = usable_cores() if options.compute_slots is None else options.compute_slots
@@ -245,7 +284,13 @@ async def simulate(
         assert options.out_dir is not None
         paces = [read_pace_report(_pace_path(options.out_dir, index), pace.profile, pace.cost)
                  for index, pace in enumerate(paces)]
-    return SimulationReport(result, options.num_devices, options.out_dir, plot, tuple(paces))
+    hosts: tuple[HostReport, ...] = ()
+    if options.device_hosts:
+        assert options.out_dir is not None
+        bounds = [h * options.num_devices // options.device_hosts for h in range(options.device_hosts + 1)]
+        hosts = tuple(read_report(options.out_dir / "hosts" / f"report_{h}.json", bounds[h + 1] - bounds[h])
+                      for h in range(options.device_hosts))
+    return SimulationReport(result, options.num_devices, options.out_dir, plot, tuple(paces), hosts)
 
 
 def _pace(paces: list[ProfilePace], slowdowns: dict[int, float], index: int) -> Pace | None:

@@ -120,6 +120,8 @@ class Device:
         self.stop_training = threading.Event()
         self.started = time.monotonic()
         self.updates_sent = 0
+        self.registrations_sent = 0
+        """Registrations published; more than one per aggregator session means one went unanswered."""
         self._group: asyncio.TaskGroup | None = None
         self._connections = 0
         transport.add_connection_listener(self._on_connect)
@@ -217,6 +219,7 @@ class Device:
             _memory_bytes(), tuple(capabilities),
         )
         await self._publish(Channel.REGISTER, registration)
+        self.registrations_sent += 1
         logger.info("device %s registering with %d examples", self.device_id, len(self.dataset))
 
     def _on_connect(self, session_present: bool) -> None:

@@ -1,0 +1,340 @@
+"""A fleet of 300 to 10,000 devices through Mosquitto: registration, rounds, memory (issue 21).
+
+Per fleet size, in one run: a fresh Mosquitto on a free loopback port, then ``unus-edge simulate
+--device-hosts 2`` (the aggregator in its own process, the devices in two host processes of
+in-process devices), logreg, E=1, B=10, C=1, three rounds, each device with
+``min(60, 60,000 / N)`` MNIST examples (MNIST has 60,000 training images). Measured from outside,
+as an operator would see it:
+
+* **register all**: from the first registration the fleet summary counts (``metrics/devices``,
+  ``registered``) to the one that counts all N; and from the start of ``simulate``;
+* **re-registrations**: registrations sent beyond one per device (the hosts' reports: a device
+  sends another only when 15 s or more passed without an answer);
+* **rounds**: each round's ``duration_seconds`` (``metrics/round``);
+* **memory**: the peak RSS (``VmHWM``) of the aggregator's process, of Mosquitto and of the
+  hosts, and the aggregator's largest RSS once the whole fleet registered (its peak is loading
+  and partitioning MNIST, the same at every size); the slope of the latter between the two
+  largest sizes is what the registry and the round state cost per device (goal: at most 1 KB
+  per device beyond the model-sized buffers);
+* **traffic**: messages the broker received and sent (``$SYS``), per second of the job;
+* **descriptors**: the most file descriptors the aggregator and Mosquitto held;
+* **profile** (``--profile``, needs ``py-spy``): a sampling profile of the aggregator's process
+  over the whole job; the functions with the largest inclusive share of samples.
+
+Goals: 3,000 devices register in under 15 s with no retry and finish 3 rounds; the per-round cost
+grows linearly with the fleet between 1,000 and 3,000 devices (ratio of round times at most 3x
+the ratio of fleets; the slope is reported).
+
+    python bench/bench_fleet_scale.py [--quick] [--json] [--sizes 300,1000,3000,10000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from _common import (
+    add_common_flags,
+    emit,
+    free_port,
+    machine,
+    mosquitto_binary,
+    resolve_dataset,
+    say,
+    setup_output,
+    verdict,
+    wait_for_port,
+)
+
+ROUNDS = 3
+HOSTS = 2
+REGISTER_GOAL_SECONDS = 15.0
+MEMORY_GOAL_BYTES = 1024
+
+
+def status_kb(pid: int, field: str) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def descriptors(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    return 0
+
+
+class Sampler(threading.Thread):
+    """Peak memory and descriptors of the processes, every half second (outside the library)."""
+
+    def __init__(self, aggregator: int, broker: int, watcher: Watcher) -> None:
+        super().__init__(daemon=True)
+        self.aggregator, self.broker, self.watcher = aggregator, broker, watcher
+        self.peak: Counter[str] = Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            if self.watcher.all_registered is not None:  # the fleet's steady state, after the data loading
+                self.peak["aggregator_running_kb"] = max(self.peak["aggregator_running_kb"],
+                                                         status_kb(self.aggregator, "VmRSS"))
+            hosts = children(self.aggregator)
+            for name, kb in (("aggregator_kb", status_kb(self.aggregator, "VmHWM")),
+                             ("broker_kb", status_kb(self.broker, "VmHWM")),
+                             ("hosts_kb", sum(status_kb(pid, "VmHWM") for pid in hosts)),
+                             ("aggregator_fds", descriptors(self.aggregator)),
+                             ("broker_fds", descriptors(self.broker))):
+                self.peak[name] = max(self.peak[name], kb)
+
+
+class Watcher:
+    """What ``mosquitto_sub`` would show: the fleet summary, the rounds, the broker's counters."""
+
+    def __init__(self, port: int, job: str, num_devices: int) -> None:
+        self.num_devices = num_devices
+        self.first_registered: float | None = None
+        self.all_registered: float | None = None
+        self.most_registered = 0
+        self.rounds: list[dict[str, Any]] = []
+        self.sys: dict[str, list[tuple[float, int]]] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{job}")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        for topic in (f"unus/v1/{job}/metrics/devices", f"unus/v1/{job}/metrics/round",
+                      "$SYS/broker/messages/received", "$SYS/broker/messages/sent"):
+            self.client.subscribe(topic, qos=0)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        now = time.monotonic()
+        if message.topic.startswith("$SYS/"):
+            self.sys.setdefault(message.topic.rsplit("/", 1)[1], []).append((now, int(message.payload)))
+            return
+        body = json.loads(message.payload)["body"]
+        if message.topic.endswith("/metrics/round"):
+            self.rounds.append(body)
+            return
+        registered = int(body["registered"])
+        self.most_registered = max(self.most_registered, registered)
+        if registered and self.first_registered is None:
+            self.first_registered = now
+        if registered >= self.num_devices and self.all_registered is None:
+            self.all_registered = now
+
+    def rate(self, name: str, start: float, end: float) -> float:
+        """Messages per second over [start, end] from the cumulative ``$SYS`` counter."""
+        points = [(t, v) for t, v in self.sys.get(name, []) if start - 1 <= t <= end + 1]
+        if len(points) < 2 or points[-1][0] <= points[0][0]:
+            return 0.0
+        return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@contextlib.contextmanager
+def mosquitto(workdir: Path) -> Any:
+    binary = mosquitto_binary()
+    if binary is None:
+        raise SystemExit("mosquitto is not installed (apt-get install mosquitto)")
+    port = free_port()
+    config = workdir / "mosquitto.conf"
+    config.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+                      "persistence false\nmax_queued_messages 100000\nmax_inflight_messages 0\n"
+                      "max_packet_size 268435456\nsys_interval 1\n")
+    process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process)
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def top_frames(raw: Path, limit: int = 12) -> list[tuple[str, float]]:
+    """The functions with the largest inclusive share of the samples of a ``py-spy --format raw`` file."""
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        for frame in set(stack.split(";")):
+            if "unus_edge" in frame or "paho" in frame or "asyncio" in frame:
+                inclusive[frame] += count
+    return [(frame, count / total) for frame, count in inclusive.most_common(limit)] if total else []
+
+
+def run_size(num_devices: int, dataset: str, data_dir: str, workdir: Path, profile: bool) -> dict[str, Any]:
+    job = f"fleet{num_devices}"
+    examples = min(60, 60_000 // num_devices)
+    out = workdir / job
+    with mosquitto(workdir) as (port, broker_pid):
+        watcher = Watcher(port, job, num_devices)
+        command = [sys.executable, "-m", "unus_edge.cli", "-q", "simulate", "--broker", f"mqtt://127.0.0.1:{port}",
+                   "--devices", str(num_devices), "--device-hosts", str(HOSTS), "--model", "logreg",
+                   "--rounds", str(ROUNDS), "--dataset", dataset, "--train-examples", str(examples * num_devices),
+                   "-E", "1", "-B", "10", "-C", "1", "--lr", "0.1", "--job", job, "--out", str(out),
+                   "--deadline", "900", "--set", "job.wait_for_devices=900"]
+        if data_dir:
+            command += ["--data-dir", data_dir]
+        environment = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+        started = time.monotonic()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
+        sampler = Sampler(process.pid, broker_pid, watcher)
+        sampler.start()
+        spy = None
+        if profile:
+            spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(process.pid),
+                                    "--format", "raw", "--rate", "50", "--nonblocking", "-o",
+                                    str(workdir / f"{job}.profile.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            output, _ = process.communicate(timeout=3600)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            sampler.stop.set()
+            sampler.join()
+        ended = time.monotonic()
+        if spy is not None:
+            spy.wait(timeout=60)
+        watcher.close()
+    text = output.decode(errors="replace")
+    reports = [json.loads(path.read_text()) for path in sorted((out / "hosts").glob("report_*.json"))]
+    registrations = sum(int(r["registrations"]) for r in reports)
+    warnings = sum(text.count(word) for word in ("WARNING", "ERROR"))
+    host_logs = "".join(path.read_text(errors="replace") for path in sorted((out / "logs").glob("host_*.log")))
+    rounds = sorted(watcher.rounds, key=lambda r: int(r["server_round"]))
+    figures: dict[str, Any] = {
+        "devices": num_devices, "examples_per_device": examples, "returncode": process.returncode,
+        "finished": f"finished: {ROUNDS} rounds" in text,
+        "register_seconds": (watcher.all_registered - watcher.first_registered
+                             if watcher.all_registered and watcher.first_registered else None),
+        "register_from_start_seconds": watcher.all_registered - started if watcher.all_registered else None,
+        "most_registered": watcher.most_registered,
+        "re_registrations": registrations - num_devices if reports else None,
+        "round_seconds": [float(r["duration_seconds"]) for r in rounds],
+        "wall_seconds": ended - started,
+        "aggregator_peak_mb": sampler.peak["aggregator_kb"] / 1024,
+        "aggregator_running_mb": sampler.peak["aggregator_running_kb"] / 1024,
+        "broker_peak_mb": sampler.peak["broker_kb"] / 1024,
+        "hosts_peak_mb": sampler.peak["hosts_kb"] / 1024,
+        "aggregator_fds": sampler.peak["aggregator_fds"], "broker_fds": sampler.peak["broker_fds"],
+        "broker_received_per_second": watcher.rate("received", started, ended),
+        "broker_sent_per_second": watcher.rate("sent", started, ended),
+        "aggregator_warnings": warnings,
+        "host_warnings": host_logs.count("WARNING"), "host_errors": host_logs.count("ERROR"),
+    }
+    if spy is not None and (workdir / f"{job}.profile.txt").exists():
+        figures["profile"] = top_frames(workdir / f"{job}.profile.txt")
+    if process.returncode != 0:
+        figures["tail"] = text[-2000:]
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser)
+    parser.add_argument("--sizes", default="300,1000,3000,10000", help="fleet sizes, comma-separated")
+    parser.add_argument("--profile", action="store_true", help="sample the aggregator with py-spy")
+    args = parser.parse_args()
+    setup_output(args)
+    if args.profile and shutil.which("py-spy") is None:
+        raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
+    sizes = [300, 1000] if args.quick else [int(size) for size in args.sizes.split(",")]
+    dataset, data_dir = resolve_dataset(args)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fleet-scale-") as folder:
+        for size in sizes:
+            say(f"{size} devices ...")
+            figures = run_size(size, dataset, data_dir, Path(folder), args.profile)
+            results.append(figures)
+            rounds = " / ".join(f"{s:.2f}" for s in figures["round_seconds"]) or "-"
+            register = figures["register_seconds"]
+            say(f"  {'finished' if figures['finished'] else 'NOT finished'} in {figures['wall_seconds']:.1f} s; "
+                f"registered all in {register:.2f} s" if register is not None else
+                f"  not all registered (at most {figures['most_registered']})")
+            say(f"  re-registrations {figures['re_registrations']}, rounds {rounds} s, aggregator peak "
+                f"{figures['aggregator_peak_mb']:.0f} MB (running {figures['aggregator_running_mb']:.0f}), "
+                f"broker {figures['broker_peak_mb']:.0f} MB, hosts "
+                f"{figures['hosts_peak_mb']:.0f} MB, fds {figures['aggregator_fds']}/{figures['broker_fds']}, "
+                f"broker {figures['broker_received_per_second']:.0f} msg/s in, "
+                f"{figures['broker_sent_per_second']:.0f} out, warnings {figures['aggregator_warnings']} "
+                f"(hosts {figures['host_warnings']})")
+            for frame, share in figures.get("profile", [])[:8]:
+                say(f"    {share:6.1%}  {frame}")
+            if "tail" in figures:
+                say(figures["tail"])
+    summary = summarise(results)
+    for line in summary.pop("lines"):
+        say(line)
+    emit({"machine": machine(), "dataset": dataset, "hosts": HOSTS, "rounds": ROUNDS, "sizes": results, **summary})
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    by_size = {r["devices"]: r for r in results}
+    lines, summary = [], {}
+    if 3000 in by_size:
+        r = by_size[3000]
+        met = bool(r["finished"] and r["register_seconds"] is not None and r["register_seconds"] < REGISTER_GOAL_SECONDS
+                   and r["re_registrations"] == 0)
+        summary["goal_3000"] = met
+        lines.append(f"3,000 devices: register {r['register_seconds']} s (goal < 15 s), re-registrations "
+                     f"{r['re_registrations']} (goal 0), finished {r['finished']}: {verdict(met)}")
+    if 1000 in by_size and 3000 in by_size:
+        small, large = by_size[1000], by_size[3000]
+        if len(small["round_seconds"]) == ROUNDS and len(large["round_seconds"]) == ROUNDS:
+            t_small = sum(small["round_seconds"][1:]) / (ROUNDS - 1)  # rounds 2 and 3: round 1 includes warm-up
+            t_large = sum(large["round_seconds"][1:]) / (ROUNDS - 1)
+            slope_ms = 1000 * (t_large - t_small) / 2000
+            ratio = t_large / t_small
+            summary.update(round_slope_ms_per_device=slope_ms, round_ratio_3000_over_1000=ratio)
+            lines.append(f"per-round cost: {t_small:.2f} s at 1,000, {t_large:.2f} s at 3,000: ratio {ratio:.2f} "
+                         f"(linear: 3, quadratic: 9), slope {slope_ms:.2f} ms per device per round: "
+                         f"{verdict(ratio <= 4.5)}")
+    sizes = sorted(size for size in by_size if by_size[size]["aggregator_running_mb"])
+    if len(sizes) >= 2:
+        low, high = by_size[sizes[-2]], by_size[sizes[-1]]
+        per_device = ((high["aggregator_running_mb"] - low["aggregator_running_mb"]) * 2**20
+                      / (high["devices"] - low["devices"]))
+        summary["aggregator_bytes_per_device"] = per_device
+        lines.append(f"aggregator memory once registered: {low['aggregator_running_mb']:.0f} MB at {low['devices']}, "
+                     f"{high['aggregator_running_mb']:.0f} MB at {high['devices']}: {per_device:.0f} B per device "
+                     f"(goal <= {MEMORY_GOAL_BYTES}): {verdict(per_device <= MEMORY_GOAL_BYTES)}")
+    return {**summary, "lines": lines}
+
+
+if __name__ == "__main__":
+    main()
