@@ -180,9 +180,15 @@ def mosquitto(workdir: Path) -> Any:
             process.wait()
 
 
-def top_frames(raw: Path, limit: int = 12) -> list[tuple[str, float]]:
-    """The functions with the largest inclusive share of the samples of a ``py-spy --format raw`` file."""
+_SPINE = ("cli.py", "runners.py", "base_events.py:", "events.py:", "<module>")
+
+
+def top_frames(raw: Path, limit: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """A ``py-spy --format raw`` file (non-idle samples) summed two ways: the functions with the
+    largest inclusive share (the event loop's spine left out, every sample is in it), and the
+    leaf frames with the largest own share."""
     inclusive: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -190,10 +196,15 @@ def top_frames(raw: Path, limit: int = 12) -> list[tuple[str, float]]:
             continue
         count = int(count_text)
         total += count
-        for frame in set(stack.split(";")):
-            if "unus_edge" in frame or "paho" in frame or "asyncio" in frame:
+        frames = stack.split(";")
+        leaves[frames[-1]] += count
+        for frame in set(frames):
+            if not any(part in frame for part in _SPINE):
                 inclusive[frame] += count
-    return [(frame, count / total) for frame, count in inclusive.most_common(limit)] if total else []
+    if not total:
+        return {"inclusive": [], "self": []}
+    return {"inclusive": [(frame, count / total) for frame, count in inclusive.most_common(limit)],
+            "self": [(frame, count / total) for frame, count in leaves.most_common(limit)]}
 
 
 def run_size(num_devices: int, dataset: str, data_dir: str, workdir: Path, profile: bool) -> dict[str, Any]:
@@ -269,6 +280,7 @@ def main() -> None:
     add_common_flags(parser)
     parser.add_argument("--sizes", default="300,1000,3000,10000", help="fleet sizes, comma-separated")
     parser.add_argument("--profile", action="store_true", help="sample the aggregator with py-spy")
+    parser.add_argument("--keep", metavar="DIR", help="keep the runs (logs, host reports, raw profiles) in DIR")
     args = parser.parse_args()
     setup_output(args)
     if args.profile and shutil.which("py-spy") is None:
@@ -276,7 +288,9 @@ def main() -> None:
     sizes = [300, 1000] if args.quick else [int(size) for size in args.sizes.split(",")]
     dataset, data_dir = resolve_dataset(args)
     results = []
-    with tempfile.TemporaryDirectory(prefix="fleet-scale-") as folder:
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="fleet-scale-")
+          ) as folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
         for size in sizes:
             say(f"{size} devices ...")
             figures = run_size(size, dataset, data_dir, Path(folder), args.profile)
@@ -293,8 +307,10 @@ def main() -> None:
                 f"broker {figures['broker_received_per_second']:.0f} msg/s in, "
                 f"{figures['broker_sent_per_second']:.0f} out, warnings {figures['aggregator_warnings']} "
                 f"(hosts {figures['host_warnings']})")
-            for frame, share in figures.get("profile", [])[:8]:
-                say(f"    {share:6.1%}  {frame}")
+            for kind, entries in figures.get("profile", {}).items():
+                say(f"  profile of the aggregator's process, {kind}:")
+                for frame, share in entries[:10]:
+                    say(f"    {share:6.1%}  {frame}")
             if "tail" in figures:
                 say(figures["tail"])
     summary = summarise(results)

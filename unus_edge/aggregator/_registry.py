@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import collections
 import heapq
+import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from unus_edge.messages import DeviceFacts, Registration
 from unus_edge.strategies import DeviceInfo
@@ -105,6 +106,9 @@ class Registry:
             return Verdict(False, "fingerprint_mismatch",
                            f"the job's model is {self.fingerprint}, the device runs {registration.model_fingerprint}")
         record = self._devices.get(registration.device_id)
+        # A fleet has a few platforms and versions: one string each, not one per device.
+        registration = replace(registration, platform=sys.intern(registration.platform),
+                               software_version=sys.intern(registration.software_version))
         if record is None:
             record = DeviceRecord(registration.device_id, registration.session, registration.num_examples,
                                   registration.platform, registration.software_version, now, online=False)
