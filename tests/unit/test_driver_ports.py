@@ -90,6 +90,10 @@ class RecordingOutbox:
         self.sent.append((device_id, message))
         self.sent_event.set()
 
+    def post(self, device_id: str, message: Message) -> None:
+        self.sent.append((device_id, message))
+        self.sent_event.set()
+
     async def publish(self, topic: str, channel: Channel, message: Message) -> int:
         return 0
 

@@ -85,6 +85,10 @@ def test_sync_round_bookkeeping() -> None:
     current.fail("a", "offline")  # already answered: not a failure
     current.fail("zz", "offline")  # not selected: ignored
     assert not current.complete
+    assert current.is_pending("c") and not current.is_pending("a") and not current.is_pending("b")
+    assert not current.is_pending("zz")
+    with pytest.raises(ValueError, match="not assigned"):
+        current.accept("zz", "m2")  # the driver judges updates first: this is a bug, not input
     failures = current.close()
     assert [(f.device_id, f.reason) for f in failures] == [("b", "offline"), ("c", "timeout")]
     assert current.complete

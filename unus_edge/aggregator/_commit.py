@@ -36,7 +36,7 @@ class GroupCommit:
     """Commits to ``directory`` (none: acknowledge at once) the checkpoints ``snapshot`` takes.
 
     ``snapshot`` is given the audit entries the checkpoint must carry; ``running`` says whether
-    the service's task group is up (acknowledgements are then spawned through ``outbox``).
+    the service's task group is up (acknowledgements are then posted through ``outbox``).
     """
 
     def __init__(self, directory: str, snapshot: Callable[[list[dict[str, Any]]], Checkpoint], outbox: Outbox,
@@ -96,7 +96,7 @@ class GroupCommit:
         for ack in acks:
             self.pending_ids.discard(ack.update_msg_id)
             if self.running():
-                self.outbox.spawn(self.outbox.send_to_device(ack.device_id, ack), "aggregator-ack")
+                self.outbox.post(ack.device_id, ack)
             else:  # shutting down: try, briefly (a device re-publishes an unacknowledged update anyway)
                 with contextlib.suppress(TimeoutError, TransportError):
                     async with asyncio.timeout(2):

@@ -29,6 +29,7 @@ from typing import Any
 from unus_edge import topics
 from unus_edge.aggregator._ports import JobView, Outbox
 from unus_edge.aggregator._round import SyncRound
+from unus_edge.aggregator._sender import send_in_batches
 from unus_edge.errors import JobError, StrategyError
 from unus_edge.messages import RoundMetrics, Task, Update
 from unus_edge.seeds import device_seed
@@ -123,7 +124,7 @@ class RoundDriver:
     def device_joined(self, device_id: str) -> None:
         """A device (re)joined mid-round while still assigned: give it its task again."""
         current = self.current_round
-        if current is not None and device_id in current.pending:
+        if current is not None and current.is_pending(device_id):
             self.resend_task(device_id)
 
     def round_in_progress(self) -> int:
@@ -248,7 +249,7 @@ class RoundDriver:
             current.assignments[assignment.device_id] = assignment
             current.task_ids[assignment.device_id] = task.task_id
             self._tasks[task.device_id] = task
-        await asyncio.gather(*(self.outbox.send_to_device(task.device_id, task) for task in tasks))
+        await send_in_batches(self.outbox.send_to_device, [(task.device_id, task) for task in tasks])
 
     def resend_task(self, device_id: str) -> None:
         task = self._tasks.get(device_id)

@@ -81,7 +81,7 @@ def on_registration(service: Inbound, registration: Registration, now: float) ->
     record = service.registry.get(registration.device_id)
     reply = RegistrationReply(registration.device_id, verdict.accepted, service.session, verdict.reason,
                               verdict.detail, record.clock if record else 0, registration.session)
-    service.spawn(service.send_to_device(registration.device_id, reply), "aggregator-registration-reply")
+    service.post(registration.device_id, reply)
 
 
 def refuse_registration(service: Inbound, device_id: str, error: CodecError) -> None:
@@ -90,7 +90,7 @@ def refuse_registration(service: Inbound, device_id: str, error: CodecError) -> 
         return
     reply = RegistrationReply(device_id, False, service.session, "schema_version",
                               f"the aggregator speaks schema {SCHEMA_VERSION}: {error.detail}")
-    service.spawn(service.send_to_device(device_id, reply), "aggregator-registration-reply")
+    service.post(device_id, reply)
 
 
 def on_update(service: Inbound, envelope: Envelope, update: Update) -> None:

@@ -84,6 +84,10 @@ class Outbox(Protocol):
     async def send_to_device(self, device_id: str, message: Message) -> None:
         """A message on the device's ``tasks`` topic (a task, an ack, a registration reply)."""
 
+    def post(self, device_id: str, message: Message) -> None:
+        """``send_to_device`` without waiting: queued, and sent with the next bounded batch (dropped
+        when the service is not running)."""
+
     async def publish(self, topic: str, channel: Channel, message: Message) -> int:
         """A message on ``topic`` with its channel's QoS and retain flag; returns its size."""
 

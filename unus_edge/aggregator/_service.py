@@ -35,6 +35,7 @@ from unus_edge.aggregator._ports import Driver, Evaluate
 from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
 from unus_edge.aggregator._round import DedupWindow
+from unus_edge.aggregator._sender import DeviceSender
 from unus_edge.aggregator._ssp import SSPDriver
 from unus_edge.codec import Limits
 from unus_edge.config import JobConfig
@@ -111,6 +112,8 @@ class Aggregator:
         self.failure: UnusError | None = None
         self.limits = self._limits()
         self._tasks: asyncio.TaskGroup | None = None
+        self.sender = DeviceSender(self._send_now, self._start)
+        """Every message to a device, in one queue sent in bounded batches by one task."""
         self.fleet = Coalescer(lambda: self.spawn(self.publish_fleet(), "aggregator-fleet-metrics"),
                                config.job.fleet_interval)
         """Registry changes mark it; the fleet summary goes out at most once per ``job.fleet_interval``."""
@@ -329,10 +332,18 @@ class Aggregator:
 
     def spawn(self, coroutine: Coroutine[Any, Any, object], name: str) -> None:
         """Run a fire-and-forget publish inside the service's task group."""
+        self._start(coroutine, name)
+
+    def _start(self, coroutine: Coroutine[Any, Any, object], name: str) -> bool:
         if self._tasks is None:
             coroutine.close()
-            return
+            return False
         self._tasks.create_task(coroutine, name=name)
+        return True
+
+    def post(self, device_id: str, message: Message) -> None:
+        """Send ``message`` to the device without waiting, with the next batch (:mod:`._sender`)."""
+        self.sender.post(device_id, message)
 
     # ------------------------------------------------------------------ publishing
 
@@ -410,6 +421,10 @@ class Aggregator:
         self.fleet.mark()
 
     async def send_to_device(self, device_id: str, message: Message) -> None:
+        """Publish on the device's ``tasks`` topic, in order with what was posted (:mod:`._sender`)."""
+        await self.sender.send(device_id, message)
+
+    async def _send_now(self, device_id: str, message: Message) -> None:
         size = await self.publish(topics.device_topic(self.job, device_id, Channel.TASKS), Channel.TASKS, message)
         self.counters.bytes_down += size
 
@@ -417,7 +432,7 @@ class Aggregator:
         record = self.registry.get(update.device_id)
         ack = Ack(update.device_id, msg_id, update.task_id, accepted, reason, record.clock if record else 0,
                   self.version)
-        self.spawn(self.send_to_device(update.device_id, ack), "aggregator-ack")
+        self.post(update.device_id, ack)
 
 
 
