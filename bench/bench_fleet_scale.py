@@ -82,6 +82,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def descriptors(pid: int) -> int:
     with contextlib.suppress(OSError):
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -95,14 +103,20 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.aggregator, self.broker, self.watcher = aggregator, broker, watcher
         self.peak: Counter[str] = Counter()
+        self.cpu: dict[int, float] = {}
+        """The last CPU time seen per process (the hosts', the aggregator's, the broker's)."""
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
             if self.watcher.all_registered is not None:  # the fleet's steady state, after the data loading
-                self.peak["aggregator_running_kb"] = max(self.peak["aggregator_running_kb"],
-                                                         status_kb(self.aggregator, "VmRSS"))
+                rss = status_kb(self.aggregator, "VmRSS")
+                self.peak["aggregator_running_kb"] = max(self.peak["aggregator_running_kb"], rss)
+                if not self.watcher.rounds:  # registered, no round finished yet
+                    self.peak["aggregator_registered_kb"] = max(self.peak["aggregator_registered_kb"], rss)
             hosts = children(self.aggregator)
+            for pid in (self.aggregator, self.broker, *hosts):
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu_seconds(pid))
             for name, kb in (("aggregator_kb", status_kb(self.aggregator, "VmHWM")),
                              ("broker_kb", status_kb(self.broker, "VmHWM")),
                              ("hosts_kb", sum(status_kb(pid, "VmHWM") for pid in hosts)),
@@ -260,8 +274,12 @@ def run_size(num_devices: int, dataset: str, data_dir: str, workdir: Path, profi
         "wall_seconds": ended - started,
         "aggregator_peak_mb": sampler.peak["aggregator_kb"] / 1024,
         "aggregator_running_mb": sampler.peak["aggregator_running_kb"] / 1024,
+        "aggregator_registered_mb": sampler.peak["aggregator_registered_kb"] / 1024,
         "broker_peak_mb": sampler.peak["broker_kb"] / 1024,
         "hosts_peak_mb": sampler.peak["hosts_kb"] / 1024,
+        "aggregator_cpu_seconds": sampler.cpu.get(process.pid, 0.0),
+        "broker_cpu_seconds": sampler.cpu.get(broker_pid, 0.0),
+        "hosts_cpu_seconds": sum(v for pid, v in sampler.cpu.items() if pid not in (process.pid, broker_pid)),
         "aggregator_fds": sampler.peak["aggregator_fds"], "broker_fds": sampler.peak["broker_fds"],
         "broker_received_per_second": watcher.rate("received", started, ended),
         "broker_sent_per_second": watcher.rate("sent", started, ended),
@@ -307,6 +325,9 @@ def main() -> None:
                 f"broker {figures['broker_received_per_second']:.0f} msg/s in, "
                 f"{figures['broker_sent_per_second']:.0f} out, warnings {figures['aggregator_warnings']} "
                 f"(hosts {figures['host_warnings']})")
+            say(f"  CPU seconds: aggregator {figures['aggregator_cpu_seconds']:.1f}, broker "
+                f"{figures['broker_cpu_seconds']:.1f}, hosts {figures['hosts_cpu_seconds']:.1f} "
+                f"(of {figures['wall_seconds']:.1f} s wall on {os.cpu_count()} cores)")
             for kind, entries in figures.get("profile", {}).items():
                 say(f"  profile of the aggregator's process, {kind}:")
                 for frame, share in entries[:10]:
@@ -343,12 +364,13 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     sizes = sorted(size for size in by_size if by_size[size]["aggregator_running_mb"])
     if len(sizes) >= 2:
         low, high = by_size[sizes[-2]], by_size[sizes[-1]]
-        per_device = ((high["aggregator_running_mb"] - low["aggregator_running_mb"]) * 2**20
-                      / (high["devices"] - low["devices"]))
-        summary["aggregator_bytes_per_device"] = per_device
-        lines.append(f"aggregator memory once registered: {low['aggregator_running_mb']:.0f} MB at {low['devices']}, "
-                     f"{high['aggregator_running_mb']:.0f} MB at {high['devices']}: {per_device:.0f} B per device "
-                     f"(goal <= {MEMORY_GOAL_BYTES}): {verdict(per_device <= MEMORY_GOAL_BYTES)}")
+        for key, label in (("aggregator_registered_mb", "registered, before round 1"),
+                           ("aggregator_running_mb", "at most, over the rounds")):
+            per_device = (high[key] - low[key]) * 2**20 / (high["devices"] - low["devices"])
+            summary[key.replace("_mb", "_bytes_per_device")] = per_device
+            lines.append(f"aggregator RSS {label}: {low[key]:.0f} MB at {low['devices']}, {high[key]:.0f} MB at "
+                         f"{high['devices']}: {per_device:.0f} B per device (goal <= {MEMORY_GOAL_BYTES}): "
+                         f"{verdict(per_device <= MEMORY_GOAL_BYTES)}")
     return {**summary, "lines": lines}
 
 

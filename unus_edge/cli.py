@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import sys
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from unus_edge import __version__
+from unus_edge._cli_common import JOB_FLAGS, overrides, run_until_signal
+from unus_edge._cli_simulate import cmd_simulate
 from unus_edge._logging import configure_logging
 from unus_edge.errors import ConnectError, RejectedError, UnusError
 
@@ -33,29 +31,6 @@ EXIT_REJECTED = 78
 EXIT_NO_PERMISSION = 77
 
 
-def _run_until_signal(factory: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> Any:
-    """Run a service; SIGINT/SIGTERM set its shutdown trigger."""
-
-    async def runner() -> Any:
-        trigger = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, trigger.set)
-        return await factory(trigger)
-
-    return asyncio.run(runner())
-
-
-def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
-    """``--set`` values, then the flags of ``mapping`` (attribute -> config key) that were given."""
-    found = list(args.set or [])
-    for attribute, key in mapping.items():
-        value = getattr(args, attribute, None)
-        if value is not None:
-            found.append(f"{key}={value}")
-    return found
-
-
 # ---------------------------------------------------------------------------- commands
 
 
@@ -63,15 +38,9 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     from unus_edge.broker import load_users, run_broker
 
     users = load_users(args.password_file) if args.password_file else None
-    _run_until_signal(lambda trigger: run_broker(args.host, args.port, users=users, shutdown_trigger=trigger))
+    run_until_signal(lambda trigger: run_broker(args.host, args.port, users=users, shutdown_trigger=trigger))
     return 0
 
-
-_JOB_FLAGS = {"broker": "broker.url", "rounds": "job.rounds", "job": "job.name", "model": "model.source",
-              "strategy": "strategy.name", "fraction": "job.fraction", "epochs": "train.epochs",
-              "batch_size": "train.batch_size", "lr": "train.learning_rate", "seed": "job.seed",
-              "eval_examples": "evaluation.num_examples", "data_dir": "evaluation.data_dir",
-              "checkpoint_dir": "checkpoint.dir", "deadline": "job.round_deadline"}
 
 
 def _cmd_aggregator(args: argparse.Namespace) -> int:
@@ -79,9 +48,9 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
     from unus_edge.aggregator import run_aggregator
     from unus_edge.config import load_job_config
 
-    config = load_job_config(args.config, overrides=_overrides(args, _JOB_FLAGS))
+    config = load_job_config(args.config, overrides=overrides(args, JOB_FLAGS))
     bar = RoundProgressBar(sys.stderr, config.job.rounds)
-    result = _run_until_signal(lambda trigger: run_aggregator(
+    result = run_until_signal(lambda trigger: run_aggregator(
         config, shutdown_trigger=trigger, on_round=bar.round_done, resume=not args.no_resume))
     print(f"job {result.job}: {result.state} after {result.rounds} rounds"
           + (f", accuracy {result.final_accuracy:.4f}" if result.final_accuracy is not None else "")
@@ -93,78 +62,11 @@ def _cmd_device(args: argparse.Namespace) -> int:
     from unus_edge.config import load_device_config
     from unus_edge.device import run_device
 
-    config = load_device_config(args.config, overrides=_overrides(args, {"broker": "broker.url", "id": "device.id",
+    config = load_device_config(args.config, overrides=overrides(args, {"broker": "broker.url", "id": "device.id",
                                                                          "data": "device.data"}))
-    _run_until_signal(lambda trigger: run_device(config, shutdown_trigger=trigger,
+    run_until_signal(lambda trigger: run_device(config, shutdown_trigger=trigger,
                                                  exit_when_finished=args.exit_when_finished))
     return 0
-
-
-def _cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
-    # Many devices train in one process: one BLAS thread each, or they fight over the cores.
-    # (Set before numpy is first imported; an explicit setting wins.)
-    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, "1")
-    from unus_edge._progress import RoundProgressBar, format_bytes
-    from unus_edge.config import load_job_config
-    from unus_edge.data import resolve_data_dir
-    from unus_edge.profiles import assign_profiles, parse_profiles
-    from unus_edge.simulation import SimulationOptions, simulate, stragglers
-
-    dataset = args.dataset
-    data_dir = resolve_data_dir(args.data_dir)
-    if dataset == "mnist" and (data_dir is None or not any(data_dir.glob("train-images-idx3-ubyte*"))):
-        if not demo:
-            raise UnusError("no MNIST here: pass --data-dir or set UNUS_DATA_DIR, or use --dataset synthetic")
-        print("note: no MNIST found (set UNUS_DATA_DIR to the folder of the IDX files); "
-              "falling back to the synthetic dataset", file=sys.stderr)
-        dataset = "synthetic"
-    flags = dict(_JOB_FLAGS)
-    flags.pop("data_dir")
-    overrides = _overrides(args, flags)
-    if args.sync_bound is not None:
-        overrides += ["job.mode=ssp", f"job.staleness_bound={args.sync_bound}"]
-    overrides.append(f"evaluation.dataset={dataset}")
-    if data_dir is not None:
-        overrides.append(f"evaluation.data_dir={data_dir}")
-    config = load_job_config(args.config, overrides=overrides)
-    out_dir = Path(args.out) if args.out else Path("runs") / f"{config.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    options = SimulationOptions(
-        config=config, num_devices=args.devices, dataset=dataset, data_dir=str(data_dir or ""),
-        scheme=args.scheme, alpha=args.alpha, train_examples=args.train_examples,
-        embedded_broker=args.broker is None, processes=args.processes, device_hosts=args.device_hosts, out_dir=out_dir,
-        slowdowns=stragglers(args.stragglers, args.devices, config.job.seed) if args.stragglers else {},
-        compute_slots=args.compute_slots,
-        profiles=(assign_profiles(parse_profiles(args.device_profiles), args.devices, config.job.seed)
-                  if args.device_profiles else None),
-    )
-    layout = (f"in {args.device_hosts} host processes" if args.device_hosts else
-              "processes" if args.processes else "tasks")
-    print(f"simulating job {config.job.name}: {args.devices} devices ({layout}),"
-          f" {config.model.source}, {config.strategy.resolved(config.job.mode)}, {dataset} {args.scheme}, "
-          f"{config.job.rounds} rounds, "
-          f"C={config.job.fraction} E={config.train.epochs} B={config.train.batch_size} "
-          f"lr={config.train.learning_rate}", file=sys.stderr)
-    bar = RoundProgressBar(sys.stderr, config.job.rounds)
-    report = _run_until_signal(lambda trigger: simulate(options, on_round=bar.round_done, on_progress=bar.update,
-                                                        shutdown_trigger=trigger))
-    result = report.result
-    accuracy = f"{result.final_accuracy:.4f}" if result.final_accuracy is not None else "-"
-    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
-    print(f"\n{result.state}: {result.rounds} rounds in {result.wall_seconds:.1f} s; "
-          f"final accuracy {accuracy}, loss {loss}")
-    print(f"bytes up {format_bytes(result.bytes_up)}, down {format_bytes(result.bytes_down)}"
-          + (f"; rejected {result.rejected}" if result.rejected else ""))
-    if report.paces:
-        overruns, trainings = report.pace_overruns
-        print(f"device profiles: {overruns} of {trainings} trainings took the host longer than their profile"
-              + (" (the host, not the profiles, set those devices' speed)" if overruns else ""))
-    if report.hosts:
-        print(f"device hosts: {sum(h.registrations for h in report.hosts)} registrations for {args.devices} devices, "
-              f"{sum(h.failed for h in report.hosts)} device(s) failed (logs: {out_dir / 'logs'})")
-    print(f"metrics: {out_dir / 'metrics.csv'}, {out_dir / 'metrics.json'}; model: {out_dir / 'model.onnx'}")
-    print(f"plot: {report.plot}" if report.plot else "plot: none (pip install 'unus-edge[plot]')")
-    return 0 if result.state == "finished" else 1
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
@@ -184,7 +86,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
             for task in (watcher, stopper):
                 task.cancel()
 
-    _run_until_signal(run)
+    run_until_signal(run)
     return 0
 
 
@@ -315,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "fast=0.005:0.8,slow=0.025:0.2 "
                          "(NAME=STEP_SECONDS[/MBPS[/LATENCY_MS]]:SHARE; docs/aggregator.md, 'Simulation')")
         sim.add_argument("--out", metavar="DIR", help="output folder (default: runs/<job>-<time>)")
-        sim.set_defaults(handler=(lambda a: _cmd_simulate(a, demo=True)) if is_demo else _cmd_simulate)
+        sim.set_defaults(handler=(lambda a: cmd_simulate(a, demo=True)) if is_demo else cmd_simulate)
         if is_demo:
             sim.set_defaults(job="demo", rounds=10, seed=0)
 

@@ -1,10 +1,11 @@
 """At most one run of an expensive publication per interval, however often its input changes.
 
-The fleet summary (``metrics/devices``) lists every registered device, so publishing it on every
-registry change costs work proportional to the fleet for every registration, heartbeat expiry
-or status: quadratic in the fleet while it registers (issue 21: 89.6 % of a 1,000-device
-aggregator's samples). A :class:`Coalescer` makes each change O(1): ``mark()`` only schedules a
-flush, on the loop's timer, no earlier than ``interval`` after the previous one.
+The fleet summary (``metrics/devices``) once listed every registered device, so publishing it
+on every registry change cost work proportional to the fleet for every registration, heartbeat
+expiry or status: quadratic in the fleet while it registers (issue 21: 89.6 % of a 1,000-device
+aggregator's samples). It is now a few counts plus the facts of the devices that changed
+(:mod:`._fleet`), and a :class:`Coalescer` bounds how often it goes out: ``mark()`` only
+schedules a flush, on the loop's timer, no earlier than ``interval`` after the previous one.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ from unus_edge.topics import Channel
 from unus_edge.transport import Transport
 
 if TYPE_CHECKING:  # these modules import this one
-    from unus_edge.aggregator._coalesce import Coalescer
     from unus_edge.aggregator._commit import GroupCommit
+    from unus_edge.aggregator._fleet import FleetPublisher
     from unus_edge.aggregator._round import DedupWindow
 
 __all__ = ["Driver", "Evaluate", "Inbound", "JobView", "Outbox"]
@@ -158,7 +158,7 @@ class Inbound(Outbox, Protocol):
     driver: Driver
     dedup: DedupWindow
     committer: GroupCommit
-    fleet: Coalescer
+    fleet: FleetPublisher
     registry_changed: asyncio.Event
     """Set whenever a heartbeat deadline may have moved (the liveness timer re-arms)."""
 

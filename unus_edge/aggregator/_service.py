@@ -28,9 +28,9 @@ import numpy as np
 from unus_edge import __version__, topics
 from unus_edge.aggregator import _inbound
 from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint
-from unus_edge.aggregator._coalesce import Coalescer
 from unus_edge.aggregator._commit import GroupCommit
 from unus_edge.aggregator._driver import RoundDriver
+from unus_edge.aggregator._fleet import FleetPublisher
 from unus_edge.aggregator._ports import Driver, Evaluate
 from unus_edge.aggregator._registry import Registry
 from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
@@ -43,7 +43,6 @@ from unus_edge.errors import JobError, TransportError, UnusError, describe_error
 from unus_edge.messages import (
     Ack,
     Clock,
-    FleetMetrics,
     GlobalModel,
     JobMetrics,
     Message,
@@ -59,9 +58,6 @@ from unus_edge.transport import ConnectOptions, Transport, Will
 __all__ = ["Aggregator"]
 
 logger = logging.getLogger("unus_edge.aggregator")
-
-_FACTS_IN_FLIGHT = 256
-"""Per-device facts published concurrently (QoS 1: each waits for its PUBACK)."""
 
 
 class Aggregator:
@@ -114,9 +110,8 @@ class Aggregator:
         self._tasks: asyncio.TaskGroup | None = None
         self.sender = DeviceSender(self._send_now, self._start)
         """Every message to a device, in one queue sent in bounded batches by one task."""
-        self.fleet = Coalescer(lambda: self.spawn(self.publish_fleet(), "aggregator-fleet-metrics"),
-                               config.job.fleet_interval)
-        """Registry changes mark it; the fleet summary goes out at most once per ``job.fleet_interval``."""
+        self.fleet = FleetPublisher(self.job, self.registry, self.publish, self.spawn, config.job.fleet_interval)
+        """Registry changes mark it; the fleet goes out at most once per ``job.fleet_interval``."""
         self.committer = GroupCommit(config.checkpoint.dir, self.checkpoint, self, lambda: self.running)
         """Accepted updates are acknowledged only once a checkpoint holds them."""
         self._run_started = time.perf_counter()
@@ -375,23 +370,7 @@ class Aggregator:
                          staleness=self.driver.staleness_histogram(),
                          current_round=self.driver.round_in_progress())
         await self.publish(topics.metrics(self.job, "job"), Channel.METRICS, job)
-        await self.publish_fleet()
-
-    async def publish_fleet(self) -> None:
-        """Publish the facts of the devices that changed (retained, one topic each), then the
-        fleet in counts: the cost follows the changes, not the fleet (issue 21)."""
-        registry = self.registry
-        changed = registry.take_changed()
-        for start in range(0, len(changed), _FACTS_IN_FLIGHT):
-            batch = changed[start:start + _FACTS_IN_FLIGHT]
-            try:
-                await asyncio.gather(*(self.publish(topics.device_metrics(self.job, record.device_id),
-                                                    Channel.METRICS, record.facts()) for record in batch))
-            except BaseException:
-                registry.mark_changed(record.device_id for record in changed[start:])  # the next one sends them
-                raise
-        fleet = FleetMetrics(len(registry), registry.online_count, registry.platforms())
-        await self.publish(topics.metrics(self.job, "devices"), Channel.METRICS, fleet)
+        await self.fleet.publish()
 
     def reject(self, reason: str, detail: str, device_id: str = "") -> None:
         """Count a refused message; log the first ten of each reason, then every thousandth."""
