@@ -25,7 +25,11 @@ Goals: 3,000 devices register in under 15 s with no retry and finish 3 rounds; t
 grows linearly with the fleet between 1,000 and 3,000 devices (ratio of round times at most 3x
 the ratio of fleets; the slope is reported).
 
-    python bench/bench_fleet_scale.py [--quick] [--json] [--sizes 300,1000,3000,10000] [--profile]
+* **objects** (``--objects``): the Python objects an in-memory aggregator keeps per registered
+  device (tracemalloc, 1,000 against 3,000 registrations, no broker): what the RSS would be
+  without the allocator's arenas and the transport's buffers.
+
+    python bench/bench_fleet_scale.py [--quick] [--json] [--sizes 300,1000,3000,10000] [--profile] [--objects]
 """
 
 from __future__ import annotations
@@ -194,15 +198,18 @@ def mosquitto(workdir: Path) -> Any:
             process.wait()
 
 
-_SPINE = ("cli.py", "runners.py", "base_events.py:", "events.py:", "<module>")
+_SPINE = ("cli.py", "_cli_common.py", "_cli_simulate.py", "runpy", "runners.py", "base_events.py:", "events.py:",
+          "<module>")
 
 
 def top_frames(raw: Path, limit: int = 12) -> dict[str, list[tuple[str, float]]]:
-    """A ``py-spy --format raw`` file (non-idle samples) summed two ways: the functions with the
-    largest inclusive share (the event loop's spine left out, every sample is in it), and the
-    leaf frames with the largest own share."""
+    """A ``py-spy --format raw`` file (non-idle samples) summed three ways: the functions with the
+    largest inclusive share (the event loop's spine left out, every sample is in it), the leaf
+    frames with the largest own share, and the deepest unus_edge frame of each sample (where the
+    library's own code spends, or calls out)."""
     inclusive: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
+    deepest: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -212,13 +219,90 @@ def top_frames(raw: Path, limit: int = 12) -> dict[str, list[tuple[str, float]]]
         total += count
         frames = stack.split(";")
         leaves[frames[-1]] += count
+        ours = [frame for frame in frames if "unus_edge/" in frame and not any(part in frame for part in _SPINE)]
+        if ours:
+            deepest[ours[-1]] += count
         for frame in set(frames):
             if not any(part in frame for part in _SPINE):
                 inclusive[frame] += count
     if not total:
-        return {"inclusive": [], "self": []}
+        return {"inclusive": [], "self": [], "deepest unus_edge frame": []}
     return {"inclusive": [(frame, count / total) for frame, count in inclusive.most_common(limit)],
-            "self": [(frame, count / total) for frame, count in leaves.most_common(limit)]}
+            "self": [(frame, count / total) for frame, count in leaves.most_common(limit)],
+            "deepest unus_edge frame": [(frame, count / total) for frame, count in deepest.most_common(limit)]}
+
+
+async def _objects_after_registrations(num_devices: int) -> int:
+    """Bytes of Python objects an in-memory aggregator allocated for ``num_devices`` registrations."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    from unus_edge import topics
+    from unus_edge.aggregator import Aggregator, prepare_job
+    from unus_edge.config import load_job_config
+    from unus_edge.messages import Registration, Status, encode_message
+    from unus_edge.topics import Channel
+    from unus_edge.transport import ConnectOptions, MemoryBroker, MemoryTransport
+
+    job = "objects"
+    config = load_job_config(environ={}, overrides=[
+        f"job.name={job}", f"job.min_devices={num_devices + 1}", "job.wait_for_devices=600", "model.source=logreg",
+        "evaluation.dataset=synthetic", "evaluation.num_examples=100", "job.heartbeat_timeout=600"])
+    parts = prepare_job(config)
+    broker = MemoryBroker()
+    aggregator = Aggregator(config, MemoryTransport(broker, Aggregator.connect_options(config, "agg")),
+                            params=parts.params, fingerprint=parts.fingerprint, strategy=parts.strategy,
+                            evaluate=parts.evaluate, session="agg", resume=False)
+    fleet = MemoryTransport(broker, ConnectOptions(client_id="fleet"))
+    async with aggregator.transport, fleet:
+        running = asyncio.create_task(aggregator.run())
+        await fleet.subscribe(topics.aggregator_status(job))
+        async for message in fleet.messages():  # register only once the aggregator listens, as devices do
+            if b'"online"' in message.payload:
+                break
+        await fleet.unsubscribe(topics.aggregator_status(job))
+        await fleet.subscribe(topics.device_filter(job, Channel.TASKS))
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(num_devices):
+            device_id, session = f"device-{index:05d}", f"{index:016x}"
+            await fleet.publish(topics.device_topic(job, device_id, Channel.STATUS),
+                                encode_message(Status(device_id, "online", session), job, Channel.STATUS), retain=True)
+            registration = Registration(device_id, session, 60, aggregator.fingerprint, "0.9.0",
+                                        platform="Linux-6.8.0-aarch64-with-glibc2.39", machine="aarch64",
+                                        python_version="3.12.3", cpu_count=4, memory_bytes=4 << 30)
+            await fleet.publish(topics.device_topic(job, device_id, Channel.REGISTER),
+                                encode_message(registration, job, Channel.REGISTER))
+        answered = 0
+        async for _ in fleet.messages():
+            answered += 1
+            if answered == num_devices:
+                break
+        broker.retained.clear()  # the in-memory broker's copies and log are not the aggregator's
+        broker.published.clear()
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+        aggregator.shutdown_trigger.set()
+        await running
+    return used
+
+
+def python_objects_per_device(low: int = 1000, high: int = 3000) -> float:
+    """The slope of the Python objects an aggregator keeps per registered device (tracemalloc)."""
+    import asyncio
+    import logging
+    import tracemalloc
+
+    logging.disable(logging.WARNING)
+    tracemalloc.start()
+    try:
+        small = asyncio.run(_objects_after_registrations(low))
+        large = asyncio.run(_objects_after_registrations(high))
+    finally:
+        tracemalloc.stop()
+        logging.disable(logging.NOTSET)
+    return (large - small) / (high - low)
 
 
 def run_size(num_devices: int, dataset: str, data_dir: str, workdir: Path, profile: bool) -> dict[str, Any]:
@@ -298,6 +382,8 @@ def main() -> None:
     add_common_flags(parser)
     parser.add_argument("--sizes", default="300,1000,3000,10000", help="fleet sizes, comma-separated")
     parser.add_argument("--profile", action="store_true", help="sample the aggregator with py-spy")
+    parser.add_argument("--objects", action="store_true", help="also measure the Python objects kept per "
+                        "registered device (tracemalloc, in memory, no broker)")
     parser.add_argument("--keep", metavar="DIR", help="keep the runs (logs, host reports, raw profiles) in DIR")
     args = parser.parse_args()
     setup_output(args)
@@ -335,6 +421,11 @@ def main() -> None:
             if "tail" in figures:
                 say(figures["tail"])
     summary = summarise(results)
+    if args.objects:
+        per_device = python_objects_per_device()
+        summary["python_objects_bytes_per_device"] = per_device
+        summary["lines"].append(f"Python objects the aggregator keeps per registered device (tracemalloc, "
+                                f"1,000 vs 3,000): {per_device:.0f} B")
     for line in summary.pop("lines"):
         say(line)
     emit({"machine": machine(), "dataset": dataset, "hosts": HOSTS, "rounds": ROUNDS, "sizes": results, **summary})
