@@ -49,6 +49,7 @@ typecheck: $(INSTALLED)
 
 pytest: $(INSTALLED) $(ORACLE)
 	@tests/ensure-mosquitto.sh
+	@tests/ensure-datasets.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

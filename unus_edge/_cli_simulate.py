@@ -29,9 +29,11 @@ def cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
     data_dir = resolve_data_dir(args.data_dir)
     if dataset == "mnist" and (data_dir is None or not any(data_dir.glob("train-images-idx3-ubyte*"))):
         if not demo:
-            raise UnusError("no MNIST here: pass --data-dir or set UNUS_DATA_DIR, or use --dataset synthetic")
-        print("note: no MNIST found (set UNUS_DATA_DIR to the folder of the IDX files); "
-              "falling back to the synthetic dataset", file=sys.stderr)
+            raise UnusError("no MNIST here: run `unus-edge data fetch mnist`, pass --data-dir or set UNUS_DATA_DIR, "
+                            "or use --dataset synthetic")
+        print("note: no MNIST found (run `unus-edge data fetch mnist`, or set UNUS_DATA_DIR to the folder of the "
+              "IDX files); falling back to the SYNTHETIC dataset: its accuracy says nothing about a real task",
+              file=sys.stderr)
         dataset = "synthetic"
     flags = dict(JOB_FLAGS)
     flags.pop("data_dir")

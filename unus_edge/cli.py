@@ -136,6 +136,25 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from unus_edge.data import fetch_dataset
+
+    shown: dict[str, int] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        step = done * 20 // total if total else done >> 22  # about 20 updates per file
+        if shown.get(name) != step or done == total:
+            shown[name] = step
+            size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+            print(f"\r{name}: {size}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    folder = fetch_dataset(args.dataset, Path(args.dir).expanduser() if args.dir else None, base_url=args.url,
+                           progress=progress)
+    print(f"{args.dataset} is in {folder} (checked); use it with --data-dir {folder} or UNUS_DATA_DIR={folder}"
+          + (" (MNIST in this folder is found without either)" if args.dataset == "mnist" and not args.dir else ""))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -290,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", required=True, metavar="DIR")
     split.add_argument("--overwrite", action="store_true", help="replace the files of a previous split")
     split.set_defaults(handler=_cmd_data_split)
+    fetch = data.add_parser("fetch", help="download a dataset's canonical files, checked by SHA-256")
+    fetch.add_argument("dataset", choices=["mnist", "fashion-mnist"])
+    fetch.add_argument("--dir", metavar="DIR", help="where to put them (default ~/.cache/unus-edge/<dataset>)")
+    fetch.add_argument("--url", metavar="BASE", default="", help="a mirror's base URL instead of the canonical ones")
+    fetch.set_defaults(handler=_cmd_data_fetch)
     return parser
 
 

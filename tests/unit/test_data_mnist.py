@@ -175,10 +175,16 @@ def test_resolve_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert resolve_data_dir(str(tmp_path / "flag")) == tmp_path / "flag"
     assert resolve_data_dir() == tmp_path / "env"
     assert resolve_data_dir("") == tmp_path / "env"  # an empty flag is "not given"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("UNUS_DATA_DIR", "")
     assert resolve_data_dir() is None
     monkeypatch.delenv("UNUS_DATA_DIR")
     assert resolve_data_dir(None) is None
+    cached = tmp_path / "cache" / "unus-edge" / "mnist"  # where `unus-edge data fetch mnist` puts it
+    cached.mkdir(parents=True)
+    (cached / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    assert resolve_data_dir() == cached
+    assert resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"  # a flag still wins
 
 
 def test_resolve_data_dir_expands_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

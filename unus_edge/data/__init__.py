@@ -4,7 +4,8 @@
   labels ``y``, ``num_classes``; validated on construction, arrays read-only.
 * Sources: :func:`load_mnist` (IDX files, raw or gzip, via :func:`read_idx`),
   :func:`synthetic` (deterministic MNIST-shaped stand-in), :func:`load_dataset` (by name).
-  :func:`resolve_data_dir` turns a flag/config value or ``$UNUS_DATA_DIR`` into the data folder.
+  :func:`resolve_data_dir` turns a flag/config value or ``$UNUS_DATA_DIR`` into the data folder;
+  :func:`fetch_dataset` downloads MNIST or Fashion-MNIST, checked, into :func:`cache_dir`.
 * Partitions: :func:`partition` with schemes ``iid``, ``shards`` (McMahan et al. 2017) and
   ``dirichlet`` (Hsu et al. 2019) -> disjoint int64 index arrays covering every example once.
 * Files: :func:`save_partition` / :func:`load_partition` (``.npz``, atomic, never pickled) and
@@ -17,6 +18,7 @@ description of formats and schemes is ``docs/data.md``.
 from __future__ import annotations
 
 from unus_edge.data._dataset import Dataset, label_histogram
+from unus_edge.data._fetch import SOURCES, cache_dir, fetch_dataset, verify_file
 from unus_edge.data._files import load_partition, save_partition
 from unus_edge.data._idx import read_idx
 from unus_edge.data._mnist import load_dataset, load_mnist, resolve_data_dir
@@ -31,9 +33,12 @@ from unus_edge.data._split import ProgressCallback, split_to_directory
 from unus_edge.data._synthetic import synthetic
 
 __all__ = [
+    "SOURCES",
     "Dataset",
     "ProgressCallback",
     "Scheme",
+    "cache_dir",
+    "fetch_dataset",
     "label_histogram",
     "load_dataset",
     "load_mnist",
@@ -47,4 +52,5 @@ __all__ = [
     "save_partition",
     "split_to_directory",
     "synthetic",
+    "verify_file",
 ]

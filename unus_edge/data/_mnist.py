@@ -57,7 +57,8 @@ _EXPECTED_LISTING = ", ".join(f"{name}[.gz]" for pair in MNIST_FILES.values() fo
 
 
 def resolve_data_dir(explicit: PathLike | None = None) -> Path | None:
-    """The data folder: ``explicit`` if given, else ``$UNUS_DATA_DIR``, else ``None``.
+    """The data folder: ``explicit`` if given, else ``$UNUS_DATA_DIR``, else the fetch cache of
+    MNIST (``~/.cache/unus-edge/mnist``) if it holds the files, else ``None``.
 
     ``explicit`` is what the user passed (``--data-dir`` or the ``evaluation.data_dir`` config key).
     Empty strings count as unset. ``~`` is expanded. The folder is not checked here.
@@ -67,7 +68,10 @@ def resolve_data_dir(explicit: PathLike | None = None) -> Path | None:
     from_env = os.environ.get(DATA_DIR_ENV, "")
     if from_env:
         return Path(from_env).expanduser()
-    return None
+    from unus_edge.data._fetch import cache_dir
+
+    cached = cache_dir("mnist")  # where `unus-edge data fetch mnist` puts it
+    return cached if (cached / f"{MNIST_FILES['train'][0]}.gz").is_file() else None
 
 
 def _check_split(split: str) -> None:
