@@ -176,7 +176,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    dataset: Literal["mnist", "synthetic", "none"] = "mnist"
+    dataset: Literal["mnist", "synthetic", "digits", "none"] = "mnist"
     data_dir: str = ""
     """Folder of the MNIST IDX files; empty means ``$UNUS_DATA_DIR``."""
     num_examples: int = 0

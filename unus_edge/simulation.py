@@ -52,7 +52,7 @@ logger = logging.getLogger("unus_edge.simulation")
 class SimulationOptions:
     config: JobConfig
     num_devices: int = 10
-    dataset: Literal["mnist", "synthetic"] = "mnist"
+    dataset: Literal["mnist", "synthetic", "digits"] = "mnist"
     data_dir: str = ""
     scheme: Literal["iid", "shards", "dirichlet"] = "iid"
     alpha: float = 0.5

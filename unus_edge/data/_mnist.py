@@ -161,14 +161,15 @@ def _check_num_examples(num_examples: int, available: int | None) -> int:
 
 
 def load_dataset(
-    name: Literal["mnist", "synthetic"],
+    name: Literal["mnist", "synthetic", "digits"],
     split: Literal["train", "test"],
     *,
     data_dir: PathLike | None = None,
     seed: int = 0,
     num_examples: int | None = None,
 ) -> Dataset:
-    """Load a dataset by name: ``"mnist"`` (from the data folder) or ``"synthetic"``.
+    """Load a dataset by name: ``"mnist"`` (from the data folder), ``"digits"`` (shipped in the
+    package, :mod:`unus_edge.data._digits`) or ``"synthetic"``.
 
     * ``mnist``: ``data_dir`` (else ``$UNUS_DATA_DIR``); ``num_examples`` keeps the first ones;
       ``seed`` is ignored (the files fix the examples).
@@ -181,4 +182,12 @@ def load_dataset(
     if name == "synthetic":
         count = DEFAULT_NUM_EXAMPLES[split] if num_examples is None else _check_num_examples(num_examples, None)
         return synthetic(count, seed=seed, split=split)
-    raise data_error("unknown_dataset", f"dataset must be 'mnist' or 'synthetic', got {name!r}")
+    if name == "digits":
+        from unus_edge.data._digits import load_digits
+
+        digits = load_digits(split)
+        if num_examples is None:
+            return digits
+        count = _check_num_examples(num_examples, len(digits))
+        return Dataset(digits.x[:count], digits.y[:count], digits.num_classes)
+    raise data_error("unknown_dataset", f"dataset must be 'mnist', 'digits' or 'synthetic', got {name!r}")
