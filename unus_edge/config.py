@@ -209,7 +209,15 @@ class DeviceSettings:
     id: str = ""
     job: str = "unus"
     data: str = ""
-    """The device's partition file (``.npz`` from ``unus-edge data split``)."""
+    """The device's data: a partition file (``.npz`` from ``unus-edge data split``), a CSV file, a
+    folder of images (one subfolder per class) or of IDX files (:mod:`unus_edge.data._sources`)."""
+    data_format: str = "auto"
+    """``npz``, ``csv``, ``images`` or ``idx``; ``auto`` tells them apart by the path."""
+    csv_label: str = "label"
+    csv_features: str = ""
+    """A CSV source's feature columns, comma-separated (empty: every column but the label)."""
+    holdout: float = 0.0
+    """A fraction of the examples kept aside for evaluation (seeded by ``model_seed``), never trained on."""
     model: str = "mnist_2nn"
     """The model the device runs: a zoo name or an ONNX path (its fingerprint must match the job's)."""
     model_seed: int = 0
@@ -309,6 +317,9 @@ def load_device_config(
     _check(device.registration_retry > 0, "device.registration_retry", "must be positive (seconds)")
     _check(device.registration_retry_max >= device.registration_retry, "device.registration_retry_max",
            "must be at least device.registration_retry")
+    _check(device.data_format in ("auto", "npz", "csv", "images", "idx"), "device.data_format",
+           "must be auto, npz, csv, images or idx")
+    _check(0 <= device.holdout < 1, "device.holdout", "must be a fraction in [0, 1)")
     _check(device.blas_threads >= 0, "device.blas_threads", "must be 0 (OpenBLAS's default) or a thread count")
     _check_broker(config.broker)
     return config

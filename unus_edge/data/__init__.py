@@ -8,6 +8,8 @@
   :func:`fetch_dataset` downloads MNIST or Fashion-MNIST, checked, into :func:`cache_dir`.
 * Partitions: :func:`partition` with schemes ``iid``, ``shards`` (McMahan et al. 2017) and
   ``dirichlet`` (Hsu et al. 2019) -> disjoint int64 index arrays covering every example once.
+* A device's own data: :class:`LocalData` and :func:`load_source` (``.npz``, CSV, a folder of
+  images, IDX; a held-out split; re-read when it changes).
 * Files: :func:`save_partition` / :func:`load_partition` (``.npz``, atomic, never pickled) and
   :func:`split_to_directory` (``device_000.npz`` ... plus ``manifest.json``).
 
@@ -29,20 +31,25 @@ from unus_edge.data._partition import (
     partition_iid,
     partition_shards,
 )
+from unus_edge.data._sources import FORMATS, LocalData, detect_format, load_source
 from unus_edge.data._split import ProgressCallback, split_to_directory
 from unus_edge.data._synthetic import synthetic
 
 __all__ = [
+    "FORMATS",
     "SOURCES",
     "Dataset",
+    "LocalData",
     "ProgressCallback",
     "Scheme",
     "cache_dir",
+    "detect_format",
     "fetch_dataset",
     "label_histogram",
     "load_dataset",
     "load_mnist",
     "load_partition",
+    "load_source",
     "partition",
     "partition_dirichlet",
     "partition_iid",

@@ -31,7 +31,7 @@ from typing import Literal
 from unus_edge import __version__, topics
 from unus_edge.codec import Limits
 from unus_edge.config import DeviceConfig, DeviceSettings
-from unus_edge.data import Dataset
+from unus_edge.data import Dataset, LocalData
 from unus_edge.device import _worker
 from unus_edge.device._pace import NO_PACE, Pace
 from unus_edge.device._view import AggregatorView
@@ -120,6 +120,8 @@ class Device:
         self.stop_training = threading.Event()
         self.started = time.monotonic()
         self.updates_sent = 0
+        self.local_data: LocalData | None = None
+        """The data source ``dataset`` was read from (None: data handed in); re-read when it changes."""
         self.registrations_sent = 0
         """Registrations published; more than one per aggregator session means one went unanswered."""
         self._group: asyncio.TaskGroup | None = None

@@ -6,10 +6,11 @@ import asyncio
 import logging
 import os
 import secrets
+from pathlib import Path
 
 from unus_edge._blas import set_blas_threads
 from unus_edge.config import DeviceConfig
-from unus_edge.data import Dataset, load_partition
+from unus_edge.data import Dataset, LocalData
 from unus_edge.device._daemon import Device
 from unus_edge.device._pace import Pace
 from unus_edge.device._training import check_dataset
@@ -22,6 +23,18 @@ from unus_edge.zoo import resolve_model
 __all__ = ["run_device"]
 
 logger = logging.getLogger("unus_edge.device")
+
+
+def local_data(config: DeviceConfig, graph: Graph) -> LocalData:
+    """The device's own data source, read as ``device.data_format`` says (images at the model's size)."""
+    settings = config.device
+    shape = (graph.model.inputs[0].shape if graph.model.inputs else None) or ()
+    height, width = (shape[-2], shape[-1]) if len(shape) >= 3 else (28, 28)
+    size = (height, width) if isinstance(height, int) and isinstance(width, int) else (28, 28)
+    features = tuple(name.strip() for name in settings.csv_features.split(",") if name.strip())
+    return LocalData(Path(settings.data).expanduser(), holdout=settings.holdout, seed=settings.model_seed,
+                     data_format=settings.data_format, label_column=settings.csv_label, feature_columns=features,
+                     image_size=size)
 
 
 async def run_device(
@@ -47,7 +60,9 @@ async def run_device(
     load_client_strategies(config.device.client_strategies)
     model = resolve_model(config.device.model, seed=config.device.model_seed)
     graph = Graph(model)
-    data = dataset if dataset is not None else load_partition(config.device.data)
+    local = None if dataset is not None else local_data(config, graph)
+    data = local.train if local is not None else dataset
+    assert data is not None
     check_dataset(graph, data, config.device.data if dataset is None else "the device's data")
     session = secrets.token_hex(8)
     options = Device.connect_options(config, session)
@@ -55,6 +70,7 @@ async def run_device(
     device = Device(config, transport, graph=graph, fingerprint=fingerprint(model), dataset=data, session=session,
                     shutdown_trigger=shutdown_trigger, exit_when_finished=exit_when_finished,
                     compute_slots=compute_slots)
+    device.local_data = local
     if pace is not None:
         device.pace = pace
     # The first connection may retry for as long as the broker is unreachable: a shutdown

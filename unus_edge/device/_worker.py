@@ -16,8 +16,16 @@ from typing import TYPE_CHECKING
 
 from unus_edge import topics
 from unus_edge.codec import new_msg_id
-from unus_edge.device._training import Abandoned, train_task
-from unus_edge.errors import ConfigError, MessageError, PublishError, StrategyError, SubscribeError, TransportError
+from unus_edge.device._training import Abandoned, check_dataset, train_task
+from unus_edge.errors import (
+    ConfigError,
+    DataError,
+    MessageError,
+    PublishError,
+    StrategyError,
+    SubscribeError,
+    TransportError,
+)
 from unus_edge.messages import Heartbeat, Task, Update, encode_message
 from unus_edge.seeds import device_seed
 from unus_edge.strategies import CLIENT_STRATEGIES, ClientStrategy, Params, client_strategy
@@ -226,12 +234,34 @@ async def run_ssp(device: Device) -> None:
     device.state = "idle"
 
 
+async def refresh_data(device: Device) -> None:
+    """Read the device's data source again if it changed (a growing folder); register the new count."""
+    local = device.local_data
+    if local is None:
+        return
+    before = len(device.dataset)
+    try:
+        if not await asyncio.to_thread(local.refresh):
+            return
+        check_dataset(device.graph, local.train, str(local.path))
+    except DataError as error:
+        logger.error("device %s: its data changed but cannot be used (%s); training on the previous %d examples",
+                     device.device_id, error, before)
+        return
+    device.dataset = local.train
+    logger.info("device %s: its data changed: %d examples (were %d); registering the new count", device.device_id,
+                len(device.dataset), before)
+    if len(device.dataset) != before:
+        device.registration_wanted.set()  # the aggregator weighs updates by the registered count
+
+
 async def do_task(device: Device, task: Task, base: Params, base_version: int, *, clock: int | None = None) -> None:
     """Train, publish the update, and keep it until acknowledged (re-publishing on timeouts).
 
     Raises ``MessageError`` for a task this device cannot carry out (nothing is published).
     """
     device.client = prepare_client(task, device.client)
+    await refresh_data(device)
     device.state = "training"
     started = time.perf_counter()
     paced_from = device.pace.now()

@@ -1,0 +1,214 @@
+"""A device's own data, in the formats its sensors and tools write (issue 16).
+
+``device.data`` names one of:
+
+* ``npz``: a partition file (:func:`~unus_edge.data.save_partition`, ``unus-edge data split``);
+* ``csv``: a CSV file with a header row, one example per row: the label column
+  (``device.csv_label``, default ``label``, non-negative integers) and the feature columns
+  (``device.csv_features``, comma-separated names; default every other column), numbers;
+* ``images``: a folder with one subfolder per class (``0``, ``1``... or names, sorted), each
+  holding grayscale or colour images (PNG, JPEG, BMP, PGM; read as grayscale) of the size the
+  model takes; needs Pillow (``pip install pillow``);
+* ``idx``: a folder with one ``*images-idx3-ubyte[.gz]`` file and its ``*labels-idx1-ubyte[.gz]``
+  (MNIST's format; ``train-`` files are preferred when a folder holds several), or the images
+  file itself.
+
+``device.data_format = "auto"`` (the default) tells them apart by the path: a ``.npz`` or
+``.csv`` file, a folder with IDX files, or any other folder (images). Pixel values are scaled
+to [0, 1]. Every malformed input is a :class:`~unus_edge.errors.DataError` that names the file,
+the row or the image, and the reason: nothing is skipped silently.
+
+A folder or file can grow: :meth:`LocalData.refresh` notices a changed source (names, sizes and
+modification times) and reads it again. ``holdout`` keeps a seeded fraction of the examples
+aside for evaluation (:attr:`LocalData.held_out`); the rest is :attr:`LocalData.train`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unus_edge.data._dataset import Dataset, data_error
+from unus_edge.data._files import load_partition
+from unus_edge.data._idx import read_idx
+
+__all__ = ["FORMATS", "LocalData", "detect_format", "load_source"]
+
+FORMATS = ("npz", "csv", "images", "idx")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm"}
+
+
+def detect_format(path: Path) -> str:
+    """The format of ``path`` from its name and, for a folder, its contents."""
+    if path.is_dir():
+        return "idx" if any(path.glob("*images-idx3-ubyte*")) else "images"
+    if path.suffix == ".npz":
+        return "npz"
+    if path.suffix == ".csv":
+        return "csv"
+    if "-idx3-ubyte" in path.name:
+        return "idx"
+    if not path.exists():
+        raise data_error("not_found", "no such file or folder", path=path)
+    raise data_error("unknown_format", "not a .npz or .csv file, an IDX file or a folder: set device.data_format "
+                                       f"({', '.join(FORMATS)})", path=path)
+
+
+def load_source(path: Path, *, data_format: str = "auto", label_column: str = "label",
+                feature_columns: tuple[str, ...] = (), image_size: tuple[int, int] = (28, 28)) -> Dataset:
+    """Read a device's data source into a :class:`Dataset` (see the module docstring)."""
+    found = detect_format(path) if data_format == "auto" else data_format
+    if found == "npz":
+        return load_partition(path)
+    if found == "csv":
+        return _load_csv(path, label_column, feature_columns)
+    if found == "images":
+        return _load_images(path, image_size)
+    if found == "idx":
+        return _load_idx(path)
+    raise data_error("unknown_format", f"device.data_format must be auto or one of {', '.join(FORMATS)}, "
+                                       f"not {found!r}", path=path)
+
+
+def _label(text: str, where: str, path: Path) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise data_error("bad_label", f"{where}: label {text!r} is not a number", path=path) from None
+    if value < 0 or value != int(value):
+        raise data_error("bad_label", f"{where}: label {text!r} must be an integer >= 0", path=path)
+    return int(value)
+
+
+def _load_csv(path: Path, label_column: str, feature_columns: tuple[str, ...]) -> Dataset:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise data_error("unreadable", str(error), path=path) from error
+    if not rows:
+        raise data_error("empty", "no header row", path=path)
+    header = [name.strip() for name in rows[0]]
+    if label_column not in header:
+        raise data_error("bad_column", f"no label column {label_column!r} (columns: {', '.join(header)}); "
+                                       "set device.csv_label", path=path)
+    names = list(feature_columns) or [name for name in header if name != label_column]
+    missing = [name for name in names if name not in header]
+    if missing or not names:
+        raise data_error("bad_column", f"no feature column {', '.join(missing)!r}" if missing else "no feature column",
+                         path=path)
+    label_at, feature_at = header.index(label_column), [header.index(name) for name in names]
+    x = np.empty((len(rows) - 1, len(names)), np.float32)
+    y = np.empty(len(rows) - 1, np.int64)
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise data_error("bad_row", f"row {number}: {len(row)} fields, the header has {len(header)}", path=path)
+        y[number - 2] = _label(row[label_at], f"row {number}", path)
+        for column, at in enumerate(feature_at):
+            try:
+                x[number - 2, column] = float(row[at])
+            except ValueError:
+                raise data_error("bad_row", f"row {number}, column {names[column]!r}: {row[at]!r} is not a number",
+                                 path=path) from None
+    if not np.isfinite(x).all():
+        raise data_error("bad_row", "a feature is NaN or infinite", path=path)
+    return Dataset(x, y, int(y.max()) + 1 if len(y) else 1)
+
+
+def _load_images(folder: Path, size: tuple[int, int]) -> Dataset:
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise data_error("missing_dependency", "reading images needs Pillow: pip install pillow",
+                         path=folder) from error
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise data_error("empty", "no class subfolders (one per class, e.g. 0/, 1/ ...)", path=folder)
+    numeric = all(name.isdigit() for name in classes)
+    images: list[Any] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        label = int(name) if numeric else index
+        for file in sorted((folder / name).iterdir()):
+            if file.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as image:
+                    gray = np.asarray(image.convert("L"), np.float32)
+            except OSError as error:
+                raise data_error("bad_image", f"not a readable image ({error})", path=file) from error
+            if gray.shape != size:
+                raise data_error("bad_image", f"{gray.shape[1]}x{gray.shape[0]} pixels; the model takes "
+                                              f"{size[1]}x{size[0]}", path=file)
+            images.append(gray / 255.0)
+            labels.append(label)
+    if not images:
+        raise data_error("empty", f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in the class folders", path=folder)
+    x = np.stack(images).astype(np.float32)[:, None]
+    y = np.asarray(labels, np.int64)
+    return Dataset(x, y, max(int(y.max()) + 1, len(classes)))
+
+
+def _load_idx(path: Path) -> Dataset:
+    if path.is_dir():
+        candidates = sorted(path.glob("*images-idx3-ubyte*"), key=lambda p: (not p.name.startswith("train"), p.name))
+        if not candidates:
+            raise data_error("not_found", "no *images-idx3-ubyte[.gz] file", path=path)
+        path = candidates[0]
+    labels_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+    if not labels_path.exists():
+        raise data_error("not_found", f"no labels file {labels_path.name} beside the images", path=path)
+    images, labels = read_idx(path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise data_error("bad_shape", f"images {images.shape} and labels {labels.shape} do not pair up", path=path)
+    x = (images.astype(np.float32) / 255.0)[:, None]
+    y = labels.astype(np.int64)
+    return Dataset(x, y, int(y.max()) + 1 if len(y) else 1)
+
+
+class LocalData:
+    """A device's data source, its held-out split, and whether it changed since it was read."""
+
+    def __init__(self, path: Path, *, holdout: float = 0.0, seed: int = 0, **options: Any) -> None:
+        if not 0.0 <= holdout < 1.0:
+            raise data_error("bad_holdout", f"device.holdout must be in [0, 1), not {holdout}")
+        self.path = path
+        self.holdout = holdout
+        self.seed = seed
+        self.options = options
+        self._signature = self._fingerprint()
+        self.train, self.held_out = self._split(load_source(path, **options))
+
+    def refresh(self) -> bool:
+        """Read the source again if it changed (files added, replaced, removed); whether it did."""
+        signature = self._fingerprint()
+        if signature == self._signature:
+            return False
+        self.train, self.held_out = self._split(load_source(self.path, **self.options))
+        self._signature = signature
+        return True
+
+    def _split(self, data: Dataset) -> tuple[Dataset, Dataset | None]:
+        if not self.holdout or len(data) < 2:
+            return data, None
+        order = np.random.default_rng(self.seed).permutation(len(data))
+        cut = max(1, round(self.holdout * len(data)))
+        kept, aside = np.sort(order[cut:]), np.sort(order[:cut])
+        return (Dataset(data.x[kept], data.y[kept], data.num_classes),
+                Dataset(data.x[aside], data.y[aside], data.num_classes))
+
+    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        paths = sorted(p for p in self.path.rglob("*") if p.is_file()) if self.path.is_dir() else [self.path]
+        found = []
+        for file in paths:
+            try:
+                stat = file.stat()
+            except OSError:
+                continue
+            found.append((os.fspath(file.relative_to(self.path) if self.path.is_dir() else file.name), stat.st_size,
+                          stat.st_mtime_ns))
+        return tuple(found)
