@@ -41,6 +41,8 @@ def cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
     if args.sync_bound is not None:
         config_overrides += ["job.mode=ssp", f"job.staleness_bound={args.sync_bound}"]
     config_overrides.append(f"evaluation.dataset={dataset}")
+    if args.evaluation:
+        config_overrides.append(f"evaluation.mode={args.evaluation}")
     if data_dir is not None:
         config_overrides.append(f"evaluation.data_dir={data_dir}")
     config = load_job_config(args.config, overrides=config_overrides)
@@ -69,6 +71,13 @@ def cmd_simulate(args: argparse.Namespace, *, demo: bool = False) -> int:
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "-"
     print(f"\n{result.state}: {result.rounds} rounds in {result.wall_seconds:.1f} s; "
           f"final accuracy {accuracy}, loss {loss}")
+    if result.federated:
+        last = result.federated[-1]
+        spread = (f" (devices {last.accuracy_min:.4f}-{last.accuracy_max:.4f})"
+                  if last.accuracy_min is not None and last.accuracy_max is not None else "")
+        federated_accuracy = f"{last.accuracy:.4f}" if last.accuracy is not None else "-"
+        print(f"federated evaluation of round {last.server_round}: accuracy {federated_accuracy}{spread} on "
+              f"{last.num_examples} held-out examples, {last.num_answered}/{last.num_selected} devices answered")
     print(f"bytes up {format_bytes(result.bytes_up)}, down {format_bytes(result.bytes_down)}"
           + (f"; rejected {result.rejected}" if result.rejected else ""))
     if report.paces:

@@ -38,7 +38,7 @@ import numpy as np
 
 from unus_edge._logging import configure_logging
 from unus_edge.config import DeviceConfig, load_device_config
-from unus_edge.data import Dataset, load_partition, save_partition
+from unus_edge.data import Dataset, holdout_split, load_partition, save_partition
 from unus_edge.device import Device, run_device
 from unus_edge.errors import ConfigError, describe_error
 
@@ -111,8 +111,9 @@ async def run_host(config: DeviceConfig, first_index: int, shards: Sequence[Data
 
     async def one(index: int, shard: Dataset) -> Device:
         settings = replace(config.device, id=device_id(index), data="memory")
-        return await run_device(replace(config, device=settings), dataset=shard, exit_when_finished=True,
-                                shutdown_trigger=shutdown_trigger, compute_slots=slots)
+        train, held_out = holdout_split(shard, settings.holdout, settings.model_seed)
+        return await run_device(replace(config, device=settings), dataset=train, held_out=held_out,
+                                exit_when_finished=True, shutdown_trigger=shutdown_trigger, compute_slots=slots)
 
     tasks = [asyncio.create_task(one(first_index + offset, shard), name=f"host-{device_id(first_index + offset)}")
              for offset, shard in enumerate(shards)]

@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
         sim.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
         sim.add_argument("--processes", action="store_true", help="devices as separate OS processes")
+        sim.add_argument("--evaluation", choices=["central", "federated", "both"], help="where the model is "
+                         "evaluated: on the test set at the gateway (central, the default), on the devices' "
+                         "held-out tenth (federated), or both")
         sim.add_argument("--device-hosts", type=int, default=0, metavar="K", help="split the devices over K "
                          "processes of in-process devices (for fleets of thousands; the aggregator keeps its own)")
         sim.add_argument("--compute-slots", type=int, metavar="K", help="in-process devices: at most K train at "

@@ -185,6 +185,15 @@ class EvaluationSettings:
     backend: Literal["auto", "onnxruntime", "numpy"] = "auto"
     every_updates: int = 0
     """SSP: evaluate after this many applied updates (0: as many as there are participants)."""
+    mode: Literal["central", "federated", "both"] = "central"
+    """``central``: on ``dataset`` at the gateway; ``federated``: on the devices' held-out examples
+    (:mod:`unus_edge.aggregator._fedeval`); ``both``."""
+    federated_every: int = 1
+    """Federated evaluation after every N-th round (SSP: every N-th evaluation point)."""
+    federated_fraction: float = 0.5
+    """The fraction of the online devices asked (at least one)."""
+    federated_timeout: float = 30.0
+    """Seconds the answers are waited for; a device that has not answered by then is a failure."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +278,10 @@ def validate_job_config(config: JobConfig) -> None:
     except ProtocolError as error:
         raise ConfigError("job.name", str(error)) from error
     _check(job.rounds >= 1, "job.rounds", "must be at least 1")
+    evaluation = config.evaluation
+    _check(evaluation.federated_every >= 1, "evaluation.federated_every", "must be at least 1")
+    _check(0 < evaluation.federated_fraction <= 1, "evaluation.federated_fraction", "must lie in (0, 1]")
+    _check(evaluation.federated_timeout > 0, "evaluation.federated_timeout", "must be positive (seconds)")
     _check(0 < job.fraction <= 1, "job.fraction", "must lie in (0, 1]")
     _check(job.min_devices >= 1, "job.min_devices", "must be at least 1")
     _check(job.round_deadline > 0, "job.round_deadline", "must be positive (seconds)")

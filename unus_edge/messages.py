@@ -39,6 +39,9 @@ __all__ = [
     "Ack",
     "Clock",
     "DeviceFacts",
+    "EvaluateTask",
+    "EvaluationResult",
+    "FederatedMetrics",
     "FleetMetrics",
     "GlobalModel",
     "Heartbeat",
@@ -200,6 +203,39 @@ class Update(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class EvaluateTask(Message):
+    """Federated evaluation: evaluate model ``model_version`` on the device's held-out examples."""
+
+    KIND: ClassVar[str] = "evaluate"
+    device_id: str
+    task_id: str
+    server_round: int
+    """The round (sync) or the evaluation's number (SSP) it belongs to."""
+    model_version: int
+    deadline_seconds: float = 0.0
+    """The answer is counted only if it arrives within this many seconds (0: no limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationResult(Message):
+    """A device's answer to :class:`EvaluateTask` (on its ``update`` topic; never acknowledged)."""
+
+    KIND: ClassVar[str] = "evaluation"
+    device_id: str
+    session: str
+    task_id: str
+    model_version: int
+    """The version evaluated (SSP: the one the device holds, possibly newer than asked)."""
+    num_examples: int
+    loss: float | None = None
+    accuracy: float | None = None
+    split: Literal["held_out", "train"] = "held_out"
+    """``train`` when the device keeps no held-out examples (``device.holdout = 0``)."""
+    error: str = ""
+    """Why the device could not evaluate (then the figures are null); counted as a failure."""
+
+
+@dataclass(frozen=True, slots=True)
 class Ack(Message):
     """The aggregator's verdict on one update, so the device may forget it (or resend)."""
 
@@ -302,6 +338,31 @@ class FleetMetrics(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class FederatedMetrics(Message):
+    """One federated evaluation, retained on ``metrics/evaluation``: the devices' answers combined."""
+
+    KIND: ClassVar[str] = "federated_evaluation"
+    server_round: int
+    version: int
+    num_selected: int
+    num_answered: int
+    num_failures: int
+    """Selected devices without a usable answer: timed out, or answered with an ``error``."""
+    num_examples: int
+    loss: float | None = None
+    """The examples-weighted mean of the answers' losses."""
+    accuracy: float | None = None
+    accuracy_std: float | None = None
+    """The spread across devices (unweighted), and its extremes:"""
+    accuracy_min: float | None = None
+    accuracy_max: float | None = None
+    loss_std: float | None = None
+    num_on_training_data: int = 0
+    """Answers computed on training examples (devices without a held-out split)."""
+    duration_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class JobMetrics(Message):
     """The job's state, published on ``metrics/job``."""
 
@@ -343,11 +404,11 @@ CHANNEL_KINDS: dict[Channel, tuple[type[Message], ...]] = {
     Channel.AGGREGATOR_STATUS: (Status,),
     Channel.HEARTBEAT: (Heartbeat,),
     Channel.REGISTER: (Registration,),
-    Channel.UPDATE: (Update,),
-    Channel.TASKS: (Task, RegistrationReply, Ack),
+    Channel.UPDATE: (Update, EvaluationResult),
+    Channel.TASKS: (Task, RegistrationReply, Ack, EvaluateTask),
     Channel.MODEL: (GlobalModel,),
     Channel.CLOCK: (Clock,),
-    Channel.METRICS: (RoundMetrics, FleetMetrics, JobMetrics, DeviceFacts),
+    Channel.METRICS: (RoundMetrics, FleetMetrics, JobMetrics, DeviceFacts, FederatedMetrics),
 }
 
 

@@ -16,7 +16,16 @@ from typing import Any, TextIO
 
 from unus_edge import topics
 from unus_edge.errors import ProtocolError
-from unus_edge.messages import DeviceFacts, FleetMetrics, Heartbeat, JobMetrics, RoundMetrics, Status, decode_message
+from unus_edge.messages import (
+    DeviceFacts,
+    FederatedMetrics,
+    FleetMetrics,
+    Heartbeat,
+    JobMetrics,
+    RoundMetrics,
+    Status,
+    decode_message,
+)
 from unus_edge.topics import Channel
 from unus_edge.transport import Transport
 
@@ -28,6 +37,7 @@ class MonitorState:
     job: JobMetrics | None = None
     last_round: RoundMetrics | None = None
     fleet: FleetMetrics | None = None
+    federated: FederatedMetrics | None = None
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     activity: dict[str, str] = field(default_factory=dict)
     updated: float = 0.0
@@ -45,6 +55,8 @@ class MonitorState:
             self.last_round = message
         elif isinstance(message, FleetMetrics):
             self.fleet = message
+        elif isinstance(message, FederatedMetrics):
+            self.federated = message
         elif isinstance(message, DeviceFacts):
             self.devices.setdefault(message.device_id, {}).update(message.body())
         elif isinstance(message, Heartbeat):
@@ -85,6 +97,12 @@ def render(state: MonitorState, job: str, now: float | None = None, *, max_rows:
         r = state.last_round
         lines.append(f"last round {r.server_round}: {r.num_updates}/{r.num_selected} updates, "
                      f"{r.num_failures} failed, {r.duration_seconds:.2f} s")
+    if state.federated is not None and state.federated.accuracy is not None:
+        e = state.federated
+        spread = (f" (devices {e.accuracy_min:.4f}-{e.accuracy_max:.4f})"
+                  if e.accuracy_min is not None and e.accuracy_max is not None else "")
+        lines.append(f"federated evaluation, round {e.server_round}: accuracy {e.accuracy:.4f}{spread}, "
+                     f"{e.num_answered}/{e.num_selected} devices, {e.num_failures} failed")
     if state.fleet is not None:
         f = state.fleet
         platforms = "  ".join(f"{name}: {count}" for name, count in f.platforms.items())

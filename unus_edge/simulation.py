@@ -35,7 +35,7 @@ from unus_edge._paced_device import profile_to_json, read_pace_report
 from unus_edge.aggregator import JobResult, RoundProgress, run_aggregator
 from unus_edge.broker import EmbeddedBroker
 from unus_edge.config import BrokerSettings, DeviceConfig, DeviceSettings, JobConfig
-from unus_edge.data import Dataset, load_dataset, partition, save_partition
+from unus_edge.data import Dataset, holdout_split, load_dataset, partition, save_partition
 from unus_edge.device import Pace, run_device
 from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
@@ -229,6 +229,9 @@ async def simulate(
                                             f"not {options.device_hosts}")
     if options.profiles is not None and len(options.profiles) != options.num_devices:
         raise ConfigError("--device-profiles", f"{len(options.profiles)} profiles for {options.num_devices} devices")
+    if config.evaluation.mode != "central" and not options.device_settings.holdout:
+        options = replace(options, device_settings=replace(options.device_settings, holdout=0.1))
+        logger.info("federated evaluation: each device keeps a tenth of its examples aside (device.holdout)")
     train = load_dataset(options.dataset, "train", data_dir=options.data_dir or None, seed=config.job.seed,
                          num_examples=options.train_examples or None)
     indices = partition(train.y, options.num_devices, options.scheme, seed=config.job.seed, alpha=options.alpha)
@@ -265,8 +268,10 @@ async def simulate(
             compute_slots = asyncio.Semaphore(slots) if slots > 0 else None
             for index, shard in enumerate(shards):
                 device_config = _device_config(options, index, config.broker, "memory")
+                train, held_out = holdout_split(shard, device_config.device.holdout, device_config.device.model_seed)
                 devices.append(asyncio.create_task(
-                    run_device(device_config, dataset=shard, exit_when_finished=True, shutdown_trigger=finished,
+                    run_device(device_config, dataset=train, held_out=held_out, exit_when_finished=True,
+                               shutdown_trigger=finished,
                                compute_slots=compute_slots, pace=_pace(paces, options.slowdowns, index)),
                     name=f"simulation-{device_config.device.id}"))
         try:
@@ -321,7 +326,9 @@ def _write_outputs(out_dir: Path, config: JobConfig, result: JobResult) -> Path 
         "strategy": config.strategy.resolved(config.job.mode),
         "model": config.model.source,
     }
-    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary, "rounds": rows}, indent=2))
+    federated = [dict(m.body()) for m in result.federated]
+    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary, "rounds": rows, "federated": federated},
+                                                     indent=2))
     columns = ["server_round", "version", "num_selected", "num_updates", "num_failures", "num_examples",
                "duration_seconds", "train_loss", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down"]
     with open(out_dir / "metrics.csv", "w", newline="") as handle:

@@ -215,6 +215,7 @@ class RoundDriver:
             await wait_for_devices(view)
             current = await self._start_round(view.server_round + 1)
             await self._finish_round(current)
+        await self.outbox.evaluations_done()  # the last round's federated evaluation, before the devices leave
         logger.info("job %s finished after %d rounds", view.job, view.server_round)
 
     def totals(self) -> tuple[int, float]:
@@ -376,6 +377,7 @@ class RoundDriver:
         view.server_round = current.server_round
         self.current_round = None
         await self.outbox.publish_model()
+        self.outbox.request_evaluation(current.server_round)  # on the devices, if configured: not waited for
         evaluation: dict[str, float] = {}
         if view.evaluate_fn is not None:
             evaluation = dict(await asyncio.to_thread(self.strategy.evaluate, current.server_round,

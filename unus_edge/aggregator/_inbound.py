@@ -18,10 +18,20 @@ from unus_edge.aggregator._ports import Inbound
 from unus_edge.aggregator._round import check_tensors
 from unus_edge.codec import SCHEMA_VERSION, Envelope
 from unus_edge.errors import CodecError, ProtocolError
-from unus_edge.messages import Ack, Heartbeat, Registration, RegistrationReply, Status, Update, decode_message
+from unus_edge.messages import (
+    Ack,
+    EvaluationResult,
+    Heartbeat,
+    Registration,
+    RegistrationReply,
+    Status,
+    Update,
+    decode_message,
+)
 from unus_edge.topics import Channel
 
-__all__ = ["liveness", "on_presence", "on_registration", "on_update", "receive", "refuse_registration"]
+__all__ = ["liveness", "on_evaluation", "on_presence", "on_registration", "on_update", "receive",
+           "refuse_registration"]
 
 logger = logging.getLogger("unus_edge.aggregator")
 
@@ -51,7 +61,7 @@ async def receive(service: Inbound) -> None:
         if envelope.job != service.job:
             service.reject("wrong_job", f"payload names job {envelope.job!r}", parsed.device_id)
             continue
-        if not isinstance(decoded, Update | Registration | Heartbeat | Status):
+        if not isinstance(decoded, Update | Registration | Heartbeat | Status | EvaluationResult):
             service.counters.ignored += 1  # a kind the devices' channels do not carry
             continue
         if decoded.device_id != parsed.device_id:
@@ -63,8 +73,21 @@ async def receive(service: Inbound) -> None:
             on_update(service, envelope, decoded)
         elif isinstance(decoded, Registration):
             on_registration(service, decoded, time.time())
+        elif isinstance(decoded, EvaluationResult):
+            on_evaluation(service, decoded)
         else:
             on_presence(service, decoded, time.time())
+
+
+def on_evaluation(service: Inbound, result: EvaluationResult) -> None:
+    """A device's federated-evaluation answer: from its registered session, to a request it got."""
+    record = service.registry.get(result.device_id)
+    if record is None or record.session != result.session:
+        service.reject("unregistered", "an evaluation from a session that is not registered", result.device_id)
+        return
+    reason = service.federated.on_result(result)
+    if reason is not None:
+        service.reject(reason, f"evaluation {result.task_id}", result.device_id)
 
 
 def on_registration(service: Inbound, registration: Registration, now: float) -> None:

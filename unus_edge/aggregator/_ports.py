@@ -36,6 +36,7 @@ from unus_edge.transport import Transport
 
 if TYPE_CHECKING:  # these modules import this one
     from unus_edge.aggregator._commit import GroupCommit
+    from unus_edge.aggregator._fedeval import FederatedEvaluation
     from unus_edge.aggregator._fleet import FleetPublisher
     from unus_edge.aggregator._round import DedupWindow
 
@@ -83,6 +84,13 @@ class Outbox(Protocol):
 
     async def send_to_device(self, device_id: str, message: Message) -> None:
         """A message on the device's ``tasks`` topic (a task, an ack, a registration reply)."""
+
+    def request_evaluation(self, server_round: int) -> None:
+        """Federated evaluation of the model just published, if ``evaluation.mode`` asks for it
+        at this round (SSP: evaluation point); answers are collected without waiting."""
+
+    async def evaluations_done(self) -> None:
+        """Wait until the federated evaluations under way are published (each bounded)."""
 
     def post(self, device_id: str, message: Message) -> None:
         """``send_to_device`` without waiting: queued, and sent with the next bounded batch (dropped
@@ -159,6 +167,7 @@ class Inbound(Outbox, Protocol):
     dedup: DedupWindow
     committer: GroupCommit
     fleet: FleetPublisher
+    federated: FederatedEvaluation
     registry_changed: asyncio.Event
     """Set whenever a heartbeat deadline may have moved (the liveness timer re-arms)."""
 

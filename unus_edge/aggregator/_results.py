@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from unus_edge.messages import RoundMetrics
+from unus_edge.messages import FederatedMetrics, RoundMetrics
 from unus_edge.strategies import Params
 
 __all__ = ["Counters", "JobResult", "RoundProgress"]
@@ -41,6 +41,8 @@ class JobResult:
     """Updates applied over the whole job."""
     mean_staleness: float = 0.0
     """SSP: mean of (model version - base version) over applied updates; 0 in synchronous rounds."""
+    federated: list[FederatedMetrics] = field(default_factory=list)
+    """The federated evaluations (``evaluation.mode``), in order."""
 
     @property
     def final_accuracy(self) -> float | None:

@@ -30,6 +30,7 @@ from unus_edge.aggregator import _inbound
 from unus_edge.aggregator._checkpoint import Checkpoint, load_checkpoint
 from unus_edge.aggregator._commit import GroupCommit
 from unus_edge.aggregator._driver import RoundDriver
+from unus_edge.aggregator._fedeval import FederatedEvaluation
 from unus_edge.aggregator._fleet import FleetPublisher
 from unus_edge.aggregator._ports import Driver, Evaluate
 from unus_edge.aggregator._registry import Registry
@@ -110,6 +111,9 @@ class Aggregator:
         self._tasks: asyncio.TaskGroup | None = None
         self.sender = DeviceSender(self._send_now, self._start)
         """Every message to a device, in one queue sent in bounded batches by one task."""
+        self.federated = FederatedEvaluation(self.job, config.evaluation, self.registry, config.job.seed,
+                                             post=self.post, publish=self.publish, spawn=self._start)
+        """Evaluation on the devices (``evaluation.mode``); the drivers ask for it."""
         self.fleet = FleetPublisher(self.job, self.registry, self.publish, self.spawn, config.job.fleet_interval)
         """Registry changes mark it; the fleet goes out at most once per ``job.fleet_interval``."""
         self.committer = GroupCommit(config.checkpoint.dir, self.checkpoint, self, lambda: self.running)
@@ -252,7 +256,7 @@ class Aggregator:
         updates, staleness = self.driver.totals()
         return JobResult(self.job, state, self.server_round, self.version, self.params, self.history,
                          wall_seconds, self.counters.bytes_up, self.counters.bytes_down,
-                         dict(self.counters.rejected), reason, updates, staleness)
+                         dict(self.counters.rejected), reason, updates, staleness, list(self.federated.history))
 
     async def _serve(self) -> str:
         """The service's task group, until the rounds end or the shutdown trigger; the reason it stopped."""
@@ -335,6 +339,12 @@ class Aggregator:
             return False
         self._tasks.create_task(coroutine, name=name)
         return True
+
+    def request_evaluation(self, server_round: int) -> None:
+        self.federated.request(server_round, self.version)
+
+    async def evaluations_done(self) -> None:
+        await self.federated.drain()
 
     def post(self, device_id: str, message: Message) -> None:
         """Send ``message`` to the device without waiting, with the next batch (:mod:`._sender`)."""

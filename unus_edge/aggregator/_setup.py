@@ -38,7 +38,7 @@ class JobParts:
 def central_evaluation(config: JobConfig, model: OnnxModel) -> Evaluate | None:
     """Evaluation of global parameters on the configured test set (or ``None`` if disabled)."""
     settings = config.evaluation
-    if settings.dataset == "none":
+    if settings.dataset == "none" or settings.mode == "federated":
         return None
     test = load_dataset(settings.dataset, "test", data_dir=settings.data_dir or None, seed=config.job.seed,
                         num_examples=settings.num_examples or None)

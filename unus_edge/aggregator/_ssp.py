@@ -197,8 +197,15 @@ class SSPDriver:
         every = self.view.config.evaluation.every_updates or max(1, len(self._live()))
         if self.updates - self._evaluated_at >= every and not self.done.is_set():
             self._evaluate()
+        if self.updates - self._federated_at >= every and not self.done.is_set():
+            self._federated_at = self.updates
+            self._federated_points += 1
+            self.outbox.request_evaluation(self._federated_points)  # on the devices, if configured
         return clock, view.version
 
+    _federated_at = 0
+    _federated_points = 0
+    """Evaluation points reached (the federated evaluations' numbers, ``evaluation.federated_every``)."""
     _train_loss_sum = 0.0
     _examples_sum = 0
     _staleness_sum = 0
@@ -321,6 +328,7 @@ class SSPDriver:
             taken = self._snapshot(view.wall_seconds())
             evaluation = await asyncio.to_thread(view.evaluate_fn, view.params)
             self._record(view.version, taken, evaluation)
+        await self.outbox.evaluations_done()
         view.server_round = self.c_min
         logger.info("ssp finished: %d updates, c_min %d, version %d, mean staleness %.2f", self.updates, self.c_min,
                     view.version, self.mean_staleness)

@@ -31,7 +31,7 @@ from unus_edge.data._partition import (
     partition_iid,
     partition_shards,
 )
-from unus_edge.data._sources import FORMATS, LocalData, detect_format, load_source
+from unus_edge.data._sources import FORMATS, LocalData, detect_format, holdout_split, load_source
 from unus_edge.data._split import ProgressCallback, split_to_directory
 from unus_edge.data._synthetic import synthetic
 
@@ -45,6 +45,7 @@ __all__ = [
     "cache_dir",
     "detect_format",
     "fetch_dataset",
+    "holdout_split",
     "label_histogram",
     "load_dataset",
     "load_mnist",

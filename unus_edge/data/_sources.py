@@ -36,7 +36,7 @@ from unus_edge.data._dataset import Dataset, data_error
 from unus_edge.data._files import load_partition
 from unus_edge.data._idx import read_idx
 
-__all__ = ["FORMATS", "LocalData", "detect_format", "load_source"]
+__all__ = ["FORMATS", "LocalData", "detect_format", "holdout_split", "load_source"]
 
 FORMATS = ("npz", "csv", "images", "idx")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm"}
@@ -170,6 +170,17 @@ def _load_idx(path: Path) -> Dataset:
     return Dataset(x, y, int(y.max()) + 1 if len(y) else 1)
 
 
+def holdout_split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """``(train, held_out)``: a seeded ``fraction`` of the examples aside (none when 0)."""
+    if not fraction or len(data) < 2:
+        return data, None
+    order = np.random.default_rng(seed).permutation(len(data))
+    cut = max(1, round(fraction * len(data)))
+    kept, aside = np.sort(order[cut:]), np.sort(order[:cut])
+    return (Dataset(data.x[kept], data.y[kept], data.num_classes),
+            Dataset(data.x[aside], data.y[aside], data.num_classes))
+
+
 class LocalData:
     """A device's data source, its held-out split, and whether it changed since it was read."""
 
@@ -193,13 +204,7 @@ class LocalData:
         return True
 
     def _split(self, data: Dataset) -> tuple[Dataset, Dataset | None]:
-        if not self.holdout or len(data) < 2:
-            return data, None
-        order = np.random.default_rng(self.seed).permutation(len(data))
-        cut = max(1, round(self.holdout * len(data)))
-        kept, aside = np.sort(order[cut:]), np.sort(order[:cut])
-        return (Dataset(data.x[kept], data.y[kept], data.num_classes),
-                Dataset(data.x[aside], data.y[aside], data.num_classes))
+        return holdout_split(data, self.holdout, self.seed)
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         paths = sorted(p for p in self.path.rglob("*") if p.is_file()) if self.path.is_dir() else [self.path]

@@ -33,6 +33,7 @@ from unus_edge.codec import Limits
 from unus_edge.config import DeviceConfig, DeviceSettings
 from unus_edge.data import Dataset, LocalData
 from unus_edge.device import _worker
+from unus_edge.device._evaluate import evaluate_on_request
 from unus_edge.device._pace import NO_PACE, Pace
 from unus_edge.device._view import AggregatorView
 from unus_edge.device._worker import Pending
@@ -40,6 +41,7 @@ from unus_edge.errors import ProtocolError, PublishError, RejectedError, describ
 from unus_edge.messages import (
     Ack,
     Clock,
+    EvaluateTask,
     GlobalModel,
     Message,
     Registration,
@@ -120,6 +122,11 @@ class Device:
         self.stop_training = threading.Event()
         self.started = time.monotonic()
         self.updates_sent = 0
+        self.held_out: Dataset | None = None
+        """Examples kept aside for federated evaluation (``device.holdout``), never trained on."""
+        self.evaluations: asyncio.Queue[EvaluateTask] = asyncio.Queue()
+        self.fetch_lock = asyncio.Lock()
+        """One model fetch at a time (the training worker's and the evaluator's)."""
         self.local_data: LocalData | None = None
         """The data source ``dataset`` was read from (None: data handed in); re-read when it changes."""
         self.registrations_sent = 0
@@ -165,6 +172,7 @@ class Device:
                     group.create_task(self._registration(), name="device-registration"),
                     group.create_task(_worker.heartbeat(self), name="device-heartbeat"),
                     group.create_task(_worker.work(self), name="device-worker"),
+                    group.create_task(evaluate_on_request(self), name="device-evaluate"),
                 ]
                 await self.shutdown_trigger.wait()
                 self.stop_training.set()
@@ -241,6 +249,10 @@ class Device:
 
     # ------------------------------------------------------------------ sending
 
+    async def publish_on(self, channel: Channel, message: Message) -> bytes:
+        """Publish ``message`` on this device's topic of ``channel`` (its QoS and retain flag)."""
+        return await self._publish(channel, message)
+
     async def _publish(self, channel: Channel, message: Message, *, msg_id: str | None = None) -> bytes:
         spec = topics.TOPIC_SPECS[channel]
         payload = encode_message(message, self.job, channel, msg_id=msg_id)
@@ -288,6 +300,8 @@ class Device:
             if message.task_id in self.done_tasks or (self.pending and self.pending.task_id == message.task_id):
                 return  # a redelivery of a task we already did
             self.tasks.put_nowait(message)
+        elif isinstance(message, EvaluateTask):
+            self.evaluations.put_nowait(message)
         elif isinstance(message, Ack):
             self._on_ack(message)
         elif isinstance(message, GlobalModel):

@@ -41,6 +41,7 @@ async def run_device(
     config: DeviceConfig,
     *,
     dataset: Dataset | None = None,
+    held_out: Dataset | None = None,
     shutdown_trigger: asyncio.Event | None = None,
     exit_when_finished: bool = False,
     compute_slots: asyncio.Semaphore | None = None,
@@ -71,6 +72,7 @@ async def run_device(
                     shutdown_trigger=shutdown_trigger, exit_when_finished=exit_when_finished,
                     compute_slots=compute_slots)
     device.local_data = local
+    device.held_out = local.held_out if local is not None else held_out
     if pace is not None:
         device.pace = pace
     # The first connection may retry for as long as the broker is unreachable: a shutdown

@@ -103,6 +103,12 @@ retained copy, and :func:`wait_for_model` re-subscribes when it waits too long."
 
 
 async def fetch_model(device: Device, version: int, budget: float) -> bool:
+    """One fetch at a time (:func:`_fetch_model`): the evaluator and the trainer may both ask."""
+    async with device.fetch_lock:
+        return await _fetch_model(device, version, budget)
+
+
+async def _fetch_model(device: Device, version: int, budget: float) -> bool:
     """Fetch the model for one computation: subscribe to the retained model, take it, unsubscribe.
 
     The device receives a model only when it is about to train, and one model per computation
