@@ -18,7 +18,7 @@ DROP_IN = REPO / "deploy" / "raspberry-pi" / "mosquitto-unus-edge.conf"
 def provision(out: Path, job: str, devices: Sequence[str], *extra: str) -> Fleet:
     """``unus-edge provision`` in this process (gateway name: localhost)."""
     args = build_parser().parse_args(["provision", "--out", str(out), "--job", job, "--devices", *devices,
-                                      "--gateway", "localhost", *extra])
+                                      "--gateway", "localhost", "--state-dir", str(out / "state"), *extra])
     assert provision_run(args) == 0
     return Fleet(out)
 

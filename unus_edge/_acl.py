@@ -39,6 +39,7 @@ topic read unus/v1/{job}/devices/+/update
 topic write unus/v1/{job}/devices/+/tasks
 topic write unus/v1/{job}/model
 topic write unus/v1/{job}/clock
+topic write unus/v1/{job}/release
 topic write unus/v1/{job}/aggregator/status
 topic write unus/v1/{job}/metrics/#
 
@@ -61,6 +62,7 @@ topic write unus/v1/{job}/devices/{device}/register
 topic write unus/v1/{job}/devices/{device}/update
 topic read unus/v1/{job}/devices/{device}/tasks
 topic read unus/v1/{job}/model
+topic read unus/v1/{job}/release
 topic read unus/v1/{job}/clock
 topic read unus/v1/{job}/aggregator/status
 """

@@ -155,6 +155,31 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from unus_edge.config import load_device_config
+    from unus_edge.data import load_inputs
+    from unus_edge.device import load_release, predict
+
+    config = load_device_config(args.config, overrides=args.set or [])
+    folder = args.release_dir or config.device.release_dir
+    if not folder:
+        raise UnusError("no release folder: set device.release_dir in the device's configuration or pass --release-dir")
+    release = load_release(Path(folder).expanduser())
+    shape = (release.model.inputs[0].shape if release.model.inputs else None) or ()
+    height, width = (shape[-2], shape[-1]) if len(shape) >= 3 else (28, 28)
+    size = (height, width) if isinstance(height, int) and isinstance(width, int) else (28, 28)
+    features = tuple(name.strip() for name in config.device.csv_features.split(",") if name.strip())
+    names, x = load_inputs(Path(args.input), label_column=config.device.csv_label, feature_columns=features,
+                           image_size=size)
+    classes, probabilities = predict(release, x)
+    for name, label, row in zip(names, classes, probabilities, strict=True):
+        print(json.dumps({"input": name, "class": int(label), "probability": round(float(row[label]), 6),
+                          "model_version": release.version, "job": release.meta.get("job")}))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -244,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
         sim.set_defaults(handler=(lambda a: cmd_simulate(a, demo=True)) if is_demo else cmd_simulate)
         if is_demo:
             sim.set_defaults(job="demo", rounds=10, seed=0)
+
+    predict = commands.add_parser("predict", help="predict with the trained model a finished job released "
+                                  "to this device", description="One JSON line per input: class, probability, "
+                                  "model version.")
+    predict.add_argument("--config", required=True, metavar="TOML", help="the device's configuration")
+    predict.add_argument("--input", required=True, metavar="PATH", help="an image, a folder of images, a .csv or "
+                         "a .npz file (x)")
+    predict.add_argument("--release-dir", metavar="DIR", help="default: device.release_dir")
+    predict.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    predict.set_defaults(handler=_cmd_predict)
 
     watch = commands.add_parser("monitor", help="live view of a job from its MQTT topics")
     watch.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL")

@@ -117,6 +117,8 @@ class JobSettings:
     """A device without a heartbeat for this long is offline, whatever the broker says."""
     fleet_interval: float = 1.0
     """Seconds between two publications of the fleet summary (``metrics/devices``) at most."""
+    release: bool = True
+    """Publish the trained model, retained on ``release``, when the job finishes (for the devices to use)."""
     wait_for_devices: float = 600.0
     """Seconds to wait for ``min_devices`` before the job fails."""
     max_update_norm: float = 0.0
@@ -227,6 +229,8 @@ class DeviceSettings:
     """A CSV source's feature columns, comma-separated (empty: every column but the label)."""
     holdout: float = 0.0
     """A fraction of the examples kept aside for evaluation (seeded by ``model_seed``), never trained on."""
+    release_dir: str = ""
+    """Where the device keeps the trained model a finished job releases (empty: not kept)."""
     model: str = "mnist_2nn"
     """The model the device runs: a zoo name or an ONNX path (its fingerprint must match the job's)."""
     model_seed: int = 0

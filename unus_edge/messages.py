@@ -49,6 +49,7 @@ __all__ = [
     "Message",
     "Registration",
     "RegistrationReply",
+    "Release",
     "RoundMetrics",
     "Scalar",
     "Status",
@@ -264,6 +265,22 @@ class GlobalModel(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Release(Message):
+    """The trained model, handed to the fleet for use (retained on ``release``)."""
+
+    KIND: ClassVar[str] = "release"
+    job: str
+    version: int
+    server_round: int
+    fingerprint: str
+    """The model's architecture fingerprint: a device stores a release only for its own model."""
+    aggregator_session: str
+    tensors: Mapping[str, Tensor]
+    eval_accuracy: float | None = None
+    """The last evaluation's accuracy (central, else federated), for the operator's records."""
+
+
+@dataclass(frozen=True, slots=True)
 class Clock(Message):
     """Global model version and SSP clock state (retained). ``staleness_bound`` None is infinity."""
 
@@ -409,6 +426,7 @@ CHANNEL_KINDS: dict[Channel, tuple[type[Message], ...]] = {
     Channel.MODEL: (GlobalModel,),
     Channel.CLOCK: (Clock,),
     Channel.METRICS: (RoundMetrics, FleetMetrics, JobMetrics, DeviceFacts, FederatedMetrics),
+    Channel.RELEASE: (Release,),
 }
 
 

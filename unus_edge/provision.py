@@ -354,7 +354,8 @@ def _device_config(job: str, device: str, settings: Mapping[str, Any]) -> dict[s
                               "username": device, "password_file": f"{etc}/password", "ca_file": f"{etc}/ca.crt"}
     if settings["client_certs"]:
         broker.update(cert_file=f"{etc}/{device}.crt", key_file=f"{etc}/{device}.key")
-    return {"device": {"id": device, "job": job, "data": settings["data"], "model": settings["model"]},
+    return {"device": {"id": device, "job": job, "data": settings["data"], "model": settings["model"],
+                       "release_dir": f"{settings['state_dir']}/release"},  # the trained model, for local use
             "broker": broker}
 
 

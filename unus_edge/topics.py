@@ -15,6 +15,7 @@ topic (under ``unus/v1/{job}/``)          format  QoS   retain  publisher -> sub
 ``devices/{device_id}/tasks``             CBOR    1     no      aggregator -> that device
 ``model``                                 CBOR    1     yes     aggregator -> devices
 ``clock``                                 CBOR    1     yes     aggregator -> devices
+``release``                               CBOR    1     yes     aggregator -> devices
 ``aggregator/status``                     JSON    1     yes     aggregator (and its will)
 ``metrics/{name}``                        JSON    1     yes     aggregator -> operators
 ``metrics/devices/{device_id}``           JSON    1     yes     aggregator -> operators
@@ -39,6 +40,8 @@ Why these QoS and retain flags
       model version, so a device can tell whether the retained model it holds is current.
       Devices *subscribe* to the model at QoS 0, so a persistent session never has models
       queued for it while its device is away (docs/protocol.md, section 2).
+    * **release** is the trained model handed to the fleet for use (at the job's end): retained,
+      so a device that comes later still gets it; QoS 1.
     * **aggregator/status** is retained with a last will, so devices notice an aggregator that
       restarts (its ``session`` changes) or dies.
     * **metrics** are for people: JSON that ``mosquitto_sub -t 'unus/v1/JOB/metrics/#' -v``
@@ -79,6 +82,7 @@ __all__ = [
     "metrics_filter",
     "model",
     "parse",
+    "release",
     "validate_name",
 ]
 
@@ -99,6 +103,7 @@ class Channel(StrEnum):
     CLOCK = "clock"
     AGGREGATOR_STATUS = "aggregator_status"
     METRICS = "metrics"
+    RELEASE = "release"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,7 @@ TOPIC_SPECS: Final[dict[Channel, TopicSpec]] = {
     Channel.CLOCK: TopicSpec("cbor", 1, True),
     Channel.AGGREGATOR_STATUS: TopicSpec("json", 1, True),
     Channel.METRICS: TopicSpec("json", 1, True),
+    Channel.RELEASE: TopicSpec("cbor", 1, True),
 }
 
 _DEVICE_CHANNELS: Final = {
@@ -172,6 +178,11 @@ def clock(job: str) -> str:
     return f"{_job_root(job)}/clock"
 
 
+def release(job: str) -> str:
+    """The retained release: the trained model for the fleet to use."""
+    return f"{_job_root(job)}/release"
+
+
 def aggregator_status(job: str) -> str:
     """The retained aggregator presence (with its last will)."""
     return f"{_job_root(job)}/aggregator/status"
@@ -221,6 +232,8 @@ def parse(topic: str) -> ParsedTopic:
         return ParsedTopic(job, Channel.MODEL)
     if rest == ["clock"]:
         return ParsedTopic(job, Channel.CLOCK)
+    if rest == ["release"]:
+        return ParsedTopic(job, Channel.RELEASE)
     if rest == ["aggregator", "status"]:
         return ParsedTopic(job, Channel.AGGREGATOR_STATUS)
     if len(rest) == 2 and rest[0] == "metrics" and _NAME.fullmatch(rest[1]):

@@ -31,6 +31,7 @@ from tests.secure_gateway import Fleet, SecureBroker, provision
 from unus_edge import topics
 from unus_edge._acl import ACL_TEMPLATE
 from unus_edge._passwords import hash_password, read_password_file, verify_password
+from unus_edge.device import load_release
 from unus_edge.errors import ConnectError
 from unus_edge.provision import redacted
 from unus_edge.topics import Channel
@@ -345,7 +346,8 @@ def test_federated_job_over_tls_and_acl_with_three_device_processes(fleet: Fleet
                     "device", "--config", str(bundle / "device.toml"), "--broker", tls,
                     "--data", str(tmp_path / "parts" / f"device_{index:03d}.npz"), "--exit-when-finished",
                     "--set", f"broker.password_file={bundle / 'password'}",
-                    "--set", f"broker.ca_file={bundle / 'ca.crt'}", "--set", "device.heartbeat_interval=1"))
+                    "--set", f"broker.ca_file={bundle / 'ca.crt'}", "--set", "device.heartbeat_interval=1",
+                    "--set", f"device.release_dir={tmp_path / 'release' / device}"))
             try:
                 out, err = await aggregator.communicate()
                 assert aggregator.returncode == 0, err.decode()[-3000:]
@@ -365,6 +367,9 @@ def test_federated_job_over_tls_and_acl_with_three_device_processes(fleet: Fleet
         # Each device's facts on its own topic (metrics/#: the ACL lets the aggregator write there).
         facts = {topic.rsplit("/", 1)[1]: body["body"] for topic, body in metrics if "/metrics/devices/" in topic}
         assert set(facts) == set(DEVICES) and all(entry["rounds_contributed"] == 3 for entry in facts.values())
+        # The trained model came back to every device (the ACL lets them read `release`).
+        for device in DEVICES:
+            assert load_release(tmp_path / "release" / device).version == rounds[-1]["version"]
         # The devices came over TLS, under their own names, and the ACL denied nothing they did.
         for device in DEVICES:
             assert re.search(rf"New client connected from 127\.0\.0\.1:\d+ as {device} \(.*u'{device}'\)", broker.log)

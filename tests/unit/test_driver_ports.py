@@ -83,6 +83,7 @@ class RecordingOutbox:
         self.sent_event = asyncio.Event()
         """Publications of the retained clock and the job metrics."""
         self.spawned: list[tuple[str, Coroutine[Any, Any, object]]] = []
+        self.evaluations_requested: list[int] = []
         self.spawn_event = asyncio.Event()
         self.driver: RoundDriver | SSPDriver | None = None
 
@@ -93,6 +94,12 @@ class RecordingOutbox:
     def post(self, device_id: str, message: Message) -> None:
         self.sent.append((device_id, message))
         self.sent_event.set()
+
+    def request_evaluation(self, server_round: int) -> None:
+        self.evaluations_requested.append(server_round)
+
+    async def evaluations_done(self) -> None:
+        return None
 
     async def publish(self, topic: str, channel: Channel, message: Message) -> int:
         return 0

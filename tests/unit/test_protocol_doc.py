@@ -33,6 +33,7 @@ def test_topic_table_matches_the_specs() -> None:
         Channel.TASKS: "devices/{device_id}/tasks",
         Channel.MODEL: "model",
         Channel.CLOCK: "clock",
+        Channel.RELEASE: "release",
         Channel.AGGREGATOR_STATUS: "aggregator/status",
         Channel.METRICS: "metrics/{name}",
     }

@@ -34,6 +34,7 @@ def test_job_level_topics() -> None:
     assert topics.parse(topics.aggregator_status("mnist")) == ParsedTopic("mnist", Channel.AGGREGATOR_STATUS)
     assert topics.parse(topics.metrics("mnist", "round")) == ParsedTopic("mnist", Channel.METRICS, name="round")
     assert topics.model("mnist") == "unus/v1/mnist/model"
+    assert topics.parse(topics.release("mnist")) == ParsedTopic("mnist", Channel.RELEASE)
     facts = topics.device_metrics("mnist", "pi-7")
     assert facts == "unus/v1/mnist/metrics/devices/pi-7"
     assert topics.parse(facts) == ParsedTopic("mnist", Channel.METRICS, device_id="pi-7", name="devices")
@@ -43,7 +44,8 @@ def test_job_level_topics() -> None:
 
 def test_every_channel_has_a_spec_and_retain_matches_the_design() -> None:
     retained = {channel for channel, spec in topics.TOPIC_SPECS.items() if spec.retain}
-    assert retained == {Channel.STATUS, Channel.MODEL, Channel.CLOCK, Channel.AGGREGATOR_STATUS, Channel.METRICS}
+    assert retained == {Channel.STATUS, Channel.MODEL, Channel.CLOCK, Channel.AGGREGATOR_STATUS, Channel.METRICS,
+                        Channel.RELEASE}
     assert set(topics.TOPIC_SPECS) == set(Channel)
     assert topics.TOPIC_SPECS[Channel.HEARTBEAT].qos == 0
     assert {topics.TOPIC_SPECS[c].format for c in (Channel.STATUS, Channel.HEARTBEAT, Channel.METRICS)} == {"json"}

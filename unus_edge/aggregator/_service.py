@@ -47,6 +47,7 @@ from unus_edge.messages import (
     GlobalModel,
     JobMetrics,
     Message,
+    Release,
     RoundMetrics,
     Status,
     Update,
@@ -304,6 +305,8 @@ class Aggregator:
             logger.error("final checkpoint failed: %s", error)
         try:
             async with asyncio.timeout(5):
+                if self.state == "finished" and self.config.job.release:
+                    await self.publish(topics.release(self.job), Channel.RELEASE, self._release())
                 await self.publish_state(reason=reason)
                 await self.publish(topics.aggregator_status(self.job), Channel.AGGREGATOR_STATUS,
                                    Status("aggregator", "offline", self.session, role="aggregator",
@@ -311,6 +314,14 @@ class Aggregator:
         except (TimeoutError, TransportError) as error:
             logger.warning("final state not published (%s); the retained topics will say so on the next start",
                            error or "the broker did not answer within 5 s")
+
+    def _release(self) -> Release:
+        """The trained model for the fleet, with the last accuracy known (central, else federated)."""
+        central = [m.eval_accuracy for m in self.history if m.eval_accuracy is not None]
+        federated = [m.accuracy for m in self.federated.history if m.accuracy is not None]
+        accuracy = central[-1] if central else federated[-1] if federated else None
+        return Release(self.job, self.version, self.server_round, self.fingerprint, self.session,
+                       self.params, accuracy)  # dense, whatever the strategy publishes per round
 
     def start_training_clock(self) -> None:
         """Training begins now (the first round or clock); a resumed job continues its clock."""

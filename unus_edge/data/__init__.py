@@ -31,7 +31,7 @@ from unus_edge.data._partition import (
     partition_iid,
     partition_shards,
 )
-from unus_edge.data._sources import FORMATS, LocalData, detect_format, holdout_split, load_source
+from unus_edge.data._sources import FORMATS, LocalData, detect_format, holdout_split, load_inputs, load_source
 from unus_edge.data._split import ProgressCallback, split_to_directory
 from unus_edge.data._synthetic import synthetic
 
@@ -48,6 +48,7 @@ __all__ = [
     "holdout_split",
     "label_histogram",
     "load_dataset",
+    "load_inputs",
     "load_mnist",
     "load_partition",
     "load_source",

@@ -36,7 +36,7 @@ from unus_edge.data._dataset import Dataset, data_error
 from unus_edge.data._files import load_partition
 from unus_edge.data._idx import read_idx
 
-__all__ = ["FORMATS", "LocalData", "detect_format", "holdout_split", "load_source"]
+__all__ = ["FORMATS", "LocalData", "detect_format", "holdout_split", "load_inputs", "load_source"]
 
 FORMATS = ("npz", "csv", "images", "idx")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm"}
@@ -74,6 +74,83 @@ def load_source(path: Path, *, data_format: str = "auto", label_column: str = "l
                                        f"not {found!r}", path=path)
 
 
+def load_inputs(path: Path, *, label_column: str = "label", feature_columns: tuple[str, ...] = (),
+                image_size: tuple[int, int] = (28, 28)) -> tuple[list[str], Any]:
+    """Inputs to predict on, without labels: ``(names, x)``. ``path`` is an image, a folder of
+    images (all of them, sorted, subfolders included), a CSV file (the feature columns; a label
+    column is ignored if present) or a ``.npz`` file with ``x``. Names say which row is which."""
+    if path.is_dir() or path.suffix.lower() in _IMAGE_SUFFIXES:
+        files = (sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES) if path.is_dir()
+                 else [path])
+        if not files:
+            raise data_error("empty", f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))})", path=path)
+        return [str(file.relative_to(path) if path.is_dir() else file.name) for file in files], \
+            np.stack([_read_image(file, image_size) for file in files])[:, None]
+    if path.suffix == ".csv":
+        rows = _csv_rows(path)
+        header = rows[0]
+        names = list(feature_columns) or [name for name in header if name != label_column]
+        missing = [name for name in names if name not in header]
+        if missing:
+            raise data_error("bad_column", f"no feature column {', '.join(missing)!r}", path=path)
+        return [f"row {number}" for number in range(2, len(rows) + 1)], _features(rows, header, names, path)
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                x = np.asarray(archive["x"])
+        except (OSError, KeyError, ValueError) as error:
+            raise data_error("unreadable", f"not an .npz with an array x ({error})", path=path) from error
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        return [f"x[{index}]" for index in range(len(x))], x
+    raise data_error("unknown_format", "inputs are an image, a folder of images, a .csv or a .npz file", path=path)
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise data_error("unreadable", str(error), path=path) from error
+    if not rows:
+        raise data_error("empty", "no header row", path=path)
+    rows[0] = [name.strip() for name in rows[0]]
+    return rows
+
+
+def _features(rows: list[list[str]], header: list[str], names: list[str], path: Path) -> Any:
+    at = [header.index(name) for name in names]
+    x = np.empty((len(rows) - 1, len(names)), np.float32)
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise data_error("bad_row", f"row {number}: {len(row)} fields, the header has {len(header)}", path=path)
+        for column, index in enumerate(at):
+            try:
+                x[number - 2, column] = float(row[index])
+            except ValueError:
+                raise data_error("bad_row", f"row {number}, column {names[column]!r}: {row[index]!r} is not a number",
+                                 path=path) from None
+    if not np.isfinite(x).all():
+        raise data_error("bad_row", "a feature is NaN or infinite", path=path)
+    return x
+
+
+def _read_image(file: Path, size: tuple[int, int]) -> Any:
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise data_error("missing_dependency", "reading images needs Pillow: pip install pillow",
+                         path=file) from error
+    try:
+        with Image.open(file) as image:
+            gray = np.asarray(image.convert("L"), np.float32)
+    except OSError as error:
+        raise data_error("bad_image", f"not a readable image ({error})", path=file) from error
+    if gray.shape != size:
+        raise data_error("bad_image", f"{gray.shape[1]}x{gray.shape[0]} pixels; the model takes {size[1]}x{size[0]}",
+                         path=file)
+    return gray / 255.0
+
+
 def _label(text: str, where: str, path: Path) -> int:
     try:
         value = float(text)
@@ -85,14 +162,8 @@ def _label(text: str, where: str, path: Path) -> int:
 
 
 def _load_csv(path: Path, label_column: str, feature_columns: tuple[str, ...]) -> Dataset:
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise data_error("unreadable", str(error), path=path) from error
-    if not rows:
-        raise data_error("empty", "no header row", path=path)
-    header = [name.strip() for name in rows[0]]
+    rows = _csv_rows(path)
+    header = rows[0]
     if label_column not in header:
         raise data_error("bad_column", f"no label column {label_column!r} (columns: {', '.join(header)}); "
                                        "set device.csv_label", path=path)
@@ -101,30 +172,17 @@ def _load_csv(path: Path, label_column: str, feature_columns: tuple[str, ...]) -
     if missing or not names:
         raise data_error("bad_column", f"no feature column {', '.join(missing)!r}" if missing else "no feature column",
                          path=path)
-    label_at, feature_at = header.index(label_column), [header.index(name) for name in names]
-    x = np.empty((len(rows) - 1, len(names)), np.float32)
-    y = np.empty(len(rows) - 1, np.int64)
+    label_at = header.index(label_column)
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise data_error("bad_row", f"row {number}: {len(row)} fields, the header has {len(header)}", path=path)
-        y[number - 2] = _label(row[label_at], f"row {number}", path)
-        for column, at in enumerate(feature_at):
-            try:
-                x[number - 2, column] = float(row[at])
-            except ValueError:
-                raise data_error("bad_row", f"row {number}, column {names[column]!r}: {row[at]!r} is not a number",
-                                 path=path) from None
-    if not np.isfinite(x).all():
-        raise data_error("bad_row", "a feature is NaN or infinite", path=path)
+    y = np.array([_label(row[label_at], f"row {number}", path) for number, row in enumerate(rows[1:], start=2)],
+                 np.int64)
+    x = _features(rows, header, names, path)
     return Dataset(x, y, int(y.max()) + 1 if len(y) else 1)
 
 
 def _load_images(folder: Path, size: tuple[int, int]) -> Dataset:
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise data_error("missing_dependency", "reading images needs Pillow: pip install pillow",
-                         path=folder) from error
     classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise data_error("empty", "no class subfolders (one per class, e.g. 0/, 1/ ...)", path=folder)
@@ -134,18 +192,9 @@ def _load_images(folder: Path, size: tuple[int, int]) -> Dataset:
     for index, name in enumerate(classes):
         label = int(name) if numeric else index
         for file in sorted((folder / name).iterdir()):
-            if file.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(file) as image:
-                    gray = np.asarray(image.convert("L"), np.float32)
-            except OSError as error:
-                raise data_error("bad_image", f"not a readable image ({error})", path=file) from error
-            if gray.shape != size:
-                raise data_error("bad_image", f"{gray.shape[1]}x{gray.shape[0]} pixels; the model takes "
-                                              f"{size[1]}x{size[0]}", path=file)
-            images.append(gray / 255.0)
-            labels.append(label)
+            if file.suffix.lower() in _IMAGE_SUFFIXES:
+                images.append(_read_image(file, size))
+                labels.append(label)
     if not images:
         raise data_error("empty", f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in the class folders", path=folder)
     x = np.stack(images).astype(np.float32)[:, None]

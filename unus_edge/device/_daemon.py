@@ -35,6 +35,7 @@ from unus_edge.data import Dataset, LocalData
 from unus_edge.device import _worker
 from unus_edge.device._evaluate import evaluate_on_request
 from unus_edge.device._pace import NO_PACE, Pace
+from unus_edge.device._release import keep_release
 from unus_edge.device._view import AggregatorView
 from unus_edge.device._worker import Pending
 from unus_edge.errors import ProtocolError, PublishError, RejectedError, describe_error
@@ -46,6 +47,7 @@ from unus_edge.messages import (
     Message,
     Registration,
     RegistrationReply,
+    Release,
     Status,
     Task,
     decode_message,
@@ -165,6 +167,8 @@ class Device:
                 await self.transport.subscribe(topics.device_topic(self.job, self.device_id, Channel.TASKS), qos=1)
                 for topic in (topics.clock(self.job), topics.aggregator_status(self.job)):
                     await self.transport.subscribe(topic, qos=1)
+                if self.settings.release_dir:  # the trained model, kept for local applications (_release)
+                    await self.transport.subscribe(topics.release(self.job), qos=1)
                 # The model is fetched per computation (_worker.fetch_model), never followed: drop
                 # the subscription a persistent session may still hold from an older daemon.
                 await self.transport.unsubscribe(topics.model(self.job))
@@ -302,6 +306,8 @@ class Device:
             self.tasks.put_nowait(message)
         elif isinstance(message, EvaluateTask):
             self.evaluations.put_nowait(message)
+        elif isinstance(message, Release) and self._group is not None and self.settings.release_dir:
+            self._group.create_task(keep_release(self, message), name="device-release")
         elif isinstance(message, Ack):
             self._on_ack(message)
         elif isinstance(message, GlobalModel):
