@@ -18,12 +18,16 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unus_edge import __version__
 from unus_edge._cli_common import JOB_FLAGS, overrides, run_until_signal
 from unus_edge._cli_simulate import cmd_simulate
 from unus_edge._logging import configure_logging
 from unus_edge.errors import ConnectError, RejectedError, UnusError
+
+if TYPE_CHECKING:
+    from unus_edge.data import Dataset
 
 __all__ = ["build_parser", "main"]
 
@@ -126,6 +130,8 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.dataset, "train", data_dir=resolve_data_dir(args.data_dir), seed=args.seed,
                            num_examples=args.train_examples or None)
+    if args.format != "npz":
+        return _split_as(dataset, args)
 
     def progress(written: int, total: int, path: Path) -> None:
         print(f"\r{written}/{total} {path}", end="\n" if written == total else "", file=sys.stderr, flush=True)
@@ -133,6 +139,26 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
     paths = split_to_directory(dataset, Path(args.out), num_parts=args.devices, scheme=args.scheme, seed=args.seed,
                                alpha=args.alpha, overwrite=args.overwrite, progress=progress)
     print(f"wrote {len(paths)} partition files and manifest.json to {args.out}")
+    return 0
+
+
+def _split_as(dataset: Dataset, args: argparse.Namespace) -> int:
+    """``data split --format csv|idx|images``: one device source per part, as a device reads it."""
+    from unus_edge.data import Dataset, partition, write_source
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UnusError(f"{out} is not empty: pass --overwrite, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = partition(dataset.y, args.devices, args.scheme, seed=args.seed, alpha=args.alpha)
+    width = max(3, len(str(args.devices - 1)))
+    for index, indices in enumerate(parts):
+        name = f"device_{index:0{width}d}" + (".csv" if args.format == "csv" else "")
+        write_source(Dataset(dataset.x[indices], dataset.y[indices], dataset.num_classes), out / name, args.format)
+        print(f"\r{index + 1}/{args.devices} {out / name}", end="\n" if index + 1 == args.devices else "",
+              file=sys.stderr, flush=True)
+    print(f"wrote {args.devices} {args.format} sources to {out} (device.data = one of them, device.data_format "
+          f"= {args.format} or auto)")
     return 0
 
 
@@ -348,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--train-examples", type=int, default=0)
     split.add_argument("--out", required=True, metavar="DIR")
     split.add_argument("--overwrite", action="store_true", help="replace the files of a previous split")
+    split.add_argument("--format", choices=["npz", "csv", "idx", "images"], default="npz",
+                       help="what each device's source is (default npz; images need Pillow)")
     split.set_defaults(handler=_cmd_data_split)
     fetch = data.add_parser("fetch", help="download a dataset's canonical files, checked by SHA-256")
     fetch.add_argument("dataset", choices=["mnist", "fashion-mnist"])

@@ -165,3 +165,30 @@ def test_a_device_whose_data_grows_registers_the_new_count_and_trains_on_it(tmp_
     rounds, registered = run(scenario)
     assert [m.num_examples for m in rounds] == [30, 50]
     assert registered == 50
+
+
+@pytest.mark.parametrize("data_format", ["npz", "csv", "idx", "images"])
+def test_every_format_written_is_read_back(tmp_path: Path, data_format: str) -> None:
+    from unus_edge.data import load_dataset, write_source
+
+    data = load_dataset("digits", "test", num_examples=40)
+    path = write_source(data, tmp_path / ("part.csv" if data_format == "csv" else
+                                          "part.npz" if data_format == "npz" else "part"), data_format)
+    assert detect_format(path) == data_format
+    back = load_source(path)
+    order = np.argsort(back.y, kind="stable") if data_format == "images" else np.arange(len(back))  # by class folder
+    expected = np.argsort(data.y, kind="stable") if data_format == "images" else np.arange(len(data))
+    np.testing.assert_array_equal(back.y[order], data.y[expected])
+    np.testing.assert_allclose(back.x[order].reshape(len(back), -1), data.x[expected].reshape(len(data), -1),
+                               atol=0.5 / 255 + 1e-6)  # 8-bit pixels: within half a step
+
+
+def test_data_split_writes_csv_sources_a_device_reads(tmp_path: Path) -> None:
+    from unus_edge.cli import main
+
+    assert main(["data", "split", "--dataset", "digits", "--devices", "3", "--format", "csv", "--out",
+                 str(tmp_path / "parts")]) == 0
+    sizes = [len(load_source(tmp_path / "parts" / f"device_{i:03d}.csv")) for i in range(3)]
+    assert sum(sizes) == 1497 and min(sizes) > 400
+    assert main(["data", "split", "--dataset", "digits", "--devices", "3", "--format", "csv", "--out",
+                 str(tmp_path / "parts")]) == 2  # not empty: refused, nothing overwritten

@@ -31,7 +31,15 @@ from unus_edge.data._partition import (
     partition_iid,
     partition_shards,
 )
-from unus_edge.data._sources import FORMATS, LocalData, detect_format, holdout_split, load_inputs, load_source
+from unus_edge.data._sources import (
+    FORMATS,
+    LocalData,
+    detect_format,
+    holdout_split,
+    load_inputs,
+    load_source,
+    write_source,
+)
 from unus_edge.data._split import ProgressCallback, split_to_directory
 from unus_edge.data._synthetic import synthetic
 
@@ -62,4 +70,5 @@ __all__ = [
     "split_to_directory",
     "synthetic",
     "verify_file",
+    "write_source",
 ]

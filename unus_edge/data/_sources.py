@@ -26,6 +26,7 @@ aside for evaluation (:attr:`LocalData.held_out`); the rest is :attr:`LocalData.
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from unus_edge.data._dataset import Dataset, data_error
-from unus_edge.data._files import load_partition
+from unus_edge.data._files import load_partition, save_partition
 from unus_edge.data._idx import read_idx
 
-__all__ = ["FORMATS", "LocalData", "detect_format", "holdout_split", "load_inputs", "load_source"]
+__all__ = ["FORMATS", "LocalData", "detect_format", "holdout_split", "load_inputs", "load_source", "write_source"]
 
 FORMATS = ("npz", "csv", "images", "idx")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm"}
@@ -149,6 +150,43 @@ def _read_image(file: Path, size: tuple[int, int]) -> Any:
         raise data_error("bad_image", f"{gray.shape[1]}x{gray.shape[0]} pixels; the model takes {size[1]}x{size[0]}",
                          path=file)
     return gray / 255.0
+
+
+def write_source(data: Dataset, path: Path, data_format: str) -> Path:
+    """Write ``data`` as a device source :func:`load_source` reads back: ``csv`` (``path`` a file:
+    ``label`` then ``x0``... flattened), ``idx`` or ``images`` (``path`` a folder; pixels in [0, 1]
+    are stored as 0-255), or ``npz``. Returns the path written."""
+    if data_format == "npz":
+        save_partition(path, data)
+        return path
+    if data_format == "csv":
+        flat = data.x.reshape(len(data), -1)
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["label", *(f"x{i}" for i in range(flat.shape[1]))])
+            for label, row in zip(data.y.tolist(), flat.tolist(), strict=True):
+                writer.writerow([label, *(f"{value:.6g}" for value in row)])
+        os.replace(temporary, path)
+        return path
+    pixels = np.clip(np.rint(data.x.reshape(len(data), *data.x.shape[-2:]) * 255), 0, 255).astype(np.uint8)
+    path.mkdir(parents=True, exist_ok=True)
+    if data_format == "idx":
+        for name, array in (("train-images-idx3-ubyte.gz", pixels), ("train-labels-idx1-ubyte.gz",
+                                                                     data.y.astype(np.uint8))):
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            with gzip.open(path / name, "wb") as handle:
+                handle.write(header + array.tobytes())
+        return path
+    if data_format == "images":
+        from PIL import Image
+
+        for index, (image, label) in enumerate(zip(pixels, data.y.tolist(), strict=True)):
+            folder = path / str(label)
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(image).save(folder / f"{index:06d}.png")
+        return path
+    raise data_error("unknown_format", f"cannot write {data_format!r}: one of {', '.join(FORMATS)}", path=path)
 
 
 def _label(text: str, where: str, path: Path) -> int:
