@@ -119,6 +119,8 @@ class JobSettings:
     """Seconds between two publications of the fleet summary (``metrics/devices``) at most."""
     release: bool = True
     """Publish the trained model, retained on ``release``, when the job finishes (for the devices to use)."""
+    release_every: int = 0
+    """Also release after every N-th round (SSP: evaluation point) while the job runs (0: only at the end)."""
     wait_for_devices: float = 600.0
     """Seconds to wait for ``min_devices`` before the job fails."""
     max_update_norm: float = 0.0
@@ -282,6 +284,7 @@ def validate_job_config(config: JobConfig) -> None:
     except ProtocolError as error:
         raise ConfigError("job.name", str(error)) from error
     _check(job.rounds >= 1, "job.rounds", "must be at least 1")
+    _check(job.release_every >= 0, "job.release_every", "must be 0 (at the end only) or a number of rounds")
     evaluation = config.evaluation
     _check(evaluation.federated_every >= 1, "evaluation.federated_every", "must be at least 1")
     _check(0 < evaluation.federated_fraction <= 1, "evaluation.federated_fraction", "must lie in (0, 1]")

@@ -31,6 +31,13 @@ from unus_edge.zoo import resolve_model
 JOB = "fedeval"
 
 
+class NeverBusy(asyncio.Event):
+    """The deaf device's idle flag: it never has an evaluation to finish before it leaves."""
+
+    def clear(self) -> None:
+        return None
+
+
 class Deaf(asyncio.Queue[EvaluateTask]):
     def put_nowait(self, item: EvaluateTask) -> None:
         return None
@@ -48,6 +55,8 @@ async def device(broker: MosquittoBroker, index: int, shard: Dataset, stop: asyn
     daemon.held_out = held_out
     if deaf:
         daemon.evaluations = Deaf()
+        daemon.evaluations_idle = NeverBusy()
+        daemon.evaluations_idle.set()
     async with daemon.transport:
         await daemon.run()
     return daemon

@@ -83,7 +83,7 @@ class RecordingOutbox:
         self.sent_event = asyncio.Event()
         """Publications of the retained clock and the job metrics."""
         self.spawned: list[tuple[str, Coroutine[Any, Any, object]]] = []
-        self.evaluations_requested: list[int] = []
+        self.rounds_done: list[int] = []
         self.spawn_event = asyncio.Event()
         self.driver: RoundDriver | SSPDriver | None = None
 
@@ -95,10 +95,10 @@ class RecordingOutbox:
         self.sent.append((device_id, message))
         self.sent_event.set()
 
-    def request_evaluation(self, server_round: int) -> None:
-        self.evaluations_requested.append(server_round)
+    def round_done(self, server_round: int) -> None:
+        self.rounds_done.append(server_round)
 
-    async def evaluations_done(self) -> None:
+    async def evaluations_done(self, grace: float | None = None) -> None:
         return None
 
     async def publish(self, topic: str, channel: Channel, message: Message) -> int:

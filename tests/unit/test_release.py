@@ -151,3 +151,30 @@ def test_a_finished_job_releases_its_model_and_the_device_predicts_with_it(tmp_p
     assert all(line["model_version"] == 2 and 0 < line["probability"] <= 1 for line in lines)
     classes, _ = predict(stored, data[0].x[:20])
     assert classes.tolist() == expected.tolist()
+
+
+def test_release_every_releases_while_the_job_runs() -> None:
+    async def scenario() -> list[int]:
+        broker = MemoryBroker()
+        releases: list[int] = []
+        original = broker.route
+
+        def route(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+            if topic == topics.release(JOB):
+                _, message = decode_message(payload, Channel.RELEASE)
+                assert isinstance(message, Release)
+                releases.append(message.server_round)
+            original(topic, payload, qos, retain)
+
+        broker.route = route  # type: ignore[method-assign]
+        aggregator = make_aggregator(broker, config(job__min_devices=1, job__rounds=4, job__release_every=2))
+        from tests.unit.test_service_memory import make_device, run_device
+
+        device = make_device(broker, "d0", shards(1)[0])
+        running = asyncio.create_task(run_device(device))
+        async with aggregator.transport:
+            await aggregator.run()
+        await running
+        return releases
+
+    assert run(scenario) == [2, 4, 4]  # rounds 2 and 4 while it runs, then the final one

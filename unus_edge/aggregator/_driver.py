@@ -377,7 +377,7 @@ class RoundDriver:
         view.server_round = current.server_round
         self.current_round = None
         await self.outbox.publish_model()
-        self.outbox.request_evaluation(current.server_round)  # on the devices, if configured: not waited for
+        self.outbox.round_done(current.server_round)  # on the devices, if configured: not waited for
         evaluation: dict[str, float] = {}
         if view.evaluate_fn is not None:
             evaluation = dict(await asyncio.to_thread(self.strategy.evaluate, current.server_round,

@@ -19,6 +19,7 @@ could start the collector), never the service.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -101,11 +102,18 @@ class FederatedEvaluation:
             for task_id in request.asked:
                 self._open.pop(task_id, None)
 
-    async def drain(self) -> None:
+    async def drain(self, grace: float | None = None) -> None:
         """Wait for the evaluations under way (each bounded by its timeout): the job's last one
-        must be published before the job ends and its devices leave."""
+        must be published before the job ends and its devices leave. With ``grace``, answers are
+        waited for at most that long more (SSP: the devices may already be leaving)."""
         while self._collecting:
-            await self._collecting[0].published.wait()
+            request = self._collecting[0]
+            if grace is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(grace):
+                        await request.complete.wait()
+                request.complete.set()  # close it with the answers it has
+            await request.published.wait()
 
     def on_result(self, result: EvaluationResult) -> str | None:
         """Take a device's answer; the reason it is refused, or None."""

@@ -85,12 +85,13 @@ class Outbox(Protocol):
     async def send_to_device(self, device_id: str, message: Message) -> None:
         """A message on the device's ``tasks`` topic (a task, an ack, a registration reply)."""
 
-    def request_evaluation(self, server_round: int) -> None:
-        """Federated evaluation of the model just published, if ``evaluation.mode`` asks for it
-        at this round (SSP: evaluation point); answers are collected without waiting."""
+    def round_done(self, server_round: int) -> None:
+        """A round (SSP: an evaluation point) is done, its model published: federated evaluation
+        (``evaluation.mode``) and a release (``job.release_every``), if due; nothing is waited for."""
 
-    async def evaluations_done(self) -> None:
-        """Wait until the federated evaluations under way are published (each bounded)."""
+    async def evaluations_done(self, grace: float | None = None) -> None:
+        """Wait until the federated evaluations under way are published (each bounded by its
+        timeout, or by ``grace`` seconds more)."""
 
     def post(self, device_id: str, message: Message) -> None:
         """``send_to_device`` without waiting: queued, and sent with the next bounded batch (dropped

@@ -321,7 +321,8 @@ class Aggregator:
         federated = [m.accuracy for m in self.federated.history if m.accuracy is not None]
         accuracy = central[-1] if central else federated[-1] if federated else None
         return Release(self.job, self.version, self.server_round, self.fingerprint, self.session,
-                       self.params, accuracy)  # dense, whatever the strategy publishes per round
+                       {name: value.copy() for name, value in self.params.items()},  # dense, as it is now
+                       accuracy)
 
     def start_training_clock(self) -> None:
         """Training begins now (the first round or clock); a resumed job continues its clock."""
@@ -351,11 +352,16 @@ class Aggregator:
         self._tasks.create_task(coroutine, name=name)
         return True
 
-    def request_evaluation(self, server_round: int) -> None:
+    def round_done(self, server_round: int) -> None:
+        """A round (SSP: an evaluation point) is done: the devices evaluate, and a release goes
+        out, if ``evaluation.mode`` and ``job.release_every`` ask for it."""
         self.federated.request(server_round, self.version)
+        every = self.config.job.release_every
+        if every and server_round % every == 0:
+            self.spawn(self.publish(topics.release(self.job), Channel.RELEASE, self._release()), "aggregator-release")
 
-    async def evaluations_done(self) -> None:
-        await self.federated.drain()
+    async def evaluations_done(self, grace: float | None = None) -> None:
+        await self.federated.drain(grace)
 
     def post(self, device_id: str, message: Message) -> None:
         """Send ``message`` to the device without waiting, with the next batch (:mod:`._sender`)."""

@@ -200,7 +200,7 @@ class SSPDriver:
         if self.updates - self._federated_at >= every and not self.done.is_set():
             self._federated_at = self.updates
             self._federated_points += 1
-            self.outbox.request_evaluation(self._federated_points)  # on the devices, if configured
+            self.outbox.round_done(self._federated_points)  # on the devices, if configured
         return clock, view.version
 
     _federated_at = 0
@@ -328,7 +328,7 @@ class SSPDriver:
             taken = self._snapshot(view.wall_seconds())
             evaluation = await asyncio.to_thread(view.evaluate_fn, view.params)
             self._record(view.version, taken, evaluation)
-        await self.outbox.evaluations_done()
+        await self.outbox.evaluations_done(grace=3.0)  # the devices are leaving: what came in time
         view.server_round = self.c_min
         logger.info("ssp finished: %d updates, c_min %d, version %d, mean staleness %.2f", self.updates, self.c_min,
                     view.version, self.mean_staleness)

@@ -127,6 +127,9 @@ class Device:
         self.held_out: Dataset | None = None
         """Examples kept aside for federated evaluation (``device.holdout``), never trained on."""
         self.evaluations: asyncio.Queue[EvaluateTask] = asyncio.Queue()
+        self.evaluations_idle = asyncio.Event()
+        """Set while no evaluation is queued or under way."""
+        self.evaluations_idle.set()
         self.fetch_lock = asyncio.Lock()
         """One model fetch at a time (the training worker's and the evaluator's)."""
         self.local_data: LocalData | None = None
@@ -305,6 +308,7 @@ class Device:
                 return  # a redelivery of a task we already did
             self.tasks.put_nowait(message)
         elif isinstance(message, EvaluateTask):
+            self.evaluations_idle.clear()
             self.evaluations.put_nowait(message)
         elif isinstance(message, Release) and self._group is not None and self.settings.release_dir:
             self._group.create_task(keep_release(self, message), name="device-release")
@@ -388,7 +392,16 @@ class Device:
         if self.view.job_over and self.exit_when_finished:
             state = self.view.latest_clock.state if self.view.latest_clock else "over"
             logger.info("job %s is %s: device %s exits", self.job, state, self.device_id)
-            self.shutdown_trigger.set()
+            if self.evaluations_idle.is_set() or self._group is None:
+                self.shutdown_trigger.set()
+            else:  # answer the evaluations it was asked for first (bounded)
+                self._group.create_task(self._exit_after_evaluations(), name="device-exit")
+
+    async def _exit_after_evaluations(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await self.evaluations_idle.wait()
+        self.shutdown_trigger.set()
 
     def _on_model(self, model: GlobalModel) -> None:
         if self.view.on_model(model) in ("wrong_fingerprint", "bad_tensors"):

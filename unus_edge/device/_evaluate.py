@@ -35,7 +35,10 @@ async def evaluate_on_request(device: Device) -> None:
 
     evaluator: Evaluator | None = None
     while True:
+        if device.evaluations.empty():
+            device.evaluations_idle.set()
         request = await device.evaluations.get()
+        device.evaluations_idle.clear()
         await device.registered.wait()
         budget = request.deadline_seconds or 60.0
         if device.standing is None and not await fetch_model(device, request.model_version, budget):
