@@ -53,6 +53,18 @@ def test_announced_sessions_are_remembered_in_a_bounded_window() -> None:
     assert "d1" not in registry  # announcing is not registering
 
 
+def test_the_registered_session_costs_the_announced_window_nothing() -> None:
+    registry = Registry("sha256:good", heartbeat_timeout=30, announced_capacity=10)
+    registry.announce("d1", "s1")  # its status, before it registers
+    registry.register(registration(session="s1"), now=0)
+    assert registry.announced_size == 0 and registry.announced("d1", "s1")  # the record answers for it
+    registry.announce("d1", "s1")  # its status again: nothing stored
+    assert registry.announced_size == 0
+    registry.register(registration(session="s2"), now=1)  # the device restarted
+    assert registry.announced("d1", "s1") and registry.announced_size == 1  # the old session's will is routine
+    assert registry.announced("d1", "s2") and not registry.announced("d1", "s3")
+
+
 def test_heartbeat_timeout_marks_silent_devices_offline() -> None:
     registry = Registry("sha256:good", heartbeat_timeout=10)
     registry.register(registration("a"), now=0)
