@@ -29,10 +29,11 @@ logger = logging.getLogger("unus_edge.onnx_io")
 
 
 class EvalResult(NamedTuple):
-    """Mean softmax cross-entropy, accuracy and the number of examples evaluated."""
+    """The mean loss (softmax cross-entropy, or the mean squared error of a regression), the
+    accuracy (``None`` for a regression) and the number of examples evaluated."""
 
     loss: float
-    accuracy: float
+    accuracy: float | None
     num_examples: int
 
 
@@ -142,21 +143,34 @@ class Evaluator:
         return np.concatenate(chunks)
 
     def evaluate(
-        self, params: Mapping[str, NDArray[Any]], x: NDArray[Any], y: NDArray[Any], *, batch_size: int = 1000
+        self, params: Mapping[str, NDArray[Any]], x: NDArray[Any], y: NDArray[Any], *, batch_size: int = 1000,
+        loss: Literal["softmax_cross_entropy", "mse"] = "softmax_cross_entropy",
     ) -> EvalResult:
-        """Mean softmax cross-entropy and accuracy of the model on ``(x, y)``."""
+        """Mean softmax cross-entropy and accuracy of the model on ``(x, y)``; with ``loss="mse"``
+        the mean squared error of its outputs against the targets ``y`` (over every output value,
+        as the trainer's loss) and no accuracy."""
+        if loss not in ("softmax_cross_entropy", "mse"):
+            raise ValueError(f"unknown loss {loss!r}")
         labels = np.asarray(y)
         if labels.shape[:1] != np.shape(x)[:1]:
             raise DataError("bad_labels", f"{np.shape(x)[0]} inputs but {labels.shape} labels")
         num_examples = int(labels.shape[0])
+        regression = loss == "mse"
         if num_examples == 0:
-            return EvalResult(0.0, 0.0, 0)
+            return EvalResult(0.0, None if regression else 0.0, 0)
         loss_sum = 0.0
         correct = 0
         for start in range(0, num_examples, batch_size):
-            logits = self.predict(params, np.asarray(x)[start : start + batch_size], batch_size=batch_size)
+            outputs = self.predict(params, np.asarray(x)[start : start + batch_size], batch_size=batch_size)
             batch_labels = labels[start : start + batch_size]
-            losses, _ = softmax_cross_entropy(logits, batch_labels)
+            if regression:
+                if outputs.size != batch_labels.size:
+                    raise DataError("bad_targets", f"targets of shape {batch_labels.shape[1:]} for outputs of "
+                                                   f"shape {outputs.shape[1:]}")
+                error = outputs.astype(np.float64).reshape(-1) - batch_labels.astype(np.float64).reshape(-1)
+                loss_sum += float(np.square(error).sum()) / (outputs.size / outputs.shape[0])
+                continue
+            losses, _ = softmax_cross_entropy(outputs, batch_labels)
             loss_sum += float(losses.sum(dtype=np.float64))
-            correct += int((logits.argmax(axis=1) == batch_labels).sum())
-        return EvalResult(loss_sum / num_examples, correct / num_examples, num_examples)
+            correct += int((outputs.argmax(axis=1) == batch_labels).sum())
+        return EvalResult(loss_sum / num_examples, None if regression else correct / num_examples, num_examples)

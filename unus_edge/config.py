@@ -176,11 +176,19 @@ class TrainSettings:
     learning_rate: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
+    loss: Literal["softmax_cross_entropy", "mse"] = "softmax_cross_entropy"
+    """``mse`` for a regression model (the devices' data say ``device.task = "regression"``): it is
+    trained and evaluated with the mean squared error, and evaluations report ``mse``, no accuracy."""
 
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    dataset: Literal["mnist", "synthetic", "digits", "none"] = "mnist"
+    dataset: str = "mnist"
+    """``mnist`` (the IDX files in ``data_dir``: Fashion-MNIST's too), ``digits``, ``synthetic``,
+    ``none``, or the path of a test set in a device source format: an ``.npz`` partition, a CSV
+    file with a ``label`` column (a regression job's: its target columns, comma-separated in
+    ``csv_label``), an IDX or image folder (:func:`~unus_edge.data.load_source`)."""
+    csv_label: str = "label"
     data_dir: str = ""
     """Folder of the MNIST IDX files; empty means ``$UNUS_DATA_DIR``."""
     num_examples: int = 0
@@ -226,7 +234,11 @@ class DeviceSettings:
     folder of images (one subfolder per class) or of IDX files (:mod:`unus_edge.data._sources`)."""
     data_format: str = "auto"
     """``npz``, ``csv``, ``images`` or ``idx``; ``auto`` tells them apart by the path."""
+    task: Literal["classification", "regression"] = "classification"
+    """What the labels are: classes, or the targets of a regression (float; the job trains with
+    ``train.loss = "mse"``)."""
     csv_label: str = "label"
+    """A CSV source's label column (regression: the target columns, comma-separated)."""
     csv_features: str = ""
     """A CSV source's feature columns, comma-separated (empty: every column but the label)."""
     holdout: float = 0.0
@@ -309,6 +321,10 @@ def validate_job_config(config: JobConfig) -> None:
     _check(train.learning_rate > 0, "train.learning_rate", "must be positive")
     _check(0 <= train.momentum < 1, "train.momentum", "must lie in [0, 1)")
     _check(train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    dataset = config.evaluation.dataset
+    _check(dataset in ("mnist", "digits", "synthetic", "none") or Path(dataset).expanduser().exists(),
+           "evaluation.dataset", f"must be one of mnist, digits, synthetic, none, or the path of a test set "
+                                 f"(no such file or folder: {dataset!r})")
     _check(config.evaluation.num_examples >= 0, "evaluation.num_examples", "must be >= 0")
     _check(config.evaluation.batch_size >= 1, "evaluation.batch_size", "must be at least 1")
     _check(config.evaluation.every_updates >= 0, "evaluation.every_updates", "must be >= 0")

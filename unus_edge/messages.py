@@ -234,6 +234,8 @@ class EvaluationResult(Message):
     """``train`` when the device keeps no held-out examples (``device.holdout = 0``)."""
     error: str = ""
     """Why the device could not evaluate (then the figures are null); counted as a failure."""
+    mse: float | None = None
+    """A regression model's mean squared error (then also ``loss``; ``accuracy`` is null)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +326,8 @@ class RoundMetrics(Message):
     """Seconds since the job started."""
     num_rejected: int = 0
     """Updates refused in this round (SSP: since the previous report)."""
+    eval_mse: float | None = None
+    """A regression model's mean squared error on the central test set (then also ``eval_loss``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +378,9 @@ class FederatedMetrics(Message):
     accuracy_min: float | None = None
     accuracy_max: float | None = None
     loss_std: float | None = None
+    mse: float | None = None
+    """A regression model's examples-weighted mean squared error, and its spread across devices."""
+    mse_std: float | None = None
     num_on_training_data: int = 0
     """Answers computed on training examples (devices without a held-out split)."""
     duration_seconds: float = 0.0

@@ -89,12 +89,13 @@ class _Builder:
         y = self.node("Relu", f"{name}.relu", (y,))
         return self.node("MaxPool", f"{name}.pool", (y,), kernel_shape=(2, 2), strides=(2, 2))
 
-    def finish(self, name: str, input_shape: tuple[int | str, ...]) -> bytes:
+    def finish(self, name: str, input_shape: tuple[int | str, ...], *, outputs: int = 10,
+               output: str = "logits") -> bytes:
         return encode_model(
             nodes=self.nodes,
             initializers=self.initializers,
             inputs=[ValueInfo("x", _F32, input_shape)],
-            outputs=[ValueInfo("logits", _F32, ("N", 10))],
+            outputs=[ValueInfo(output, _F32, ("N", outputs))],
             opset=OPSET,
             graph_name=name,
         )
@@ -105,13 +106,14 @@ def _logreg(builder: _Builder) -> bytes:
     return builder.finish("logreg", ("N", 784))
 
 
-def _mlp(builder: _Builder, hidden: Sequence[int], name: str) -> bytes:
-    """784 -> hidden... -> 10 with ReLU: layers ``fc1``... as the 2NN's."""
-    h, width = "x", 784
+def _mlp(builder: _Builder, hidden: Sequence[int], name: str, *, inputs: int = 784, outputs: int = 10,
+         output: str = "logits") -> bytes:
+    """inputs -> hidden... -> outputs with ReLU: layers ``fc1``... as the 2NN's."""
+    h, width = "x", inputs
     for index, size in enumerate(hidden, start=1):
         h, width = builder.dense(f"fc{index}", h, width, size, relu=True), size
-    builder.dense(f"fc{len(hidden) + 1}", h, width, 10, relu=False, output="logits")
-    return builder.finish(name, ("N", 784))
+    builder.dense(f"fc{len(hidden) + 1}", h, width, outputs, relu=False, output=output)
+    return builder.finish(name, ("N", inputs), outputs=outputs, output=output)
 
 
 def _mnist_2nn(builder: _Builder) -> bytes:
@@ -142,12 +144,21 @@ def build_model(name: str, *, seed: int = 0) -> bytes:
     return builder(_Builder(seed))
 
 
-def build_mlp(hidden: Sequence[int], *, seed: int = 0) -> bytes:
-    """The ONNX bytes of an MNIST MLP ``784 -> hidden... -> 10`` in the 2NN's layout and
-    initialisation (``build_mlp((200, 200))`` is the zoo's ``mnist_2nn``, but for its graph name)."""
-    if not hidden or any(size < 1 for size in hidden):
-        raise ModelError(f"bad_model: hidden widths must be >= 1, got {list(hidden)}", model="mlp")
-    return _mlp(_Builder(seed), hidden, "mlp_" + "_".join(str(size) for size in hidden))
+def build_mlp(hidden: Sequence[int], *, seed: int = 0, inputs: int = 784, outputs: int = 10,
+              regression: bool = False) -> bytes:
+    """The ONNX bytes of an MLP ``inputs -> hidden... -> outputs`` in the 2NN's layout and
+    initialisation (``build_mlp((200, 200))`` is the zoo's ``mnist_2nn``, but for its graph name).
+
+    ``regression=True`` names the output ``prediction`` instead of ``logits`` (a model trained with
+    ``train.loss = "mse"``); ``hidden = ()`` is then a linear regression."""
+    if (not hidden and not regression) or any(size < 1 for size in hidden) or inputs < 1 or outputs < 1:
+        raise ModelError(f"bad_model: widths must be >= 1 (and hidden layers given for a classifier), got "
+                         f"{inputs} -> {list(hidden)} -> {outputs}", model="mlp")
+    name = "mlp_" + "_".join(str(size) for size in (inputs, *hidden, outputs))
+    if (inputs, outputs, regression) == (784, 10, False):
+        name = "mlp_" + "_".join(str(size) for size in hidden)
+    return _mlp(_Builder(seed), hidden, name, inputs=inputs, outputs=outputs,
+                output="prediction" if regression else "logits")
 
 
 def build_zoo(out_dir: str | os.PathLike[str], *, seed: int = 0) -> list[Path]:

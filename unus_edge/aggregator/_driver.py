@@ -238,6 +238,8 @@ class RoundDriver:
         config.setdefault("seed", device_seed(view.config.job.seed, server_round, assignment.device_id))
         config.setdefault("momentum", view.config.train.momentum)
         config.setdefault("weight_decay", view.config.train.weight_decay)
+        if view.config.train.loss != "softmax_cross_entropy":  # absent: cross-entropy (older devices)
+            config.setdefault("loss", view.config.train.loss)
         # An unguessable id per assignment: a device cannot relabel an update as another round's.
         task_id = task_id or f"r{server_round}.{attempt}.{secrets.token_hex(8)}.{assignment.device_id}"
         return Task(assignment.device_id, task_id, server_round,
@@ -388,7 +390,7 @@ class RoundDriver:
             num_updates=len(current.accepted), num_failures=len(failures),
             num_examples=accumulator.num_examples, duration_seconds=elapsed,
             train_loss=accumulator.train_loss, eval_loss=evaluation.get("loss"),
-            eval_accuracy=evaluation.get("accuracy"), bytes_up=view.counters.bytes_up,
+            eval_accuracy=evaluation.get("accuracy"), eval_mse=evaluation.get("mse"), bytes_up=view.counters.bytes_up,
             bytes_down=view.counters.bytes_down, rejected=dict(view.counters.rejected),
             wall_seconds=view.wall_seconds(), num_rejected=view.counters.refused - self._refused_at_start,
         )

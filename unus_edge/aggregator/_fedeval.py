@@ -143,9 +143,10 @@ class FederatedEvaluation:
         finally:
             request.published.set()
             self._collecting.remove(request)
-        accuracy = f"{metrics.accuracy:.4f}" if metrics.accuracy is not None else "-"
-        logger.info("federated evaluation of round %d (model v%d): accuracy %s over %d examples, %d/%d devices "
-                    "answered, %d failed", request.server_round, request.version, accuracy, metrics.num_examples,
+        score = (f"mse {metrics.mse:.6g}" if metrics.mse is not None else
+                 f"accuracy {metrics.accuracy:.4f}" if metrics.accuracy is not None else "accuracy -")
+        logger.info("federated evaluation of round %d (model v%d): %s over %d examples, %d/%d devices "
+                    "answered, %d failed", request.server_round, request.version, score, metrics.num_examples,
                     metrics.num_answered, metrics.num_selected, metrics.num_failures)
 
 
@@ -161,6 +162,8 @@ def combine(request: _Request, duration: float) -> FederatedMetrics:
     losses = np.array([float(r.loss or 0.0) for r in usable])
     scored = [r for r in usable if r.accuracy is not None]
     accuracies = np.array([float(r.accuracy or 0.0) for r in scored])
+    fitted = [r for r in usable if r.mse is not None]
+    errors = np.array([float(r.mse or 0.0) for r in fitted])
     return FederatedMetrics(
         request.server_round, request.version, len(request.asked), len(request.answers), failures, examples,
         loss=float(np.average(losses, weights=weights)),
@@ -169,4 +172,6 @@ def combine(request: _Request, duration: float) -> FederatedMetrics:
         accuracy_min=float(accuracies.min()) if scored else None,
         accuracy_max=float(accuracies.max()) if scored else None,
         loss_std=float(losses.std()),
+        mse=float(np.average(errors, weights=[r.num_examples for r in fitted])) if fitted else None,
+        mse_std=float(errors.std()) if fitted else None,
         num_on_training_data=sum(r.split == "train" for r in usable), duration_seconds=duration)

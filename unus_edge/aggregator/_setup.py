@@ -7,13 +7,14 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from unus_edge.aggregator._ports import Evaluate
 from unus_edge.aggregator._results import JobResult, RoundProgress
 from unus_edge.aggregator._service import Aggregator
 from unus_edge.config import JobConfig
-from unus_edge.data import load_dataset
+from unus_edge.data import load_dataset, load_source
 from unus_edge.errors import ConfigError
 from unus_edge.messages import RoundMetrics
 from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, read_parameters
@@ -40,14 +41,28 @@ def central_evaluation(config: JobConfig, model: OnnxModel) -> Evaluate | None:
     settings = config.evaluation
     if settings.dataset == "none" or settings.mode == "federated":
         return None
-    test = load_dataset(settings.dataset, "test", data_dir=settings.data_dir or None, seed=config.job.seed,
-                        num_examples=settings.num_examples or None)
+    regression = config.train.loss == "mse"
+    named = settings.dataset in ("mnist", "synthetic", "digits")
+    if named and regression:
+        raise ConfigError("evaluation.dataset", f"{settings.dataset} is a classification test set and this job "
+                          "trains a regression (train.loss = mse): name a test set file, or evaluate on the "
+                          "devices (evaluation.mode = federated) or not at all (none)")
+    if named:
+        test = load_dataset(settings.dataset, "test", data_dir=settings.data_dir or None,  # type: ignore[arg-type]
+                            seed=config.job.seed, num_examples=settings.num_examples or None)
+    else:
+        test = load_source(Path(settings.dataset).expanduser(), label_column=settings.csv_label,
+                           task="regression" if regression else "classification")
+        if settings.num_examples:
+            test = test.subset(slice(0, settings.num_examples))
     evaluator = Evaluator(model, backend=settings.backend)
     logger.info("central evaluation on %d %s test examples (%s backend)", len(test), settings.dataset,
                 evaluator.backend)
 
     def evaluate(params: Params) -> dict[str, float]:
-        result = evaluator.evaluate(params, test.x, test.y, batch_size=settings.batch_size)
+        result = evaluator.evaluate(params, test.x, test.y, batch_size=settings.batch_size, loss=config.train.loss)
+        if result.accuracy is None:
+            return {"loss": float(result.loss), "mse": float(result.loss)}
         return {"loss": float(result.loss), "accuracy": float(result.accuracy)}
 
     return evaluate

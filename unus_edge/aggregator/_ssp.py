@@ -129,6 +129,8 @@ class SSPDriver:
         train = view.config.train
         config = {"job_seed": view.config.job.seed, "momentum": train.momentum,
                   "weight_decay": train.weight_decay, **self.strategy.device_config()}
+        if train.loss != "softmax_cross_entropy":  # absent: cross-entropy (older devices)
+            config["loss"] = train.loss
         # A fresh, unguessable id per standing task: only an update naming one this driver
         # handed out (kept over restarts in the checkpoint) counts.
         task = Task(device_id, f"ssp.{secrets.token_hex(8)}.{device_id}", 0, view.version, train.epochs,
@@ -271,7 +273,7 @@ class SSPDriver:
             num_updates=taken.updates - previous.updates, num_failures=0, num_examples=examples,
             duration_seconds=taken.at - previous.at,
             train_loss=(taken.loss_sum - previous.loss_sum) / examples if examples else None,
-            eval_loss=evaluation.get("loss"), eval_accuracy=evaluation.get("accuracy"),
+            eval_loss=evaluation.get("loss"), eval_accuracy=evaluation.get("accuracy"), eval_mse=evaluation.get("mse"),
             bytes_up=view.counters.bytes_up, bytes_down=view.counters.bytes_down,
             rejected=dict(view.counters.rejected), wall_seconds=taken.at,
             num_rejected=taken.refused - previous.refused,

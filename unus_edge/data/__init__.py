@@ -19,7 +19,7 @@ description of formats and schemes is ``docs/data.md``.
 
 from __future__ import annotations
 
-from unus_edge.data._dataset import Dataset, label_histogram
+from unus_edge.data._dataset import REGRESSION, Dataset, label_histogram
 from unus_edge.data._fetch import SOURCES, cache_dir, fetch_dataset, verify_file
 from unus_edge.data._files import load_partition, save_partition
 from unus_edge.data._idx import read_idx
@@ -45,6 +45,7 @@ from unus_edge.data._synthetic import synthetic
 
 __all__ = [
     "FORMATS",
+    "REGRESSION",
     "SOURCES",
     "Dataset",
     "LocalData",

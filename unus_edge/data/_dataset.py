@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 from unus_edge.errors import DataError
 
 __all__ = [
+    "REGRESSION",
     "Dataset",
     "PathLike",
     "as_path",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 PathLike: TypeAlias = str | os.PathLike[str]
+
+REGRESSION = 0
+"""``Dataset.num_classes`` of a regression task: float targets, no classes."""
 
 _PIXEL_SCALE = np.float32(255.0)
 # Rows per chunk in encode_pixels: bounds the float32 temporaries to a few MB at a time.
@@ -123,40 +127,56 @@ def _read_only(array: NDArray[Any]) -> NDArray[Any]:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-    """Examples ``x`` and integer labels ``y`` of a classification task.
+    """Examples ``x`` and their labels or targets ``y``: a classification or a regression task.
 
     * ``x``: float32, shape ``(num_examples, *feature_shape)``; images are
       ``(num_examples, 1, 28, 28)`` with values in ``[0, 1]``.
-    * ``y``: int64, shape ``(num_examples,)``, every value in ``[0, num_classes)``.
-    * ``num_classes``: the number of classes of the *task* (not only those present here: a
-      non-IID partition may hold a few classes of ten).
+    * Classification (``num_classes >= 1``): ``y`` is int64, shape ``(num_examples,)``, every value
+      in ``[0, num_classes)``; ``num_classes`` counts the classes of the *task* (not only those
+      present here: a non-IID partition may hold a few classes of ten).
+    * Regression (``num_classes == 0``, :data:`REGRESSION`): ``y`` is float32, shape
+      ``(num_examples, *target_shape)``, every value finite; the model is trained and evaluated
+      with the mean squared error.
 
     The arrays are read-only views (no copy is made). Construction raises
     :class:`DataError` (``bad_dtype``, ``bad_shape``, ``length_mismatch``, ``bad_labels``,
-    ``bad_num_classes``) when the contract is broken.
+    ``bad_targets``, ``bad_num_classes``) when the contract is broken.
     """
 
     x: NDArray[np.float32]
-    y: NDArray[np.int64]
+    y: NDArray[Any]
     num_classes: int
 
     def __post_init__(self) -> None:
         x, y, num_classes = self.x, self.y, self.num_classes
         if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
             raise data_error("bad_type", "x and y must be NumPy arrays")
-        if not _is_integer(num_classes) or num_classes < 1:
-            raise data_error("bad_num_classes", f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if not _is_integer(num_classes) or num_classes < 0:
+            raise data_error("bad_num_classes", f"num_classes must be an integer >= 1 (0: regression), "
+                                                f"got {num_classes!r}")
         if x.dtype != np.float32:
             raise data_error("bad_dtype", f"x must be float32, got {x.dtype}")
-        if y.dtype != np.int64:
-            raise data_error("bad_dtype", f"y must be int64, got {y.dtype}")
         if x.ndim < 2:
             raise data_error("bad_shape", f"x must be (num_examples, *feature_shape), got shape {x.shape}")
-        if y.ndim != 1:
-            raise data_error("bad_shape", f"y must be (num_examples,), got shape {y.shape}")
+        if num_classes == REGRESSION:
+            if np.issubdtype(y.dtype, np.integer):
+                raise data_error("bad_num_classes", "num_classes 0 means a regression with float32 targets; "
+                                                    "integer labels need num_classes >= 1")
+            if y.dtype != np.float32:
+                raise data_error("bad_dtype", f"regression targets y must be float32, got {y.dtype}")
+            if y.ndim < 1:
+                raise data_error("bad_shape", f"y must be (num_examples, *target_shape), got shape {y.shape}")
+        else:
+            if y.dtype != np.int64:
+                raise data_error("bad_dtype", f"y must be int64, got {y.dtype}")
+            if y.ndim != 1:
+                raise data_error("bad_shape", f"y must be (num_examples,), got shape {y.shape}")
         if x.shape[0] != y.shape[0]:
             raise data_error("length_mismatch", f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
-        if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        if num_classes == REGRESSION:
+            if y.size and not bool(np.isfinite(y).all()):
+                raise data_error("bad_targets", "regression targets must be finite numbers")
+        elif y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise data_error("bad_labels", f"labels span [{int(y.min())}, {int(y.max())}], outside [0, {num_classes})")
         object.__setattr__(self, "x", _read_only(x))
         object.__setattr__(self, "y", _read_only(y))
@@ -169,6 +189,16 @@ class Dataset:
         return f"Dataset(num_examples={len(self)}, feature_shape={self.feature_shape}, num_classes={self.num_classes})"
 
     @property
+    def is_regression(self) -> bool:
+        """Targets to fit (mean squared error) rather than classes to predict."""
+        return self.num_classes == REGRESSION
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """The shape of one example's target: ``()`` for a class label."""
+        return tuple(int(size) for size in self.y.shape[1:])
+
+    @property
     def feature_shape(self) -> tuple[int, ...]:
         """The shape of one example, ``(1, 28, 28)`` for MNIST."""
         return tuple(int(size) for size in self.x.shape[1:])
@@ -178,7 +208,9 @@ class Dataset:
         return Dataset(x=self.x[indices], y=self.y[indices], num_classes=self.num_classes)
 
     def label_histogram(self) -> NDArray[np.int64]:
-        """Examples per class, an int64 array of length ``num_classes``."""
+        """Examples per class, an int64 array of length ``num_classes`` (empty for regression)."""
+        if self.is_regression:
+            return np.zeros(0, np.int64)
         return np.bincount(self.y, minlength=self.num_classes).astype(np.int64, copy=False)
 
 

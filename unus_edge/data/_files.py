@@ -8,7 +8,8 @@ key                 dtype / shape                              meaning
 ==================  =========================================  ==============================
 ``x``               uint8 or float32, ``(n, *feature_shape)``  examples; uint8 is ``k / 255``
 ``y``               int64, ``(n,)``                            labels in ``[0, num_classes)``
-``num_classes``     int64, ``()``                              classes of the task
+                    or float32, ``(n, *target_shape)``          regression targets (finite)
+``num_classes``     int64, ``()``                              classes of the task (0: regression)
 ``format_version``  int64, ``()``                              ``1``
 ==================  =========================================  ==============================
 
@@ -45,7 +46,7 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from unus_edge.data._dataset import Dataset, PathLike, as_path, data_error, decode_pixels, encode_pixels
+from unus_edge.data._dataset import REGRESSION, Dataset, PathLike, as_path, data_error, decode_pixels, encode_pixels
 
 __all__ = ["PARTITION_FORMAT_VERSION", "atomic_write", "load_partition", "save_partition"]
 
@@ -162,10 +163,12 @@ def _load_member(archive: Any, key: str, path: Path) -> NDArray[Any]:
             f"x must be uint8 or float32 of shape (n, *feature_shape), got {dtype} {shape}",
             path=path,
         )
-    if key == "y" and (dtype != np.int64 or len(shape) != 1):
+    if key == "y" and dtype == np.float32 and len(shape) >= 1:
+        pass  # regression targets; load_partition checks num_classes is 0
+    elif key == "y" and (dtype != np.int64 or len(shape) != 1):
         raise data_error(
             "bad_dtype" if dtype != np.int64 else "bad_shape",
-            f"y must be int64 of shape (n,), got {dtype} {shape}",
+            f"y must be int64 of shape (n,) (or float32 regression targets), got {dtype} {shape}",
             path=path,
         )
     if key in ("num_classes", "format_version") and (not np.issubdtype(dtype, np.integer) or shape not in ((), (1,))):
@@ -245,15 +248,23 @@ def load_partition(path: PathLike, *, num_classes: int | None = None) -> Dataset
         classes = stored_classes if stored_classes is not None else num_classes
         if classes is None:
             raise data_error("missing_key", "no num_classes member and none given by the caller", path=file_path)
-        if classes < 1:
-            raise data_error("bad_num_classes", f"num_classes is {classes}", path=file_path)
         y = _load_member(archive, "y", file_path)
+        regression = y.dtype == np.float32
+        if regression and classes != REGRESSION:
+            raise data_error("bad_dtype", f"y must be int64 labels with num_classes {classes} (float32 y holds "
+                                          "regression targets, with num_classes 0)", path=file_path)
+        if classes < (0 if regression else 1):
+            raise data_error("bad_num_classes", f"num_classes is {classes} (0 only for float32 regression targets)",
+                             path=file_path)
         x_shape = _member_header(archive, "x", file_path)[0]
-        if x_shape[:1] != y.shape:
+        if x_shape[:1] != y.shape[:1]:
             raise data_error(
                 "length_mismatch", f"x has {x_shape[0] if x_shape else 0} examples, y has {y.shape[0]}", path=file_path
             )
-        if y.size and (int(y.min()) < 0 or int(y.max()) >= classes):
+        if regression:
+            if y.size and not bool(np.isfinite(y).all()):
+                raise data_error("bad_targets", "regression targets must be finite", path=file_path)
+        elif y.size and (int(y.min()) < 0 or int(y.max()) >= classes):
             raise data_error(
                 "bad_labels",
                 f"labels span [{int(y.min())}, {int(y.max())}], outside [0, {classes})",
@@ -262,6 +273,9 @@ def load_partition(path: PathLike, *, num_classes: int | None = None) -> Dataset
         x = _load_member(archive, "x", file_path)
     if x.dtype == np.uint8:
         x = decode_pixels(x)
+    elif regression:  # sensor readings: any finite values
+        if x.size and not bool(np.isfinite(x).all()):
+            raise data_error("bad_values", "float32 x must be finite", path=file_path)
     elif x.size and not (float(x.min()) >= 0.0 and float(x.max()) <= 1.0):  # NaN fails too
         raise data_error("bad_values", "float32 x must be finite and within [0, 1]", path=file_path)
     logger.debug("loaded partition %s: %d examples", file_path, y.shape[0])

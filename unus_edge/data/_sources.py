@@ -5,7 +5,9 @@
 * ``npz``: a partition file (:func:`~unus_edge.data.save_partition`, ``unus-edge data split``);
 * ``csv``: a CSV file with a header row, one example per row: the label column
   (``device.csv_label``, default ``label``, non-negative integers) and the feature columns
-  (``device.csv_features``, comma-separated names; default every other column), numbers;
+  (``device.csv_features``, comma-separated names; default every other column), numbers.
+  With ``device.task = "regression"`` the label columns (``csv_label``, comma-separated: one
+  target or several) hold any finite numbers, the targets the model fits (mean squared error);
 * ``images``: a folder with one subfolder per class (``0``, ``1``... or names, sorted), each
   holding grayscale or colour images (PNG, JPEG, BMP, PGM; read as grayscale) of the size the
   model takes; needs Pillow (``pip install pillow``);
@@ -15,7 +17,8 @@
 
 ``device.data_format = "auto"`` (the default) tells them apart by the path: a ``.npz`` or
 ``.csv`` file, a folder with IDX files, or any other folder (images). Pixel values are scaled
-to [0, 1]. Every malformed input is a :class:`~unus_edge.errors.DataError` that names the file,
+to [0, 1]. A regression source is a CSV file or an ``npz`` written with float targets; images and
+IDX hold classes. Every malformed input is a :class:`~unus_edge.errors.DataError` that names the file,
 the row or the image, and the reason: nothing is skipped silently.
 
 A folder or file can grow: :meth:`LocalData.refresh` notices a changed source (names, sizes and
@@ -33,11 +36,20 @@ from typing import Any
 
 import numpy as np
 
-from unus_edge.data._dataset import Dataset, data_error
+from unus_edge.data._dataset import REGRESSION, Dataset, data_error
 from unus_edge.data._files import load_partition, save_partition
 from unus_edge.data._idx import read_idx
 
-__all__ = ["FORMATS", "LocalData", "detect_format", "holdout_split", "load_inputs", "load_source", "write_source"]
+__all__ = [
+    "FORMATS",
+    "TASKS",
+    "LocalData",
+    "detect_format",
+    "holdout_split",
+    "load_inputs",
+    "load_source",
+    "write_source",
+]
 
 FORMATS = ("npz", "csv", "images", "idx")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm"}
@@ -59,14 +71,32 @@ def detect_format(path: Path) -> str:
                                        f"({', '.join(FORMATS)})", path=path)
 
 
+TASKS = ("classification", "regression")
+
+
 def load_source(path: Path, *, data_format: str = "auto", label_column: str = "label",
-                feature_columns: tuple[str, ...] = (), image_size: tuple[int, int] = (28, 28)) -> Dataset:
-    """Read a device's data source into a :class:`Dataset` (see the module docstring)."""
+                feature_columns: tuple[str, ...] = (), image_size: tuple[int, int] = (28, 28),
+                task: str = "classification") -> Dataset:
+    """Read a device's data source into a :class:`Dataset` (see the module docstring); ``task``
+    says whether its labels are classes or regression targets, and a source that holds the other
+    kind is refused (``task_mismatch``)."""
+    if task not in TASKS:
+        raise data_error("bad_task", f"device.task must be {' or '.join(TASKS)}, not {task!r}", path=path)
     found = detect_format(path) if data_format == "auto" else data_format
+    regression = task == "regression"
     if found == "npz":
-        return load_partition(path)
+        data = load_partition(path)
+        if data.is_regression != regression:
+            held = "regression targets" if data.is_regression else f"{data.num_classes} classes"
+            raise data_error("task_mismatch", f"the file holds {held}; device.task is {task!r}", path=path)
+        return data
     if found == "csv":
+        if regression:
+            return _load_csv_targets(path, label_column, feature_columns)
         return _load_csv(path, label_column, feature_columns)
+    if regression and found in ("images", "idx"):
+        raise data_error("task_mismatch", f"{found} sources hold classes; a regression source is a CSV file "
+                                          "or an .npz with float targets", path=path)
     if found == "images":
         return _load_images(path, image_size)
     if found == "idx":
@@ -118,7 +148,7 @@ def _csv_rows(path: Path) -> list[list[str]]:
     return rows
 
 
-def _features(rows: list[list[str]], header: list[str], names: list[str], path: Path) -> Any:
+def _features(rows: list[list[str]], header: list[str], names: list[str], path: Path, what: str = "feature") -> Any:
     at = [header.index(name) for name in names]
     x = np.empty((len(rows) - 1, len(names)), np.float32)
     for number, row in enumerate(rows[1:], start=2):
@@ -131,7 +161,8 @@ def _features(rows: list[list[str]], header: list[str], names: list[str], path: 
                 raise data_error("bad_row", f"row {number}, column {names[column]!r}: {row[index]!r} is not a number",
                                  path=path) from None
     if not np.isfinite(x).all():
-        raise data_error("bad_row", "a feature is NaN or infinite", path=path)
+        line = int(np.argwhere(~np.isfinite(x))[0][0]) + 2
+        raise data_error("bad_row", f"row {line}: a {what} is NaN or infinite", path=path)
     return x
 
 
@@ -162,13 +193,19 @@ def write_source(data: Dataset, path: Path, data_format: str) -> Path:
     if data_format == "csv":
         flat = data.x.reshape(len(data), -1)
         temporary = path.with_name(path.name + ".tmp")
+        targets = data.y.reshape(len(data), -1) if data.is_regression else data.y[:, None]
+        names = ["label"] if targets.shape[1] == 1 else [f"label{i}" for i in range(targets.shape[1])]
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["label", *(f"x{i}" for i in range(flat.shape[1]))])
-            for label, row in zip(data.y.tolist(), flat.tolist(), strict=True):
-                writer.writerow([label, *(f"{value:.6g}" for value in row)])
+            writer.writerow([*names, *(f"x{i}" for i in range(flat.shape[1]))])
+            for label, row in zip(targets.tolist(), flat.tolist(), strict=True):
+                writer.writerow([*(repr(v) if data.is_regression else v for v in label),
+                                 *(f"{value:.9g}" if data.is_regression else f"{value:.6g}" for value in row)])
         os.replace(temporary, path)
         return path
+    if data.is_regression:
+        raise data_error("task_mismatch", f"{data_format} sources hold classes: write regression data as csv or npz",
+                         path=path)
     pixels = np.clip(np.rint(data.x.reshape(len(data), *data.x.shape[-2:]) * 255), 0, 255).astype(np.uint8)
     path.mkdir(parents=True, exist_ok=True)
     if data_format == "idx":
@@ -218,6 +255,25 @@ def _load_csv(path: Path, label_column: str, feature_columns: tuple[str, ...]) -
                  np.int64)
     x = _features(rows, header, names, path)
     return Dataset(x, y, int(y.max()) + 1 if len(y) else 1)
+
+
+def _load_csv_targets(path: Path, label_column: str, feature_columns: tuple[str, ...]) -> Dataset:
+    """A regression CSV: the target columns (``label_column``, comma-separated) and the features."""
+    rows = _csv_rows(path)
+    header = rows[0]
+    targets = [name.strip() for name in label_column.split(",") if name.strip()]
+    absent = [name for name in targets if name not in header]
+    if absent or not targets:
+        raise data_error("bad_column", f"no target column {', '.join(absent) or label_column!r} (columns: "
+                                       f"{', '.join(header)}); set device.csv_label", path=path)
+    names = list(feature_columns) or [name for name in header if name not in targets]
+    missing = [name for name in names if name not in header]
+    if missing or not names:
+        raise data_error("bad_column", f"no feature column {', '.join(missing)!r}" if missing else "no feature column",
+                         path=path)
+    x = _features(rows, header, names, path)
+    y = _features(rows, header, targets, path, what="target")
+    return Dataset(x, y[:, 0].copy() if len(targets) == 1 else y, REGRESSION)
 
 
 def _load_images(folder: Path, size: tuple[int, int]) -> Dataset:

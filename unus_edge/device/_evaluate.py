@@ -6,7 +6,8 @@ topic, QoS 1, never acknowledged: a lost answer is a failure the aggregator coun
 that is not training fetches the model the request names; one that is (SSP's standing task)
 evaluates the model it holds and says which version that is, so an evaluation never makes it
 fetch a model in the middle of a computation. It evaluates its held-out split (``device.holdout``)
-or, without one, its training examples, and says which (``split``). It runs beside the training
+or, without one, its training examples, and says which (``split``): a classifier's loss and
+accuracy, a regression's mean squared error (``mse``, also its ``loss``). It runs beside the training
 worker, in the device's task group, one request at a time and in a worker thread.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from unus_edge.errors import DataError, ModelError, PublishError
 from unus_edge.messages import EvaluateTask, EvaluationResult
@@ -51,26 +52,31 @@ async def evaluate_on_request(device: Device) -> None:
         held_out = device.held_out
         data, split = (held_out, "held_out") if held_out is not None and len(held_out) else (device.dataset, "train")
         evaluator = evaluator or Evaluator(device.graph.model)
+        loss_kind: Literal["softmax_cross_entropy", "mse"] = "mse" if data.is_regression else "softmax_cross_entropy"
         try:
             async with device.compute_slots:
-                result = await asyncio.to_thread(evaluator.evaluate, params, data.x, data.y, batch_size=500)
+                result = await asyncio.to_thread(evaluator.evaluate, params, data.x, data.y, batch_size=500,
+                                                 loss=loss_kind)
         except (DataError, ModelError) as error:
             await _answer(device, request, error=str(error))
             continue
-        logger.info("evaluation %s: model v%d on %d %s examples: accuracy %.4f, loss %.4f", request.task_id,
-                    version, len(data), split, result.accuracy, result.loss)
+        score = f"mse {result.loss:.6g}" if result.accuracy is None else \
+            f"accuracy {result.accuracy:.4f}, loss {result.loss:.4f}"
+        logger.info("evaluation %s: model v%d on %d %s examples: %s", request.task_id, version, len(data), split,
+                    score)
         await _answer(device, request, version=version, num_examples=len(data), loss=float(result.loss),
-                      accuracy=float(result.accuracy), split=split)
+                      accuracy=result.accuracy, split=split,
+                      mse=float(result.loss) if result.accuracy is None else None)
 
 
 async def _answer(device: Device, request: EvaluateTask, *, version: int = -1, num_examples: int = 0,
                   loss: float | None = None, accuracy: float | None = None, split: str = "held_out",
-                  error: str = "") -> None:
+                  error: str = "", mse: float | None = None) -> None:
     if error:
         logger.warning("evaluation %s not done: %s", request.task_id, error)
     answer = EvaluationResult(device.device_id, device.session, request.task_id,
                               version if version >= 0 else request.model_version, num_examples, loss, accuracy,
-                              "train" if split == "train" else "held_out", error)
+                              "train" if split == "train" else "held_out", error, mse)
     try:
         await device.publish_on(Channel.UPDATE, answer)
     except PublishError as failure:  # the aggregator counts a missing answer as a failure

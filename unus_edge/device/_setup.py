@@ -34,7 +34,7 @@ def local_data(config: DeviceConfig, graph: Graph) -> LocalData:
     features = tuple(name.strip() for name in settings.csv_features.split(",") if name.strip())
     return LocalData(Path(settings.data).expanduser(), holdout=settings.holdout, seed=settings.model_seed,
                      data_format=settings.data_format, label_column=settings.csv_label, feature_columns=features,
-                     image_size=size)
+                     image_size=size, task=settings.task)
 
 
 async def run_device(

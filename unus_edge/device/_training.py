@@ -18,11 +18,11 @@ from unus_edge.codec import Tensor
 from unus_edge.data import Dataset
 from unus_edge.errors import DataError, MessageError
 from unus_edge.messages import Task
-from unus_edge.nn import Graph, TrainConfig, TrainHook, train
+from unus_edge.nn import LOSSES, Graph, Loss, TrainConfig, TrainHook, train
 from unus_edge.onnx_io import prepare_input, read_parameters
 from unus_edge.strategies import ClientStrategy, Params, client_strategy
 
-__all__ = ["Abandoned", "LocalResult", "StopHook", "check_dataset", "train_task"]
+__all__ = ["Abandoned", "LocalResult", "StopHook", "check_dataset", "task_loss", "train_task"]
 
 
 class Abandoned(Exception):  # noqa: N818 (a signal, not an error)
@@ -66,6 +66,21 @@ def _number(config: Mapping[str, Any], key: str, default: float, *, integer: boo
     return float(value)
 
 
+def task_loss(config: Mapping[str, Any], dataset: Dataset) -> Loss:
+    """The loss a task names (``loss``; cross-entropy when absent, as before it was sent), refused
+    (``bad_config``) when it is unknown or does not fit this device's data: a regression device
+    trains only with ``mse``, a classification device only with cross-entropy."""
+    loss = config.get("loss", "softmax_cross_entropy")
+    if loss not in LOSSES:
+        raise MessageError("bad_config", f"loss must be one of {', '.join(LOSSES)}, got {loss!r}", kind="task",
+                           field="config.loss")
+    if (loss == "mse") != dataset.is_regression:
+        held = "regression targets" if dataset.is_regression else "class labels"
+        raise MessageError("bad_config", f"the job trains with {loss}, but this device's data are {held} "
+                                         "(device.task)", kind="task", field="config.loss")
+    return loss  # type: ignore[no-any-return]
+
+
 def train_task(
     graph: Graph,
     start: Params,
@@ -90,6 +105,7 @@ def train_task(
         learning_rate=task.learning_rate,
         momentum=_number(task.config, "momentum", 0.0),
         weight_decay=_number(task.config, "weight_decay", 0.0),
+        loss=task_loss(task.config, dataset),
         seed=seed,
     )
     result = train(graph, start, dataset.x, dataset.y, config, hooks=[StopHook(stop), *client.hooks(start)])
@@ -111,7 +127,13 @@ def check_dataset(graph: Graph, dataset: Dataset, source: str) -> None:
         wanted = model.inputs[0].shape if model.inputs else None
         raise DataError("bad_shape", f"{source}: examples of shape {tuple(dataset.x.shape[1:])} do not fit "
                         f"model {model.name} (input {wanted})") from error
-    outputs = int(np.asarray(graph.forward(read_parameters(model), batch)).shape[-1])
+    output = np.asarray(graph.forward(read_parameters(model), batch))
+    if dataset.is_regression:
+        if output.size != int(np.prod(dataset.target_shape, dtype=np.int64)):
+            raise DataError("bad_targets", f"{source}: targets of shape {dataset.target_shape}, but model "
+                            f"{model.name} outputs {tuple(output.shape[1:])} per example")
+        return
+    outputs = int(output.shape[-1])
     if dataset.num_classes > outputs:
         raise DataError("bad_num_classes", f"{source}: {dataset.num_classes} classes, but model {model.name} "
                         f"has {outputs} outputs")

@@ -19,7 +19,9 @@ from unus_edge.nn._base import OPS
 from unus_edge.nn._graph import Graph, Tape
 from unus_edge.nn._mlas import gemm_backend, set_gemm_backend, set_gemm_threads
 from unus_edge.nn._train import (
+    LOSSES,
     SGD,
+    Loss,
     TrainConfig,
     TrainHook,
     TrainResult,
@@ -31,9 +33,11 @@ from unus_edge.nn._train import (
 SUPPORTED_OPS: tuple[str, ...] = tuple(sorted(OPS))
 
 __all__ = [
+    "LOSSES",
     "SGD",
     "SUPPORTED_OPS",
     "Graph",
+    "Loss",
     "Tape",
     "TrainConfig",
     "TrainHook",
