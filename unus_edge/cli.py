@@ -201,8 +201,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                            image_size=size)
     classes, probabilities = predict(release, x)
     for name, label, row in zip(names, classes, probabilities, strict=True):
-        print(json.dumps({"input": name, "class": int(label), "probability": round(float(row[label]), 6),
-                          "model_version": release.version, "job": release.meta.get("job")}))
+        answer: dict[str, object] = {"input": name}
+        if release.task == "regression":
+            answer["prediction"] = [float(value) for value in row.reshape(-1)]
+        else:
+            answer.update({"class": int(label), "probability": round(float(row[label]), 6)})
+        print(json.dumps({**answer, "model_version": release.version, "job": release.meta.get("job")}))
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from unus_edge import topics
+    from unus_edge.aggregator import publish_release, release_from_checkpoint
+    from unus_edge.config import load_job_config
+
+    config = load_job_config(args.config, overrides=overrides(args, JOB_FLAGS))
+    release = release_from_checkpoint(config, Path(args.checkpoint) if args.checkpoint else None)
+    asyncio.run(publish_release(config, release, force=args.force))
+    print(f"released job {config.job.name}'s model version {release.version} (round {release.server_round}) "
+          f"on {topics.release(config.job.name)}")
     return 0
 
 
@@ -305,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--release-dir", metavar="DIR", help="default: device.release_dir")
     predict.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
     predict.set_defaults(handler=_cmd_predict)
+
+    release = commands.add_parser("release", help="publish the model of a stopped job's checkpoint to the fleet")
+    release.add_argument("--config", metavar="TOML", help="the job's configuration file")
+    release.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    release.add_argument("--broker", metavar="URL", help="broker URL (default: the job's broker.url)")
+    release.add_argument("--checkpoint", metavar="DIR", help="default: checkpoint.dir of the job")
+    release.add_argument("--force", action="store_true", help="publish even while the job's aggregator is online")
+    release.set_defaults(handler=_cmd_release)
 
     watch = commands.add_parser("monitor", help="live view of a job from its MQTT topics")
     watch.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL")

@@ -280,6 +280,10 @@ class Release(Message):
     tensors: Mapping[str, Tensor]
     eval_accuracy: float | None = None
     """The last evaluation's accuracy (central, else federated), for the operator's records."""
+    eval_mse: float | None = None
+    """A regression's last mean squared error (central, else federated)."""
+    task: Literal["classification", "regression"] = "classification"
+    """What the outputs are: class scores (a prediction is the arg-max) or the predicted values."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from unus_edge.aggregator._checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from unus_edge.aggregator._registry import DeviceRecord, Registry, Verdict
+from unus_edge.aggregator._release import publish_release, release_from_checkpoint
 from unus_edge.aggregator._results import JobResult, RoundProgress
 from unus_edge.aggregator._round import DedupWindow, SyncRound, check_tensors
 from unus_edge.aggregator._service import Aggregator
@@ -31,6 +32,8 @@ __all__ = [
     "device_seed",
     "load_checkpoint",
     "prepare_job",
+    "publish_release",
+    "release_from_checkpoint",
     "run_aggregator",
     "save_checkpoint",
 ]

@@ -34,6 +34,7 @@ from unus_edge.aggregator._fedeval import FederatedEvaluation
 from unus_edge.aggregator._fleet import FleetPublisher
 from unus_edge.aggregator._ports import Driver, Evaluate
 from unus_edge.aggregator._registry import Registry
+from unus_edge.aggregator._release import build_release
 from unus_edge.aggregator._results import Counters, JobResult, RoundProgress
 from unus_edge.aggregator._round import DedupWindow
 from unus_edge.aggregator._sender import DeviceSender
@@ -316,13 +317,10 @@ class Aggregator:
                            error or "the broker did not answer within 5 s")
 
     def _release(self) -> Release:
-        """The trained model for the fleet, with the last accuracy known (central, else federated)."""
-        central = [m.eval_accuracy for m in self.history if m.eval_accuracy is not None]
-        federated = [m.accuracy for m in self.federated.history if m.accuracy is not None]
-        accuracy = central[-1] if central else federated[-1] if federated else None
-        return Release(self.job, self.version, self.server_round, self.fingerprint, self.session,
-                       {name: value.copy() for name, value in self.params.items()},  # dense, as it is now
-                       accuracy)
+        """The trained model for the fleet, with the last accuracy or error known (central, else federated)."""
+        return build_release(self.config, self.version, self.server_round, self.fingerprint, self.session,
+                             {name: value.copy() for name, value in self.params.items()},  # dense, as it is now
+                             [m.body() for m in self.history], [m.body() for m in self.federated.history])
 
     def start_training_clock(self) -> None:
         """Training begins now (the first round or clock); a resumed job continues its clock."""

@@ -35,7 +35,7 @@ from unus_edge.errors import DataError, ModelError
 from unus_edge.messages import Release
 from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, load_model, read_parameters, save_model
 
-__all__ = ["MODEL_FILE", "StoredRelease", "keep_release", "load_release", "predict", "store_release"]
+__all__ = ["MODEL_FILE", "StoredRelease", "already_stored", "keep_release", "load_release", "predict", "store_release"]
 
 if TYPE_CHECKING:
     from unus_edge.device._daemon import Device
@@ -58,6 +58,11 @@ class StoredRelease:
     @property
     def version(self) -> int:
         return int(self.meta.get("version", -1))
+
+    @property
+    def task(self) -> str:
+        """``classification`` or ``regression`` (releases stored before 2026-12-04 say nothing: classes)."""
+        return str(self.meta.get("task") or "classification")
 
 
 def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -91,6 +96,7 @@ def store_release(folder: str | os.PathLike[str], release: Release, model: OnnxM
     params = {name: np.asarray(value) for name, value in release.tensors.items()}
     meta = {"job": release.job, "version": release.version, "server_round": release.server_round,
             "fingerprint": release.fingerprint, "eval_accuracy": release.eval_accuracy,
+            "eval_mse": release.eval_mse, "task": release.task,
             "aggregator_session": release.aggregator_session, "stored_at": time.time()}
     for name in (MODEL_FILE, _META_FILE):
         _keep_previous(folder, name)
@@ -99,16 +105,33 @@ def store_release(folder: str | os.PathLike[str], release: Release, model: OnnxM
     return folder / MODEL_FILE
 
 
+def already_stored(folder: str | os.PathLike[str], release: Release) -> bool:
+    """Whether ``folder``'s current release is ``release`` (job, version and model): the retained
+    copy comes again at every reconnection, and storing it again would push the last good
+    release out of ``model.previous.onnx`` for a copy of the current one."""
+    try:
+        meta = json.loads((Path(folder).expanduser() / _META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("job"), meta.get("version"), meta.get("fingerprint")) == (
+        release.job, release.version, release.fingerprint)
+
+
 async def keep_release(device: Device, release: Release) -> None:
-    """Store a release that arrived (in a worker thread); a bad one is logged and changes nothing."""
+    """Store a release that arrived (in a worker thread); a bad one is logged and changes nothing,
+    and one already stored is not stored again."""
     folder = device.settings.release_dir
+    if await asyncio.to_thread(already_stored, folder, release):
+        logger.debug("release %d of job %s is already stored", release.version, release.job)
+        return
     try:
         path = await asyncio.to_thread(store_release, folder, release, device.graph.model)
     except (ModelError, OSError) as error:
         logger.error("release %d of job %s not stored: %s", release.version, release.job, error)
         return
-    logger.info("release %d of job %s stored in %s (accuracy %s)", release.version, release.job, path,
-                "-" if release.eval_accuracy is None else f"{release.eval_accuracy:.4f}")
+    score = (f"mse {release.eval_mse:.6g}" if release.eval_mse is not None else
+             "accuracy -" if release.eval_accuracy is None else f"accuracy {release.eval_accuracy:.4f}")
+    logger.info("release %d of job %s stored in %s (%s)", release.version, release.job, path, score)
 
 
 def load_release(folder: Path) -> StoredRelease:
@@ -127,8 +150,11 @@ def load_release(folder: Path) -> StoredRelease:
 
 
 def predict(release: StoredRelease, inputs: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
-    """``(classes, probabilities)`` of the release's model for every row of ``inputs``."""
+    """``(classes, probabilities)`` of the release's model for every row of ``inputs``; for a
+    regression's release (``task``), ``(values, values)``: the model's outputs themselves."""
     logits = np.asarray(Evaluator(release.model).predict(read_parameters(release.model), inputs), np.float64)
+    if release.task == "regression":
+        return logits, logits
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     return probabilities.argmax(axis=1), probabilities
