@@ -36,6 +36,8 @@ class Fleet:
         return str(self.gateway / "ca.crt")
 
     def password(self, user: str) -> str:
+        if user.startswith("app@"):  # a device's local applications
+            return (self.out / "devices" / user.removeprefix("app@") / "app.password").read_text().strip()
         device = self.out / "devices" / user / "password"
         if device.exists():
             return device.read_text().strip()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["ACL_TEMPLATE", "JobIdentities", "render_acl", "users_of"]
+__all__ = ["ACL_TEMPLATE", "JobIdentities", "app_user", "render_acl", "users_of"]
 
 ACL_TEMPLATE = """\
 # unus-edge: the Mosquitto ACL of a job (broker/acl.template).
@@ -19,7 +19,8 @@ ACL_TEMPLATE = """\
 # once per device of that job. (The same text is built into unus_edge/_acl.py; a test keeps
 # the two identical.) Placeholders: {job}; {aggregator}, the aggregator's username
 # (aggregator-<job>); {monitor}, the read-only operators' username (monitor); {device}, a
-# device's username, which is its device id.
+# device's username, which is its device id; {app}, its local applications' username
+# (app@<device>).
 #
 # Mosquitto denies whatever no line grants. Anonymous clients are refused by the broker
 # configuration (allow_anonymous false) and are granted nothing here either. Mosquitto 2.0
@@ -65,6 +66,16 @@ topic read unus/v1/{job}/model
 topic read unus/v1/{job}/release
 topic read unus/v1/{job}/clock
 topic read unus/v1/{job}/aggregator/status
+topic read unus/v1/{job}/devices/{device}/predict/request
+topic write unus/v1/{job}/devices/{device}/predict/response
+
+# The local applications of device {device} ({app}, its own password, and certificate with
+# --client-certs): they ask its daemon for predictions with the release (device.serve_predictions)
+# and read the answers, and nothing else. Their own identity, since the broker takes a
+# username as the client id and one identity holds one connection.
+user {app}
+topic write unus/v1/{job}/devices/{device}/predict/request
+topic read unus/v1/{job}/devices/{device}/predict/response
 """
 
 _JOB_MARK = "# [job]\n"
@@ -81,6 +92,13 @@ class JobIdentities:
     devices: Sequence[str]
 
 
+def app_user(device_id: str) -> str:
+    """The username of device ``device_id``'s local applications (``predict --mqtt``).
+
+    ``@`` is not allowed in a device id, so it never collides with one."""
+    return f"app@{device_id}"
+
+
 def _parts() -> tuple[str, str, str]:
     header, _, rest = ACL_TEMPLATE.partition(_JOB_MARK)
     job_part, _, device_part = rest.partition(_DEVICE_MARK)
@@ -95,7 +113,8 @@ def render_acl(jobs: Mapping[str, JobIdentities], *, banner: str = "") -> str:
         identities = jobs[name]
         values = {"{job}": name, "{aggregator}": identities.aggregator, "{monitor}": identities.monitor}
         chunks.append(_fill(job_part, values))
-        chunks += [_fill(device_part, {**values, "{device}": device}) for device in sorted(identities.devices)]
+        chunks += [_fill(device_part, {**values, "{device}": device, "{app}": app_user(device)})
+                   for device in sorted(identities.devices)]
     return "".join(chunks)
 
 
@@ -104,6 +123,7 @@ def users_of(jobs: Mapping[str, JobIdentities]) -> set[str]:
     users: set[str] = set()
     for identities in jobs.values():
         users.update((identities.aggregator, identities.monitor, *identities.devices))
+        users.update(app_user(device) for device in identities.devices)
     return users
 
 

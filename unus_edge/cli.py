@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from unus_edge import __version__
 from unus_edge._cli_common import JOB_FLAGS, overrides, run_until_signal
+from unus_edge._cli_model import cmd_predict, cmd_release
 from unus_edge._cli_simulate import cmd_simulate
 from unus_edge._logging import configure_logging
 from unus_edge.errors import ConnectError, RejectedError, UnusError
@@ -181,48 +182,6 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    import json
-
-    from unus_edge.config import load_device_config
-    from unus_edge.data import load_inputs
-    from unus_edge.device import load_release, predict
-
-    config = load_device_config(args.config, overrides=args.set or [])
-    folder = args.release_dir or config.device.release_dir
-    if not folder:
-        raise UnusError("no release folder: set device.release_dir in the device's configuration or pass --release-dir")
-    release = load_release(Path(folder).expanduser())
-    shape = (release.model.inputs[0].shape if release.model.inputs else None) or ()
-    height, width = (shape[-2], shape[-1]) if len(shape) >= 3 else (28, 28)
-    size = (height, width) if isinstance(height, int) and isinstance(width, int) else (28, 28)
-    features = tuple(name.strip() for name in config.device.csv_features.split(",") if name.strip())
-    names, x = load_inputs(Path(args.input), label_column=config.device.csv_label, feature_columns=features,
-                           image_size=size)
-    classes, probabilities = predict(release, x)
-    for name, label, row in zip(names, classes, probabilities, strict=True):
-        answer: dict[str, object] = {"input": name}
-        if release.task == "regression":
-            answer["prediction"] = [float(value) for value in row.reshape(-1)]
-        else:
-            answer.update({"class": int(label), "probability": round(float(row[label]), 6)})
-        print(json.dumps({**answer, "model_version": release.version, "job": release.meta.get("job")}))
-    return 0
-
-
-def _cmd_release(args: argparse.Namespace) -> int:
-    from unus_edge import topics
-    from unus_edge.aggregator import publish_release, release_from_checkpoint
-    from unus_edge.config import load_job_config
-
-    config = load_job_config(args.config, overrides=overrides(args, JOB_FLAGS))
-    release = release_from_checkpoint(config, Path(args.checkpoint) if args.checkpoint else None)
-    asyncio.run(publish_release(config, release, force=args.force))
-    print(f"released job {config.job.name}'s model version {release.version} (round {release.server_round}) "
-          f"on {topics.release(config.job.name)}")
-    return 0
-
-
 # ---------------------------------------------------------------------------- parser
 
 
@@ -320,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, metavar="PATH", help="an image, a folder of images, a .csv or "
                          "a .npz file (x)")
     predict.add_argument("--release-dir", metavar="DIR", help="default: device.release_dir")
+    predict.add_argument("--mqtt", action="store_true", help="ask the running device daemon over MQTT "
+                         "(device.serve_predictions) instead of computing here")
+    predict.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (--mqtt)")
     predict.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
-    predict.set_defaults(handler=_cmd_predict)
+    predict.set_defaults(handler=cmd_predict)
 
     release = commands.add_parser("release", help="publish the model of a stopped job's checkpoint to the fleet")
     release.add_argument("--config", metavar="TOML", help="the job's configuration file")
@@ -329,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--broker", metavar="URL", help="broker URL (default: the job's broker.url)")
     release.add_argument("--checkpoint", metavar="DIR", help="default: checkpoint.dir of the job")
     release.add_argument("--force", action="store_true", help="publish even while the job's aggregator is online")
-    release.set_defaults(handler=_cmd_release)
+    release.set_defaults(handler=cmd_release)
 
     watch = commands.add_parser("monitor", help="live view of a job from its MQTT topics")
     watch.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL")

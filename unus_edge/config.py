@@ -37,6 +37,7 @@ __all__ = [
     "JobConfig",
     "JobSettings",
     "ModelSettings",
+    "PredictClientSettings",
     "StrategySettings",
     "TrainSettings",
     "load_device_config",
@@ -245,6 +246,13 @@ class DeviceSettings:
     """A fraction of the examples kept aside for evaluation (seeded by ``model_seed``), never trained on."""
     release_dir: str = ""
     """Where the device keeps the trained model a finished job releases (empty: not kept)."""
+    serve_predictions: bool = False
+    """Answer predictions with the stored release on ``devices/{id}/predict/request`` (needs
+    ``release_dir``): a local application sends inputs, the device answers on ``predict/response``."""
+    predict_backend: Literal["auto", "onnxruntime", "numpy"] = "auto"
+    """What runs the predictions: onnxruntime when installed (``auto``), or the NumPy engine."""
+    predict_max_bytes: int = 4 << 20
+    """The largest prediction request accepted (bytes); a larger one is answered with an error."""
     model: str = "mnist_2nn"
     """The model the device runs: a zoo name or an ONNX path (its fingerprint must match the job's)."""
     model_seed: int = 0
@@ -255,7 +263,7 @@ class DeviceSettings:
     """Seconds to wait for the aggregator's acknowledgement before re-publishing an update."""
     registration_retry: float = 15.0
     """Seconds to wait at least for an answer to a registration before registering again; each
-    further wait doubles, with jitter, up to ``registration_retry_max`` (:func:`registration_backoff`)."""
+    further wait doubles, with jitter, up to ``registration_retry_max`` (``device._register``)."""
     registration_retry_max: float = 240.0
     """The longest wait between two registrations of one aggregator session."""
     client_strategies: str = ""
@@ -269,9 +277,31 @@ class DeviceSettings:
 
 
 @dataclass(frozen=True)
+class PredictClientSettings:
+    """The identity a local application (``unus-edge predict --mqtt``) asks the daemon with.
+
+    Empty: the broker identity's. A broker that takes the username as the client id (the
+    provisioned Mosquitto) holds one connection per identity, so the daemon and its
+    applications need two: ``unus-edge provision`` writes ``app@<device>`` here."""
+
+    username: str = ""
+    password_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def broker(self, broker: BrokerSettings) -> BrokerSettings:
+        """``broker`` with this identity instead of the daemon's, and never the daemon's client id."""
+        if not self.username:
+            return replace(broker, client_id="")
+        return replace(broker, username=self.username, password="", password_file=self.password_file,
+                       cert_file=self.cert_file, key_file=self.key_file, client_id="")
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     device: DeviceSettings = field(default_factory=DeviceSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
+    predict: PredictClientSettings = field(default_factory=PredictClientSettings)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -356,8 +386,13 @@ def load_device_config(
     _check(device.data_format in ("auto", "npz", "csv", "images", "idx"), "device.data_format",
            "must be auto, npz, csv, images or idx")
     _check(0 <= device.holdout < 1, "device.holdout", "must be a fraction in [0, 1)")
+    _check(not device.serve_predictions or bool(device.release_dir), "device.serve_predictions",
+           "needs device.release_dir: predictions are made with the release stored there")
+    _check(device.predict_max_bytes >= 1024, "device.predict_max_bytes", "must be at least 1024 bytes")
     _check(device.blas_threads >= 0, "device.blas_threads", "must be 0 (OpenBLAS's default) or a thread count")
     _check_broker(config.broker)
+    _check(not (config.predict.cert_file and not config.predict.key_file), "predict.key_file",
+           "is required with predict.cert_file")
     return config
 
 

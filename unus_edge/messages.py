@@ -47,6 +47,8 @@ __all__ = [
     "Heartbeat",
     "JobMetrics",
     "Message",
+    "PredictRequest",
+    "Prediction",
     "Registration",
     "RegistrationReply",
     "Release",
@@ -427,6 +429,39 @@ def staleness_bucket(staleness: int) -> str:
     return f"{low}-{2 * low - 1}"
 
 
+@dataclass(frozen=True, slots=True)
+class PredictRequest(Message):
+    """A local application's inputs for the device's released model (``predict/request``)."""
+
+    KIND: ClassVar[str] = "predict"
+    request_id: str
+    """The application's own id for this request; the answer repeats it."""
+    tensors: Mapping[str, Tensor]
+    """``x``: the inputs, one row per example (any shape the model's input reshapes from)."""
+
+    def validate(self) -> None:
+        check_field(0 < len(self.request_id) <= 128, self.KIND, "request_id", "must be 1-128 characters")
+        check_field(set(self.tensors) == {"x"}, self.KIND, "tensors", "must be exactly one tensor, x")
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction(Message):
+    """The device's answer to a :class:`PredictRequest` (``predict/response``)."""
+
+    KIND: ClassVar[str] = "prediction"
+    device_id: str
+    request_id: str
+    model_version: int
+    """The release that answered (-1 when none could)."""
+    task: Literal["classification", "regression"] = "classification"
+    classes: tuple[int, ...] = ()
+    """A classifier's predicted class per row (the arg-max of ``y``)."""
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    """``y``: per row, the class probabilities (softmax) or a regression's predicted values."""
+    error: str = ""
+    """Why there is no prediction (no release stored yet, inputs of the wrong shape, busy)."""
+
+
 CHANNEL_KINDS: dict[Channel, tuple[type[Message], ...]] = {
     Channel.STATUS: (Status,),
     Channel.AGGREGATOR_STATUS: (Status,),
@@ -438,6 +473,8 @@ CHANNEL_KINDS: dict[Channel, tuple[type[Message], ...]] = {
     Channel.CLOCK: (Clock,),
     Channel.METRICS: (RoundMetrics, FleetMetrics, JobMetrics, DeviceFacts, FederatedMetrics),
     Channel.RELEASE: (Release,),
+    Channel.PREDICT_REQUEST: (PredictRequest,),
+    Channel.PREDICT_RESPONSE: (Prediction,),
 }
 
 

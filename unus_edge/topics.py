@@ -104,6 +104,10 @@ class Channel(StrEnum):
     AGGREGATOR_STATUS = "aggregator_status"
     METRICS = "metrics"
     RELEASE = "release"
+    PREDICT_REQUEST = "predict/request"
+    """A local application's inputs for the device's released model (``device.serve_predictions``)."""
+    PREDICT_RESPONSE = "predict/response"
+    """The device's predictions, one message per request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,8 @@ TOPIC_SPECS: Final[dict[Channel, TopicSpec]] = {
     Channel.AGGREGATOR_STATUS: TopicSpec("json", 1, True),
     Channel.METRICS: TopicSpec("json", 1, True),
     Channel.RELEASE: TopicSpec("cbor", 1, True),
+    Channel.PREDICT_REQUEST: TopicSpec("cbor", 1, False),
+    Channel.PREDICT_RESPONSE: TopicSpec("cbor", 1, False),
 }
 
 _DEVICE_CHANNELS: Final = {
@@ -134,6 +140,8 @@ _DEVICE_CHANNELS: Final = {
     Channel.REGISTER,
     Channel.UPDATE,
     Channel.TASKS,
+    Channel.PREDICT_REQUEST,
+    Channel.PREDICT_RESPONSE,
 }
 
 
@@ -247,4 +255,8 @@ def parse(topic: str) -> ParsedTopic:
             raise ProtocolError("bad_topic", topic) from None
         if channel in _DEVICE_CHANNELS:
             return ParsedTopic(job, channel, device_id=rest[1])
+    if len(rest) == 4 and rest[0] == "devices" and _NAME.fullmatch(rest[1]) and rest[2] == "predict" \
+            and rest[3] in ("request", "response"):
+        channel = Channel.PREDICT_REQUEST if rest[3] == "request" else Channel.PREDICT_RESPONSE
+        return ParsedTopic(job, channel, device_id=rest[1])
     raise ProtocolError("bad_topic", topic)

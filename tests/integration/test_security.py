@@ -148,12 +148,13 @@ def test_provision_writes_secrets_0600_never_prints_them_and_runs_again(tmp_path
     assert first.returncode == 0, first.stderr
     secrets_ = [out / "ca.key", out / "gateway" / "server.key", out / "gateway" / "mosquitto.passwd",
                 out / "gateway" / "aggregator-j.password", out / "gateway" / "monitor.password",
-                out / "devices" / "d1" / "password", out / "devices" / "d1" / "d1.key"]
+                out / "devices" / "d1" / "password", out / "devices" / "d1" / "d1.key",
+                out / "devices" / "d1" / "app.password", out / "devices" / "d1" / "app.key"]
     for path in secrets_:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     passwords = {path.read_text().strip() for path in out.rglob("*.password")} | {
         (out / "devices" / d / "password").read_text().strip() for d in ("d1", "d2")}
-    assert len(passwords) == 4 and all(len(p) >= 40 for p in passwords)
+    assert len(passwords) == 6 and all(len(p) >= 40 for p in passwords)  # + app@d1, app@d2
     logs = first.stdout + first.stderr
     assert "DEBUG" in logs and "device.toml" in logs  # -v logged the configurations...
     for password in passwords:  # ...and no secret
@@ -164,6 +165,12 @@ def test_provision_writes_secrets_0600_never_prints_them_and_runs_again(tmp_path
     device = (out / "devices" / "d1" / "device.toml").read_text()
     assert 'url = "mqtts://gw.example:8883"' in device and 'username = "d1"' in device
     assert 'password_file = "/etc/unus-edge/password"' in device and 'cert_file = "/etc/unus-edge/d1.crt"' in device
+    predict = tomllib.loads(device)["predict"]  # the local applications' own identity
+    assert predict == {"username": "app@d1", "password_file": "/etc/unus-edge/app.password",
+                       "cert_file": "/etc/unus-edge/app.crt", "key_file": "/etc/unus-edge/app.key"}
+    assert "CN = app@d1" in subprocess.run(["openssl", "x509", "-noout", "-subject", "-in",
+                                            str(out / "devices" / "d1" / "app.crt")],
+                                           capture_output=True, text=True, check=True).stdout
     assert redacted({"broker": {"password": "x", "url": "u"}}) == {"broker": {"password": "***", "url": "u"}}
     job = tomllib.loads((out / "gateway" / "j.toml").read_text())["job"]
     assert (job["min_devices"], job["min_fraction"]) == (1, 0.5)  # a quorum that fits 2 devices, not 1 and 0
@@ -176,7 +183,7 @@ def test_provision_writes_secrets_0600_never_prints_them_and_runs_again(tmp_path
     assert all(path.read_bytes() == content for path, content in kept.items())
     assert not (out / "devices" / "d2").exists()
     hashes = read_password_file(out / "gateway" / "mosquitto.passwd")
-    assert sorted(hashes) == ["aggregator-j", "d1", "d3", "monitor"]
+    assert sorted(hashes) == ["aggregator-j", "app@d1", "app@d3", "d1", "d3", "monitor"]
     assert verify_password(hashes["d1"], (out / "devices" / "d1" / "password").read_text().strip())
     acl = (out / "gateway" / "mosquitto.acl").read_text()
     assert "user d3\n" in acl and "user d2\n" not in acl
@@ -290,6 +297,50 @@ def test_a_device_reads_only_its_own_tasks_and_the_shared_state(fleet: Fleet, br
             seen = await until_marker(device_a, marker, b"marker")
         received = {m.topic for m in seen}
         assert received == {topics.model(JOB), marker}, received
+
+    secured(scenario)
+
+
+def test_predictions_stay_between_a_device_and_its_own_identity(fleet: Fleet, broker: SecureBroker,
+                                                                secured: Any) -> None:
+    """pi-a's local application (app@pi-a, its own identity: the broker holds one connection per
+    username) asks pi-a's daemon; pi-b, pi-b's application and the aggregator can neither read
+    the answers nor ask in pi-a's name (the ACL's predict lines)."""
+
+    async def scenario() -> None:
+        async with connect(fleet, broker, "aggregator-sec", tls=False) as aggregator, \
+                connect(fleet, broker, "pi-a") as daemon, connect(fleet, broker, "app@pi-a") as app, \
+                connect(fleet, broker, "pi-b") as device_b, connect(fleet, broker, "app@pi-b") as app_b:
+            request = device_topic("pi-a", Channel.PREDICT_REQUEST)
+            response = device_topic("pi-a", Channel.PREDICT_RESPONSE)
+            await daemon.subscribe(request)
+            await app.subscribe(response)
+            for client in (device_b, aggregator, app_b):
+                await client.subscribe(f"unus/v1/{JOB}/devices/pi-a/predict/#")
+            for client in (device_b, app_b, aggregator):  # denied: dropped by the broker
+                await client.publish(request, b"asked in pi-a's name", qos=1)
+                await client.publish(response, b"answered in pi-a's name", qos=1)
+            await app.publish(response, b"the application answers", qos=1)  # denied: it only asks
+            await daemon.publish(request, b"the daemon asks", qos=1)  # denied: it only answers
+            await app.publish(request, b"inputs", qos=1)
+            (asked,) = await until_marker(daemon, request, b"inputs")
+            assert asked.payload == b"inputs"  # no other request reached the daemon
+            await daemon.publish(response, b"answer", qos=1)
+            assert [m.payload for m in await until_marker(app, response, b"answer")] == [b"answer"]
+            marker_b, marker_aggregator = device_topic("pi-b", Channel.TASKS), device_topic("pi-a", Channel.UPDATE)
+            await aggregator.subscribe(marker_aggregator)
+            await device_b.subscribe(marker_b)
+            await aggregator.publish(marker_b, b"marker", qos=1)
+            await daemon.publish(marker_aggregator, b"marker", qos=1)
+            marker_app_b = device_topic("pi-b", Channel.PREDICT_RESPONSE)
+            await app_b.subscribe(marker_app_b)
+            await device_b.publish(marker_app_b, b"marker", qos=1)
+            seen_b = await until_marker(device_b, marker_b, b"marker")
+            seen_aggregator = await until_marker(aggregator, marker_aggregator, b"marker")
+            seen_app_b = await until_marker(app_b, marker_app_b, b"marker")
+        assert {m.topic for m in seen_b} == {marker_b}
+        assert {m.topic for m in seen_aggregator} == {marker_aggregator}
+        assert {m.topic for m in seen_app_b} == {marker_app_b}
 
     secured(scenario)
 

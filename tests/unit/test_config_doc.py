@@ -23,7 +23,7 @@ def keys(cls: type) -> set[str]:
 
 def test_every_key_is_documented() -> None:
     first_cells = [line.split("|")[1] for line in DOC.splitlines() if line.startswith("| `")]
-    pattern = r"`((?:job|model|strategy|train|evaluation|checkpoint|broker|device)\.[a-z_]+)`"
+    pattern = r"`((?:job|model|strategy|train|evaluation|checkpoint|broker|device|predict)\.[a-z_]+)`"
     documented = {key for cell in first_cells for key in re.findall(pattern, cell)}
     expected = keys(JobConfig) | keys(DeviceConfig)
     assert expected - documented == set(), "undocumented keys"

@@ -105,7 +105,7 @@ def test_registration_retries_back_off_with_jitter_up_to_the_maximum() -> None:
     import random
 
     from unus_edge.config import DeviceSettings
-    from unus_edge.device._daemon import registration_backoff
+    from unus_edge.device._register import registration_backoff
 
     settings = DeviceSettings(id="d0", job="j", registration_retry=15.0, registration_retry_max=240.0)
     for seed in range(20):

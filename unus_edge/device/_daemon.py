@@ -20,9 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import platform
-import random
 import secrets
 import threading
 import time
@@ -30,12 +27,14 @@ from typing import Literal
 
 from unus_edge import __version__, topics
 from unus_edge.codec import Limits
-from unus_edge.config import DeviceConfig, DeviceSettings
+from unus_edge.config import DeviceConfig
 from unus_edge.data import Dataset, LocalData
 from unus_edge.device import _worker
 from unus_edge.device._evaluate import evaluate_on_request
 from unus_edge.device._pace import NO_PACE, Pace
+from unus_edge.device._register import keep_registered, on_registration_reply
 from unus_edge.device._release import keep_release
+from unus_edge.device._serve import QUEUED, accept_prediction, serve_predictions
 from unus_edge.device._view import AggregatorView
 from unus_edge.device._worker import Pending
 from unus_edge.errors import ProtocolError, PublishError, RejectedError, describe_error
@@ -45,7 +44,7 @@ from unus_edge.messages import (
     EvaluateTask,
     GlobalModel,
     Message,
-    Registration,
+    PredictRequest,
     RegistrationReply,
     Release,
     Status,
@@ -56,7 +55,7 @@ from unus_edge.messages import (
 from unus_edge.nn import Graph
 from unus_edge.strategies import ClientStrategy
 from unus_edge.topics import Channel
-from unus_edge.transport import Backoff, ConnectOptions, Transport, Will
+from unus_edge.transport import ConnectOptions, Transport, Will
 
 __all__ = ["Device"]
 
@@ -99,6 +98,7 @@ class Device:
         self.template = graph.model.initializers
         # Twice the dense model: a partial (sparse) model costs index + value per entry.
         self.limits = Limits(max_payload_bytes=2 * sum(v.nbytes for v in self.template.values()) + 65_536)
+        self.predict_limits = Limits(max_payload_bytes=self.settings.predict_max_bytes, max_tensors=1)
         self.view = AggregatorView(self.template, fingerprint)
         """What this device knows of the aggregator (session, model, clocks): the protocol's device
         rules, without I/O (:mod:`unus_edge.device._view`)."""
@@ -127,6 +127,7 @@ class Device:
         self.held_out: Dataset | None = None
         """Examples kept aside for federated evaluation (``device.holdout``), never trained on."""
         self.evaluations: asyncio.Queue[EvaluateTask] = asyncio.Queue()
+        self.predictions: asyncio.Queue[PredictRequest] = asyncio.Queue(QUEUED)
         self.evaluations_idle = asyncio.Event()
         """Set while no evaluation is queued or under way."""
         self.evaluations_idle.set()
@@ -172,11 +173,14 @@ class Device:
                     await self.transport.subscribe(topic, qos=1)
                 if self.settings.release_dir:  # the trained model, kept for local applications (_release)
                     await self.transport.subscribe(topics.release(self.job), qos=1)
+                if self.settings.serve_predictions:  # and used for theirs over MQTT (_serve)
+                    await self.transport.subscribe(self._topic(Channel.PREDICT_REQUEST), qos=1)
+                    tasks.append(group.create_task(serve_predictions(self), name="device-predictions"))
                 # The model is fetched per computation (_worker.fetch_model), never followed: drop
                 # the subscription a persistent session may still hold from an older daemon.
                 await self.transport.unsubscribe(topics.model(self.job))
                 tasks += [
-                    group.create_task(self._registration(), name="device-registration"),
+                    group.create_task(keep_registered(self), name="device-registration"),
                     group.create_task(_worker.heartbeat(self), name="device-heartbeat"),
                     group.create_task(_worker.work(self), name="device-worker"),
                     group.create_task(evaluate_on_request(self), name="device-evaluate"),
@@ -206,38 +210,6 @@ class Device:
                     await self._publish(Channel.STATUS, Status(self.device_id, "offline", self.session,
                                                                reason=reason, software_version=__version__))
             logger.info("device %s stopped after %d update(s)", self.device_id, self.updates_sent)
-
-    async def _registration(self) -> None:
-        """Register whenever an aggregator session appears; retry, backing off, until it answers."""
-        while True:
-            await self.registration_wanted.wait()
-            self.registration_wanted.clear()
-            self.registered.clear()
-            backoff = registration_backoff(self.settings)
-            while not self.registered.is_set() and not self.registration_wanted.is_set():
-                await self._register()
-                wait = backoff.next_delay()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self.registered.wait()
-                if not self.registered.is_set():
-                    # Heartbeats go on meanwhile (their own task), so waiting never looks like a death.
-                    logger.warning("no answer to the registration within %.0f s: registering again", wait)
-
-    async def _register(self) -> None:
-        capabilities = []
-        with contextlib.suppress(ImportError):
-            import onnxruntime  # noqa: F401
-
-            capabilities.append("onnxruntime")
-        registration = Registration(
-            self.device_id, self.session, len(self.dataset), self.fingerprint, __version__,
-            platform.platform(), platform.machine(), platform.python_version(), os.cpu_count() or 0,
-            _memory_bytes(), tuple(capabilities),
-        )
-        await self._publish(Channel.REGISTER, registration)
-        self.registrations_sent += 1
-        logger.info("device %s registering with %d examples", self.device_id, len(self.dataset))
 
     def _on_connect(self, session_present: bool) -> None:
         """After a reconnection: say ``online`` again, and re-publish an unacknowledged update (same msg_id).
@@ -289,7 +261,8 @@ class Device:
                     continue  # not ours (brokers may leak retained topics: docs/brokers.md)
                 if parsed.channel is Channel.MODEL:
                     self.model_bytes += len(message.payload)
-                _, decoded = decode_message(message.payload, parsed.channel, limits=self.limits)
+                limits = self.predict_limits if parsed.channel is Channel.PREDICT_REQUEST else self.limits
+                _, decoded = decode_message(message.payload, parsed.channel, limits=limits)
             except ProtocolError as error:
                 logger.warning("ignoring a message on %s: %s", message.topic, error)
                 continue
@@ -312,6 +285,8 @@ class Device:
             self.evaluations.put_nowait(message)
         elif isinstance(message, Release) and self._group is not None and self.settings.release_dir:
             self._group.create_task(keep_release(self, message), name="device-release")
+        elif isinstance(message, PredictRequest) and self._group is not None and self.settings.serve_predictions:
+            accept_prediction(self, message, self._group)
         elif isinstance(message, Ack):
             self._on_ack(message)
         elif isinstance(message, GlobalModel):
@@ -322,7 +297,7 @@ class Device:
             self._on_model(message)
             self.model_changed.set()  # a fetch waits for the arrival even of a model it already has
         elif isinstance(message, RegistrationReply):
-            self._on_registration_reply(message)
+            on_registration_reply(self, message)
         elif isinstance(message, Clock):
             if self.view.on_clock(message):
                 self._clock_applied()
@@ -333,31 +308,10 @@ class Device:
                     if self.pending is not None and self._group is not None:
                         # It resumes from its checkpoint: the update may have to be applied there.
                         self._group.create_task(self._republish(), name="device-republish")
-                self._follow(message.session)
+                self.follow(message.session)
                 self.registration_wanted.set()
             elif message.state == "offline":
                 logger.warning("the aggregator is offline (%s)", message.reason or "no reason given")
-
-    def _on_registration_reply(self, reply: RegistrationReply) -> None:
-        if reply.session and reply.session != self.session:
-            logger.debug("ignoring an answer to another registration (session %s)", reply.session)
-            return
-        if not reply.accepted and reply.session != self.session:
-            # A refusal that names no session cannot be about our registration: an aggregator
-            # refuses by schema only what it cannot decode, and then we could not decode its
-            # answer either. Someone else's registration on our topic must not stop us.
-            logger.warning("ignoring a refusal (%s) that is not addressed to this device's session", reply.reason)
-            return
-        if not reply.accepted:
-            detail = f" ({reply.detail})" if reply.detail else ""
-            logger.error("device %s refused by the aggregator: %s%s", self.device_id, reply.reason, detail)
-            raise RejectedError(self.device_id, reply.reason, reply.detail)
-        self._follow(reply.aggregator_session)
-        self.view.registered(reply.aggregator_session, reply.clock)
-        self.gate.set()
-        if not self.registered.is_set():
-            logger.info("device %s registered with aggregator session %s", self.device_id, reply.aggregator_session)
-        self.registered.set()
 
     def _on_ack(self, ack: Ack) -> None:
         pending = self.pending
@@ -381,7 +335,7 @@ class Device:
                 self.registration_wanted.set()
         self.acked.set()
 
-    def _follow(self, session: str) -> None:
+    def follow(self, session: str) -> None:
         """Follow an aggregator session (:meth:`AggregatorView.follow`); a fetch for the old one gives up."""
         if self.view.follow(session):
             self.model_changed.set()
@@ -406,17 +360,3 @@ class Device:
     def _on_model(self, model: GlobalModel) -> None:
         if self.view.on_model(model) in ("wrong_fingerprint", "bad_tensors"):
             logger.error("ignoring a model message: %s", self.view.model_problem)
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
-
-
-def registration_backoff(settings: DeviceSettings, *, rng: random.Random | None = None) -> Backoff:
-    """The waits between registrations: the n-th uniform in ``[d/2, d]``, ``d = min(max, 2 x retry
-    x 2**n)``, so the first is 1-2 times ``device.registration_retry`` and a fleet that registers
-    at once (an aggregator restart) spreads its retries instead of repeating them in lockstep."""
-    return Backoff(2 * settings.registration_retry, settings.registration_retry_max, rng=rng)

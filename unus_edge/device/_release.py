@@ -35,7 +35,8 @@ from unus_edge.errors import DataError, ModelError
 from unus_edge.messages import Release
 from unus_edge.onnx_io import Evaluator, OnnxModel, fingerprint, load_model, read_parameters, save_model
 
-__all__ = ["MODEL_FILE", "StoredRelease", "already_stored", "keep_release", "load_release", "predict", "store_release"]
+__all__ = ["MODEL_FILE", "StoredRelease", "already_stored", "keep_release", "load_release", "predict",
+           "probabilities_of", "store_release"]
 
 if TYPE_CHECKING:
     from unus_edge.device._daemon import Device
@@ -155,6 +156,13 @@ def predict(release: StoredRelease, inputs: NDArray[Any]) -> tuple[NDArray[Any],
     logits = np.asarray(Evaluator(release.model).predict(read_parameters(release.model), inputs), np.float64)
     if release.task == "regression":
         return logits, logits
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    probabilities = probabilities_of(logits)
     return probabilities.argmax(axis=1), probabilities
+
+
+def probabilities_of(logits: NDArray[Any]) -> NDArray[np.float64]:
+    """Softmax of each row of a classifier's outputs (shifted by the row's maximum: no overflow)."""
+    if logits.ndim != 2:
+        raise ModelError(f"bad_output: a classifier's outputs are (n, classes), got {logits.shape}")
+    shifted = np.exp(np.asarray(logits, np.float64) - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
