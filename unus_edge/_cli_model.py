@@ -11,7 +11,7 @@ import asyncio
 import json
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -106,3 +106,81 @@ def cmd_release(args: argparse.Namespace) -> int:
     print(f"released job {config.job.name}'s model version {release.version} (round {release.server_round}) "
           f"on {topics.release(config.job.name)}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``unus-edge export``: a model with trained weights as ``.onnx`` or ``.tflite`` (issue 15)."""
+    from unus_edge.onnx_io import Evaluator, fingerprint, model_bytes, prepare_input
+    from unus_edge.zoo import resolve_model
+
+    model = resolve_model(args.model)
+    params = {name: np.asarray(model.initializers[name]) for name in model.parameter_names}
+    origin = f"{args.model}'s own weights"
+    if args.checkpoint:
+        from unus_edge.aggregator import load_checkpoint
+
+        checkpoint = load_checkpoint(Path(args.checkpoint).expanduser())
+        if checkpoint is None:
+            raise UnusError(f"no checkpoint in {args.checkpoint}")
+        if checkpoint.fingerprint != fingerprint(model):
+            raise UnusError(f"the checkpoint in {args.checkpoint} is of another architecture "
+                            f"({checkpoint.fingerprint}) than {args.model} ({fingerprint(model)})")
+        params = {name: np.asarray(value) for name, value in checkpoint.params.items()}
+        origin = f"job {checkpoint.job}'s checkpoint, version {checkpoint.version} (round {checkpoint.server_round})"
+    out = Path(args.out)
+    if args.format == "onnx":
+        if args.weights != "fp32":
+            raise UnusError("--weights fp16 and int8 are for --format tflite (ONNX keeps fp32 parameters)")
+        content = model_bytes(model, params)
+    else:
+        from unus_edge.tflite import LiteRTRunner, to_tflite
+
+        content = to_tflite(model, params, weights=args.weights)
+    temporary = out.with_name(f".{out.name}.partial")
+    temporary.write_bytes(content)
+    temporary.replace(out)
+    line = f"wrote {out} ({args.format}, {args.weights}, {len(content) / 1e6:.2f} MB) from {origin}"
+    if args.format == "tflite":
+        # A check a user can read: LiteRT against the reference on random inputs of the model's shape.
+        shape = model.inputs[0].shape or ()
+        rows = np.random.default_rng(0).random((32, *(int(d) for d in shape[1:] if isinstance(d, int))), np.float32)
+        reference = Evaluator(model).predict(params, rows)
+        difference = float(np.abs(LiteRTRunner(content).run(prepare_input(model, rows)) - reference).max())
+        line += f"; LiteRT's outputs are within {difference:.1e} of {Evaluator(model).backend}'s on 32 random inputs"
+    print(line)
+    return 0
+
+
+def add_model_commands(commands: Any) -> None:
+    """Register ``predict``, ``release`` and ``export`` on the CLI's subparsers."""
+    predict = commands.add_parser("predict", help="predict with the trained model a finished job released "
+                                  "to this device", description="One JSON line per input: class, probability, "
+                                  "model version.")
+    predict.add_argument("--config", required=True, metavar="TOML", help="the device's configuration")
+    predict.add_argument("--input", required=True, metavar="PATH", help="an image, a folder of images, a .csv or "
+                         "a .npz file (x)")
+    predict.add_argument("--release-dir", metavar="DIR", help="default: device.release_dir")
+    predict.add_argument("--mqtt", action="store_true", help="ask the running device daemon over MQTT "
+                         "(device.serve_predictions) instead of computing here")
+    predict.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (--mqtt)")
+    predict.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    predict.set_defaults(handler=cmd_predict)
+
+    release = commands.add_parser("release", help="publish the model of a stopped job's checkpoint to the fleet")
+    release.add_argument("--config", metavar="TOML", help="the job's configuration file")
+    release.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    release.add_argument("--broker", metavar="URL", help="broker URL (default: the job's broker.url)")
+    release.add_argument("--checkpoint", metavar="DIR", help="default: checkpoint.dir of the job")
+    release.add_argument("--force", action="store_true", help="publish even while the job's aggregator is online")
+    release.set_defaults(handler=cmd_release)
+
+    export = commands.add_parser("export", help="write a model with its trained weights as .tflite or .onnx",
+                                 description="MODEL is a zoo name or an ONNX file (a run's or a release's "
+                                 "model.onnx carries its weights); --checkpoint takes a job's weights instead.")
+    export.add_argument("model", metavar="MODEL")
+    export.add_argument("--format", choices=["tflite", "onnx"], default="tflite")
+    export.add_argument("--weights", choices=["fp32", "fp16", "int8"], default="fp32",
+                        help="tflite: weights stored as fp32, fp16 or int8 (per channel), computed in fp32")
+    export.add_argument("--checkpoint", metavar="DIR", help="a job's checkpoint folder: its weights")
+    export.add_argument("--out", required=True, metavar="FILE")
+    export.set_defaults(handler=cmd_export)

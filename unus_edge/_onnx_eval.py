@@ -3,11 +3,15 @@
 Private to :mod:`unus_edge.onnx_io`, which re-exports it. An :class:`Evaluator` builds its
 backend once: one onnxruntime ``InferenceSession`` over a rewrite of the model in which the
 parameters are graph inputs (new weights are fed per call, the session is never rebuilt), or,
-without onnxruntime or when it cannot run the model, a :class:`unus_edge.nn.Graph`.
+without onnxruntime or when it cannot run the model, a :class:`unus_edge.nn.Graph`. Asked for
+(``backend="litert"``, never by ``auto``), LiteRT runs the model written as a ``.tflite``
+(:mod:`unus_edge.tflite`); its weights are constants of that file, so it is written again
+when the weights change (a digest of them says when).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
@@ -85,13 +89,24 @@ def _onnxruntime_errors() -> tuple[type[Exception], ...]:
 class Evaluator:
     """Predict and evaluate a model with any weights; the backend is built once."""
 
-    def __init__(self, model: OnnxModel, *, backend: Literal["auto", "onnxruntime", "numpy"] = "auto") -> None:
+    def __init__(self, model: OnnxModel, *,
+                 backend: Literal["auto", "onnxruntime", "numpy", "litert"] = "auto") -> None:
         self.model = model
         self._session: Any = None
         self._graph: Any = None
+        self._litert: tuple[bytes, Any] | None = None
         self._errors: tuple[type[Exception], ...] = ()
-        if backend not in ("auto", "onnxruntime", "numpy"):
+        if backend not in ("auto", "onnxruntime", "numpy", "litert"):
             raise ValueError(f"unknown backend {backend!r}")
+        if backend == "litert":
+            from unus_edge.tflite import litert_available, to_tflite
+
+            if not litert_available():
+                raise ModelError("litert_missing", "backend litert needs ai-edge-litert: "
+                                 "pip install 'unus-edge[litert]'", model=model.name)
+            to_tflite(model, {k: model.initializers[k] for k in model.parameter_names})  # refuses what it cannot write
+            self.backend = "litert"
+            return
         if backend in ("auto", "onnxruntime"):
             try:
                 import onnxruntime  # optional accelerator, imported lazily
@@ -129,7 +144,9 @@ class Evaluator:
         chunks = []
         for start in range(0, inputs.shape[0], batch_size):
             batch = inputs[start : start + batch_size]
-            if self._session is not None:
+            if self.backend == "litert":
+                chunks.append(self._litert_runner(params).run(batch))
+            elif self._session is not None:
                 feeds = {key: np.asarray(params[key]) for key in self.model.parameter_names}
                 feeds[self._input] = batch
                 try:
@@ -141,6 +158,16 @@ class Evaluator:
         if not chunks:
             return np.zeros((0,), np.float32)
         return np.concatenate(chunks)
+
+    def _litert_runner(self, params: Mapping[str, NDArray[Any]]) -> Any:
+        from unus_edge.tflite import LiteRTRunner, to_tflite
+
+        digest = hashlib.blake2b(digest_size=16)
+        for key in self.model.parameter_names:
+            digest.update(np.ascontiguousarray(params[key]).tobytes())
+        if self._litert is None or self._litert[0] != digest.digest():
+            self._litert = (digest.digest(), LiteRTRunner(to_tflite(self.model, params)))
+        return self._litert[1]
 
     def evaluate(
         self, params: Mapping[str, NDArray[Any]], x: NDArray[Any], y: NDArray[Any], *, batch_size: int = 1000,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from unus_edge import __version__
 from unus_edge._cli_common import JOB_FLAGS, overrides, run_until_signal
-from unus_edge._cli_model import cmd_predict, cmd_release
+from unus_edge._cli_model import add_model_commands
 from unus_edge._cli_simulate import cmd_simulate
 from unus_edge._logging import configure_logging
 from unus_edge.errors import ConnectError, RejectedError, UnusError
@@ -272,26 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         if is_demo:
             sim.set_defaults(job="demo", rounds=10, seed=0)
 
-    predict = commands.add_parser("predict", help="predict with the trained model a finished job released "
-                                  "to this device", description="One JSON line per input: class, probability, "
-                                  "model version.")
-    predict.add_argument("--config", required=True, metavar="TOML", help="the device's configuration")
-    predict.add_argument("--input", required=True, metavar="PATH", help="an image, a folder of images, a .csv or "
-                         "a .npz file (x)")
-    predict.add_argument("--release-dir", metavar="DIR", help="default: device.release_dir")
-    predict.add_argument("--mqtt", action="store_true", help="ask the running device daemon over MQTT "
-                         "(device.serve_predictions) instead of computing here")
-    predict.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (--mqtt)")
-    predict.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
-    predict.set_defaults(handler=cmd_predict)
-
-    release = commands.add_parser("release", help="publish the model of a stopped job's checkpoint to the fleet")
-    release.add_argument("--config", metavar="TOML", help="the job's configuration file")
-    release.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
-    release.add_argument("--broker", metavar="URL", help="broker URL (default: the job's broker.url)")
-    release.add_argument("--checkpoint", metavar="DIR", help="default: checkpoint.dir of the job")
-    release.add_argument("--force", action="store_true", help="publish even while the job's aggregator is online")
-    release.set_defaults(handler=cmd_release)
+    add_model_commands(commands)
 
     watch = commands.add_parser("monitor", help="live view of a job from its MQTT topics")
     watch.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL")

@@ -195,7 +195,7 @@ class EvaluationSettings:
     num_examples: int = 0
     """Evaluate on the first N test examples; 0 means all."""
     batch_size: int = 1000
-    backend: Literal["auto", "onnxruntime", "numpy"] = "auto"
+    backend: Literal["auto", "onnxruntime", "numpy", "litert"] = "auto"
     every_updates: int = 0
     """SSP: evaluate after this many applied updates (0: as many as there are participants)."""
     mode: Literal["central", "federated", "both"] = "central"
@@ -249,8 +249,9 @@ class DeviceSettings:
     serve_predictions: bool = False
     """Answer predictions with the stored release on ``devices/{id}/predict/request`` (needs
     ``release_dir``): a local application sends inputs, the device answers on ``predict/response``."""
-    predict_backend: Literal["auto", "onnxruntime", "numpy"] = "auto"
-    """What runs the predictions: onnxruntime when installed (``auto``), or the NumPy engine."""
+    predict_backend: Literal["auto", "onnxruntime", "numpy", "litert"] = "auto"
+    """What runs the predictions: onnxruntime when installed (``auto``), the NumPy engine, or
+    LiteRT (``litert``: the release written as ``.tflite``, :mod:`unus_edge.tflite`)."""
     predict_max_bytes: int = 4 << 20
     """The largest prediction request accepted (bytes); a larger one is answered with an error."""
     model: str = "mnist_2nn"

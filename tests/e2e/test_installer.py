@@ -88,8 +88,10 @@ def test_units_pass_systemd_analyze_verify(installed: Installed, tmp_path: Path)
 def test_install_is_idempotent_and_keeps_edited_configuration(installed: Installed) -> None:
     etc = installed.etc
     assert "installed unus-edge" in installed.output
-    assert {path.name for path in etc.iterdir()} == {"device.toml", "device.env", "password", "ca.crt"}
+    assert {path.name for path in etc.iterdir()} == {"device.toml", "device.env", "password", "app.password",
+                                                     "ca.crt"}
     assert stat.S_IMODE((etc / "password").stat().st_mode) == 0o640
+    assert stat.S_IMODE((etc / "app.password").stat().st_mode) == 0o640  # for local applications (predict)
     assert stat.S_IMODE((etc / "device.toml").stat().st_mode) == 0o640
     assert (etc / "device.toml").read_text() == (installed.fleet.out / "devices" / DEVICE / "device.toml").read_text()
     assert not (installed.prefix / "bin" / "pip").exists()  # removed: not needed at run time

@@ -29,6 +29,7 @@ class Watcher:
     def __init__(self, port: int) -> None:
         self.training = threading.Event()
         self.statuses: dict[str, dict[str, object]] = {}
+        self.changed = threading.Condition()
         self.client = paho.Client(CallbackAPIVersion.VERSION2)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -39,7 +40,16 @@ class Watcher:
         if message.topic.endswith("/heartbeat") and json.loads(message.payload)["body"]["state"] == "training":
             self.training.set()
         if message.topic.endswith("/status"):
-            self.statuses[message.topic] = json.loads(message.payload)["body"]
+            with self.changed:
+                self.statuses[message.topic] = json.loads(message.payload)["body"]
+                self.changed.notify_all()
+
+    def wait_offline(self, topic: str, timeout: float) -> dict[str, dict[str, object]]:
+        """The statuses once ``topic`` says ``offline`` (or after ``timeout``): the process has
+        exited by then, but the broker's copy to this client may still be on its way."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.statuses.get(topic, {}).get("state") == "offline", timeout)
+            return dict(self.statuses)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -78,7 +88,9 @@ def test_sigterm_during_training_stops_the_service_at_once(tmp_path: Path, targe
                 _, err = await process.communicate()
             took = time.monotonic() - started
             assert process.returncode == 0, err.decode()[-2000:]
-            return took, err.decode(errors="replace"), dict(watcher.statuses)
+            topic = "unus/v1/sig/aggregator/status" if target == "aggregator" else "unus/v1/sig/devices/pi-0/status"
+            statuses = await asyncio.to_thread(watcher.wait_offline, topic, 10)
+            return took, err.decode(errors="replace"), statuses
         finally:
             for process in processes.values():
                 if process.returncode is None:
