@@ -146,6 +146,7 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
 def _split_as(dataset: Dataset, args: argparse.Namespace) -> int:
     """``data split --format csv|idx|images``: one device source per part, as a device reads it."""
     from unus_edge.data import Dataset, partition, write_source
+    from unus_edge.data._split import source_manifest
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -153,13 +154,17 @@ def _split_as(dataset: Dataset, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     parts = partition(dataset.y, args.devices, args.scheme, seed=args.seed, alpha=args.alpha)
     width = max(3, len(str(args.devices - 1)))
+    written = []
     for index, indices in enumerate(parts):
         name = f"device_{index:0{width}d}" + (".csv" if args.format == "csv" else "")
-        write_source(Dataset(dataset.x[indices], dataset.y[indices], dataset.num_classes), out / name, args.format)
+        part = Dataset(dataset.x[indices], dataset.y[indices], dataset.num_classes)
+        written.append((write_source(part, out / name, args.format), part))
         print(f"\r{index + 1}/{args.devices} {out / name}", end="\n" if index + 1 == args.devices else "",
               file=sys.stderr, flush=True)
-    print(f"wrote {args.devices} {args.format} sources to {out} (device.data = one of them, device.data_format "
-          f"= {args.format} or auto)")
+    source_manifest(out, written, data_format=args.format, scheme=args.scheme, seed=args.seed, alpha=args.alpha,
+                    whole=dataset)
+    print(f"wrote {args.devices} {args.format} sources and manifest.json to {out} (device.data = one of them, "
+          f"device.data_format = {args.format} or auto)")
     return 0
 
 

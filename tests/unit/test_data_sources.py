@@ -192,3 +192,30 @@ def test_data_split_writes_csv_sources_a_device_reads(tmp_path: Path) -> None:
     assert sum(sizes) == 1497 and min(sizes) > 400
     assert main(["data", "split", "--dataset", "digits", "--devices", "3", "--format", "csv", "--out",
                  str(tmp_path / "parts")]) == 2  # not empty: refused, nothing overwritten
+
+
+@pytest.mark.parametrize("data_format", ["csv", "idx"])
+def test_a_split_of_sources_has_a_manifest_with_counts_and_hashes(tmp_path: Path, data_format: str) -> None:
+    import hashlib
+    import json
+
+    from unus_edge.cli import main
+    from unus_edge.data._split import MANIFEST_FORMAT
+
+    out = tmp_path / "parts"
+    assert main(["data", "split", "--dataset", "digits", "--devices", "2", "--format", data_format,
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["source_format"] == data_format
+    assert manifest["num_parts"] == 2 and manifest["num_classes"] == 10
+    for entry in manifest["devices"]:
+        path = out / entry["file"]
+        assert len(load_source(path)) == entry["num_examples"]
+        assert sum(entry["label_histogram"]) == entry["num_examples"]
+        if path.is_file():
+            assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        else:  # a folder: its files' relative paths and hashes, sorted
+            lines = "".join(f"{f.relative_to(path).as_posix()} {hashlib.sha256(f.read_bytes()).hexdigest()}\n"
+                            for f in sorted(path.rglob("*")) if f.is_file())
+            assert entry["sha256"] == hashlib.sha256(lines.encode()).hexdigest()
+    assert sum(entry["num_examples"] for entry in manifest["devices"]) == manifest["num_examples"]

@@ -37,7 +37,8 @@ from unus_edge.data._dataset import Dataset, PathLike, as_path, data_error
 from unus_edge.data._files import PARTITION_FORMAT_VERSION, atomic_write, save_partition
 from unus_edge.data._partition import Scheme, default_min_examples, partition
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "ProgressCallback", "device_file_name", "split_to_directory"]
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "ProgressCallback", "device_file_name", "source_manifest",
+           "split_to_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,3 +207,38 @@ def split_to_directory(
     atomic_write(directory / MANIFEST_NAME, write)
     logger.info("split %d examples into %d parts (%s, seed %d) in %s", len(dataset), num_parts, scheme, seed, directory)
     return written
+
+
+def _tree_sha256(path: Path) -> str:
+    """A file's SHA-256, or a folder's: of the sorted lines ``<relative path> <file's SHA-256>``."""
+    if path.is_file():
+        return _sha256(path)
+    lines = [f"{entry.relative_to(path).as_posix()} {_sha256(entry)}\n"
+             for entry in sorted(path.rglob("*")) if entry.is_file()]
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def source_manifest(directory: Path, parts: list[tuple[Path, Dataset]], *, data_format: str, scheme: str,
+                    seed: int, alpha: float, whole: Dataset) -> Path:
+    """``manifest.json`` of a split written as device sources (``data split --format csv|idx|images``):
+    as the npz split's, with ``source_format``, and per device its ``file`` (a file or a folder)
+    and ``sha256`` (a folder's: of its files' relative paths and hashes, :func:`_tree_sha256`)."""
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "source_format": data_format,
+        "scheme": scheme, "seed": int(seed), "num_parts": len(parts), "num_examples": len(whole),
+        "num_classes": whole.num_classes, "feature_shape": list(whole.feature_shape),
+        "devices": [{"device_id": path.name.removesuffix(".csv"), "file": path.name, "num_examples": len(part),
+                     "sha256": _tree_sha256(path)} for path, part in parts],
+    }
+    if whole.num_classes:
+        manifest["label_histogram"] = [int(count) for count in whole.label_histogram()]
+        for entry, (_, part) in zip(manifest["devices"], parts, strict=True):
+            entry["label_histogram"] = [int(count) for count in part.label_histogram()]
+    if scheme == "dirichlet":
+        manifest["alpha"] = float(alpha)
+
+    def write(handle: IO[bytes]) -> None:
+        handle.write((json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+
+    atomic_write(directory / MANIFEST_NAME, write)
+    return directory / MANIFEST_NAME
