@@ -24,6 +24,7 @@ from unus_edge import __version__
 from unus_edge._cli_common import JOB_FLAGS, overrides, run_until_signal
 from unus_edge._cli_model import add_model_commands
 from unus_edge._cli_simulate import cmd_simulate
+from unus_edge._cli_watch import add_watch_commands
 from unus_edge._logging import configure_logging
 from unus_edge.errors import ConnectError, RejectedError, UnusError
 
@@ -71,27 +72,6 @@ def _cmd_device(args: argparse.Namespace) -> int:
                                                                          "data": "device.data"}))
     run_until_signal(lambda trigger: run_device(config, shutdown_trigger=trigger,
                                                  exit_when_finished=args.exit_when_finished))
-    return 0
-
-
-def _cmd_monitor(args: argparse.Namespace) -> int:
-    from unus_edge.config import BrokerSettings
-    from unus_edge.monitor import monitor
-    from unus_edge.transport import MqttTransport
-
-    settings = BrokerSettings(url=args.broker, username=args.username or "", password_file=args.password_file or "",
-                              ca_file=args.ca_file or "")
-    options = settings.connect_options(client_id=args.client_id or "", clean_session=True)
-
-    async def run(trigger: asyncio.Event) -> None:
-        async with MqttTransport(options) as transport:
-            watcher = asyncio.create_task(monitor(transport, args.job, sys.stdout, once_after=args.once))
-            stopper = asyncio.create_task(trigger.wait())
-            await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (watcher, stopper):
-                task.cancel()
-
-    run_until_signal(run)
     return 0
 
 
@@ -279,15 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(commands)
 
-    watch = commands.add_parser("monitor", help="live view of a job from its MQTT topics")
-    watch.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL")
-    watch.add_argument("--job", required=True)
-    watch.add_argument("--once", type=float, metavar="SECONDS", help="print one snapshot after SECONDS and exit")
-    watch.add_argument("--username", help="broker username (e.g. the provisioned monitor identity)")
-    watch.add_argument("--password-file", metavar="FILE", help="file holding the broker password")
-    watch.add_argument("--ca-file", metavar="FILE", help="CA of the broker's TLS certificate (mqtts://)")
-    watch.add_argument("--client-id", help="MQTT client id (brokers that use the username as client id need it)")
-    watch.set_defaults(handler=_cmd_monitor)
+    add_watch_commands(commands)
 
     models = commands.add_parser("models", help="the model zoo").add_subparsers(dest="models_command",
                                                                                   required=True, metavar="ACTION")

@@ -40,6 +40,8 @@ class MonitorState:
     federated: FederatedMetrics | None = None
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
     activity: dict[str, str] = field(default_factory=dict)
+    aggregator: Status | None = None
+    """The aggregator's retained presence (``aggregator/status``), when subscribed to."""
     updated: float = 0.0
 
     def apply(self, topic: str, payload: bytes) -> bool:
@@ -65,6 +67,8 @@ class MonitorState:
         elif isinstance(message, Status) and message.role == "device":
             entry = self.devices.setdefault(message.device_id, {"device_id": message.device_id})
             entry["online"] = message.state == "online"
+        elif isinstance(message, Status) and message.role == "aggregator":
+            self.aggregator = message
         else:
             return False
         self.updated = time.time()

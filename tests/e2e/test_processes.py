@@ -168,7 +168,7 @@ def test_embedded_broker_command_serves_mosquitto_clients() -> None:
 
 COMMANDS = [[], ["broker"], ["aggregator"], ["device"], ["simulate"], ["demo"], ["monitor"], ["models"],
             ["models", "build"], ["data"], ["data", "split"], ["data", "fetch"], ["provision"], ["chaos"],
-            ["conformance"], ["predict"], ["release"], ["export"]]
+            ["conformance"], ["predict"], ["release"], ["export"], ["status"]]
 
 
 def test_the_help_test_covers_every_command() -> None:
