@@ -27,20 +27,31 @@ def _connect_options(args: argparse.Namespace) -> Any:
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
-    from unus_edge.monitor import monitor
+    from unus_edge.monitor import MonitorState, monitor
+    from unus_edge.prometheus import serve
     from unus_edge.transport import MqttTransport
 
     options = _connect_options(args)
+    state = MonitorState()
+    if args.prometheus:
+        server = serve(state, args.job, args.prometheus)
+        print(f"Prometheus metrics of job {args.job} on http://{args.prometheus}/metrics", file=sys.stderr)
 
     async def run(trigger: asyncio.Event) -> None:
         async with MqttTransport(options) as transport:
-            watcher = asyncio.create_task(monitor(transport, args.job, sys.stdout, once_after=args.once))
+            stream = None if args.prometheus and not args.draw else sys.stdout
+            watcher = asyncio.create_task(monitor(transport, args.job, stream, once_after=args.once, state=state),
+                                          name="monitor")
             stopper = asyncio.create_task(trigger.wait())
             await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
             for task in (watcher, stopper):
                 task.cancel()
 
-    run_until_signal(run)
+    try:
+        run_until_signal(run)
+    finally:
+        if args.prometheus:
+            server.shutdown()
     return 0
 
 
@@ -85,6 +96,9 @@ def add_watch_commands(commands: Any) -> None:
     watch = commands.add_parser("monitor", help="live view of a job from its MQTT topics")
     _broker_arguments(watch)
     watch.add_argument("--once", type=float, metavar="SECONDS", help="print one snapshot after SECONDS and exit")
+    watch.add_argument("--prometheus", metavar="HOST:PORT", help="serve the job's metrics for Prometheus on "
+                       "http://HOST:PORT/metrics (e.g. 127.0.0.1:9108), drawing nothing unless --draw")
+    watch.add_argument("--draw", action="store_true", help="with --prometheus, draw the view too")
     watch.set_defaults(handler=_cmd_monitor)
 
     status = commands.add_parser("status", help="one table of a job and its fleet, from its retained topics",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -30,6 +31,8 @@ from unus_edge.topics import Channel
 from unus_edge.transport import Transport
 
 __all__ = ["MonitorState", "monitor", "render"]
+
+logger = logging.getLogger("unus_edge.monitor")
 
 
 @dataclass
@@ -128,21 +131,30 @@ def render(state: MonitorState, job: str, now: float | None = None, *, max_rows:
     return "\n".join(lines)
 
 
-async def monitor(transport: Transport, job: str, stream: TextIO, *, once_after: float | None = None,
-                  refresh: float = 1.0) -> MonitorState:
-    """Show the job until cancelled (or, with ``once_after``, print one snapshot after that many seconds)."""
-    state = MonitorState()
+async def monitor(transport: Transport, job: str, stream: TextIO | None, *, once_after: float | None = None,
+                  refresh: float = 1.0, state: MonitorState | None = None) -> MonitorState:
+    """Show the job until cancelled (or, with ``once_after``, print one snapshot after that many seconds).
+
+    ``stream`` None: only keep ``state`` up to date (for the Prometheus endpoint), draw nothing."""
+    state = MonitorState() if state is None else state
     for topic_filter, qos in ((topics.metrics_filter(job), 1),
                               (topics.device_filter(job, Channel.STATUS), 1),
+                              (topics.aggregator_status(job), 1),
                               (topics.device_filter(job, Channel.HEARTBEAT), 0)):
         await transport.subscribe(topic_filter, qos=qos)
 
     async def consume() -> None:
         async for message in transport.messages():
+            known = state.job is not None
             state.apply(message.topic, message.payload)
+            if not known and state.job is not None:
+                logger.info("job %s: metrics received (round %d, %s)", job, state.job.server_round, state.job.state)
 
     consumer = asyncio.create_task(consume(), name="monitor-receive")
     try:
+        if stream is None:
+            await consumer
+            return state
         if once_after is not None:
             await asyncio.sleep(once_after)
             stream.write(render(state, job) + "\n")

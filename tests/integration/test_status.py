@@ -66,3 +66,55 @@ def test_status_of_a_live_job_and_of_a_broker_without_one(tmp_path: Path, kind: 
     assert code == 1 and out == "" and "no job 'nothing'" in err and "Traceback" not in err
     code, out, err = missing_json
     assert code == 1 and json.loads(out)["job"] is None and json.loads(out)["devices"] == []
+
+
+def test_the_prometheus_endpoint_of_a_live_job_is_scraped_and_parsed(tmp_path: Path) -> None:
+    from urllib.request import urlopen
+
+    parser = pytest.importorskip("prometheus_client.parser")
+    from tests.brokers import free_port
+
+    port = free_port()
+
+    async def scenario() -> str:
+        async with running_broker("amqtt", tmp_path) as broker:
+            job = await asyncio.create_subprocess_exec(
+                *CLI, "simulate", "--broker", broker.url, "--dataset", "synthetic", "--devices", "3",
+                "--rounds", "1000", "--train-examples", "300", "--eval-examples", "100", "--job", "live",
+                "--out", str(tmp_path / "run"), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env=python_env())
+            monitor, drain = None, None
+            try:
+                host, broker_port = broker.url.removeprefix("mqtt://").split(":")
+                async with MqttTransport(ConnectOptions(host=host, port=int(broker_port))) as watcher:
+                    await watcher.subscribe(topics.metrics("live", "round"), qos=1)
+                    async with asyncio.timeout(120):
+                        await anext(aiter(watcher.messages()))
+                monitor = await asyncio.create_subprocess_exec(
+                    *CLI, "-v", "monitor", "--broker", broker.url, "--job", "live", "--prometheus",
+                    f"127.0.0.1:{port}", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                    env=python_env())
+                assert monitor.stderr is not None
+                async with asyncio.timeout(60):  # the monitor says when the job's metrics are in
+                    while b"metrics received" not in (line := await monitor.stderr.readline()):
+                        assert line, "the monitor exited"
+                drain = asyncio.create_task(monitor.stderr.read())  # -v goes on logging: keep the pipe open
+                return await asyncio.to_thread(
+                    lambda: urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+            finally:
+                for process in (monitor, job):
+                    if process is not None and process.returncode is None:
+                        process.send_signal(signal.SIGTERM)
+                        async with asyncio.timeout(60):
+                            await process.wait()
+                if drain is not None:
+                    await drain
+
+    text = asyncio.run(scenario())
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in parser.text_string_to_metric_families(text) for sample in family.samples}
+    assert samples[("unus_round", (("job_name", "live"),))] >= 1
+    assert samples[("unus_aggregator_up", (("job_name", "live"),))] == 1
+    online = {labels: value for (name, labels), value in samples.items() if name == "unus_device_online"}
+    assert len(online) == 3 and set(online.values()) == {1.0}, online
+    assert samples[("unus_bytes_total", (("direction", "up"), ("job_name", "live")))] > 0
