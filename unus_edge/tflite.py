@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from unus_edge._onnx_model import OnnxModel, check_parameters
 from unus_edge.errors import ModelError
 
-__all__ = ["SUPPORTED", "WEIGHT_FORMATS", "LiteRTRunner", "litert_available", "to_tflite"]
+__all__ = ["SUPPORTED", "WEIGHT_FORMATS", "LiteRTRunner", "from_tflite", "litert_available", "to_tflite"]
 
 SUPPORTED = ("Add", "AveragePool", "Conv", "Dropout", "Flatten", "Gemm", "Identity", "MatMul", "MaxPool", "Relu",
              "Reshape", "Sigmoid", "Softmax", "Tanh")
@@ -368,3 +368,10 @@ class LiteRTRunner:
         except (ValueError, RuntimeError) as error:
             raise ModelError("tflite_failed", str(error)) from error
         return np.array(self._interpreter.get_tensor(self._output["index"]))
+
+
+def from_tflite(source: bytes | str | os.PathLike[str], *, name: str = "") -> OnnxModel:
+    """A ``.tflite`` (a path or its bytes) as an ONNX model the engine trains (:mod:`unus_edge._tflite_read`)."""
+    from unus_edge._tflite_read import from_tflite as read
+
+    return read(source, name=name)

@@ -179,13 +179,18 @@ def build_zoo(out_dir: str | os.PathLike[str], *, seed: int = 0) -> list[Path]:
 
 
 def resolve_model(name_or_path: str, *, seed: int = 0) -> OnnxModel:
-    """A zoo model by name (built in memory), or the ONNX file at a path."""
+    """A zoo model by name (built in memory), the ONNX file at a path, or a ``.tflite`` (read into
+    ONNX: :func:`unus_edge.tflite.from_tflite`, with the ``litert`` extra)."""
     if name_or_path in _BUILDERS:
         return load_model(build_model(name_or_path, seed=seed), name=name_or_path)
     path = Path(name_or_path)
     if not path.is_file():
         raise ModelError(
             f"unknown_model: {name_or_path!r} is neither a zoo model ({', '.join(ZOO_NAMES)}) "
-            "nor an existing .onnx file"
+            "nor an existing .onnx or .tflite file"
         )
+    if path.suffix == ".tflite":
+        from unus_edge.tflite import from_tflite
+
+        return from_tflite(path)
     return load_model(path)

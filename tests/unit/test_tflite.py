@@ -21,7 +21,7 @@ onnx = pytest.importorskip("onnx")
 from tests.brokers import python_env  # noqa: E402
 from unus_edge.errors import ModelError  # noqa: E402
 from unus_edge.onnx_io import Evaluator, OnnxModel, load_model, prepare_input, read_parameters  # noqa: E402
-from unus_edge.tflite import LiteRTRunner, to_tflite  # noqa: E402
+from unus_edge.tflite import LiteRTRunner, from_tflite, to_tflite  # noqa: E402
 from unus_edge.zoo import resolve_model  # noqa: E402
 
 
@@ -143,3 +143,53 @@ def test_export_writes_a_checked_tflite_and_onnx(tmp_path: Path) -> None:
     missing = export("mnist_2nn", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x.tflite"))
     assert missing.returncode != 0 and "no checkpoint in" in missing.stderr and "Traceback" not in missing.stderr
     assert not (tmp_path / "x.tflite").exists()
+
+
+@pytest.mark.parametrize("name", ["logreg", "mnist_2nn", "mnist_cnn"])
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_a_tflite_reads_back_into_a_graph_that_predicts_the_same(tmp_path: Path, name: str, weights: Any) -> None:
+    model = resolve_model(name)
+    params = params_of(model)
+    path = tmp_path / f"{name}.tflite"
+    path.write_bytes(to_tflite(model, params, weights=weights))
+    back = resolve_model(str(path))  # a .tflite is accepted wherever a model is
+    assert set(back.parameter_names) == set(params)  # the wire keys survive
+    x = np.random.default_rng(5).random((9, 784), np.float32)
+    expected = LiteRTRunner(path).run(prepare_input(model, x))
+    for backend in ("onnxruntime", "numpy"):  # the engine runs the imported graph too
+        got = Evaluator(back, backend=backend).predict(read_parameters(back), x)
+        assert np.abs(got - expected).max() < 1e-5, backend
+
+
+def test_an_imported_tflite_trains_with_the_engine(tmp_path: Path) -> None:
+    from unus_edge.nn import Graph, TrainConfig, loss_and_grad, train
+
+    model = resolve_model("mnist_cnn")
+    back = from_tflite(to_tflite(model, params_of(model)))
+    graph, params = Graph(back), read_parameters(back)
+    rng = np.random.default_rng(6)
+    x = rng.random((40, 28, 28, 1), np.float32)  # TFLite's NHWC input, as the file says
+    y = (x.reshape(40, -1).mean(axis=1) > 0.5).astype(np.int64) + (np.arange(40) % 3)
+    before, _ = loss_and_grad(graph, params, x, y, training=False)
+    result = train(graph, params, x, y, TrainConfig(epochs=3, batch_size=10, learning_rate=0.05))
+    after, _ = loss_and_grad(graph, result.params, x, y, training=False)
+    assert after < before and set(result.params) == set(params)
+
+
+def test_a_tflite_outside_the_reader_is_refused_by_operator() -> None:
+    from unus_edge.tflite import _schema
+
+    s = _schema()
+    model = s.ModelT.InitFromPackedBuf(bytearray(to_tflite(resolve_model("mnist_2nn"),
+                                                           read_parameters(resolve_model("mnist_2nn")))), 0)
+    relu = next(i for i, code in enumerate(model.operatorCodes) if code.builtinCode == s.BuiltinOperator.RELU)
+    model.operatorCodes[relu].builtinCode = model.operatorCodes[relu].deprecatedBuiltinCode = \
+        s.BuiltinOperator.RELU6
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    with pytest.raises(ModelError, match=r"tflite_unsupported: operator \d+ \(RELU6\): not among the operators"):
+        from_tflite(bytes(builder.Output()))
+    with pytest.raises(ModelError, match="tflite_invalid"):
+        from_tflite(b"not a flatbuffer at all")
