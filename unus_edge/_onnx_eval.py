@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from unus_edge._onnx_model import OnnxModel, check_parameters, parameters_as_inputs
+from unus_edge._onnx_model import OnnxModel, check_parameters, parameters_as_inputs, read_parameters
 from unus_edge.errors import DataError, ModelError
 
 __all__ = [
@@ -99,13 +99,13 @@ class Evaluator:
         if backend not in ("auto", "onnxruntime", "numpy", "litert"):
             raise ValueError(f"unknown backend {backend!r}")
         if backend == "litert":
-            from unus_edge.tflite import litert_available, to_tflite
+            from unus_edge.tflite import litert_available
 
             if not litert_available():
                 raise ModelError("litert_missing", "backend litert needs ai-edge-litert: "
                                  "pip install 'unus-edge[litert]'", model=model.name)
-            to_tflite(model, {k: model.initializers[k] for k in model.parameter_names})  # refuses what it cannot write
             self.backend = "litert"
+            self._litert_runner(read_parameters(model))  # refuses now what it cannot write; kept for these weights
             return
         if backend in ("auto", "onnxruntime"):
             try:
@@ -141,11 +141,12 @@ class Evaluator:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         inputs = prepare_input(self.model, x)
+        runner = self._litert_runner(params) if self.backend == "litert" else None  # once per call, not per batch
         chunks = []
         for start in range(0, inputs.shape[0], batch_size):
             batch = inputs[start : start + batch_size]
-            if self.backend == "litert":
-                chunks.append(self._litert_runner(params).run(batch))
+            if runner is not None:
+                chunks.append(runner.run(batch))
             elif self._session is not None:
                 feeds = {key: np.asarray(params[key]) for key in self.model.parameter_names}
                 feeds[self._input] = batch
@@ -164,7 +165,7 @@ class Evaluator:
 
         digest = hashlib.blake2b(digest_size=16)
         for key in self.model.parameter_names:
-            digest.update(np.ascontiguousarray(params[key]).tobytes())
+            digest.update(np.ascontiguousarray(params[key]).data)  # a view: no copy of the weights
         if self._litert is None or self._litert[0] != digest.digest():
             self._litert = (digest.digest(), LiteRTRunner(to_tflite(self.model, params)))
         return self._litert[1]

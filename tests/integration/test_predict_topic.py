@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.brokers import REPO, python_env, running_broker
+from tests.unit.test_predict_topic import serving_event
 from tests.unit.test_release import release
 from tests.unit.test_service_memory import JOB, shards
 from unus_edge.config import load_device_config
@@ -40,20 +41,11 @@ def test_predict_over_mqtt_asks_the_running_daemon(tmp_path: Path, kind: str) ->
                             f'model = "logreg"\nrelease_dir = "{tmp_path / "release"}"\nserve_predictions = true\n'
                             f'[broker]\nurl = "{broker.url}"\n')
             config = load_device_config(toml, environ={})
-            serving = asyncio.Event()
-            stop = asyncio.Event()
+            serving, stop = asyncio.Event(), asyncio.Event()
             original = Device.run
 
-            async def run_and_signal(device: Device) -> None:
-                subscribe = device.transport.subscribe
-
-                async def spy(topic_filter: str, *, qos: int = 1) -> int:
-                    granted = await subscribe(topic_filter, qos=qos)
-                    if topic_filter.endswith("/predict/request"):
-                        serving.set()
-                    return granted
-
-                device.transport.subscribe = spy  # type: ignore[method-assign]
+            async def run_and_signal(device: Device) -> None:  # run_device builds the Device itself
+                serving_event(device, serving)
                 await original(device)
 
             Device.run = run_and_signal  # type: ignore[method-assign]

@@ -41,9 +41,9 @@ def application(broker: MemoryBroker) -> MemoryTransport:
     return MemoryTransport(broker, ConnectOptions(host="127.0.0.1", client_id="local-app"))
 
 
-async def with_daemon(device: Device, stop: asyncio.Event, work: object) -> object:
-    """Run the daemon, and ``work`` once it has subscribed to its prediction requests."""
-    serving = asyncio.Event()
+def serving_event(device: Device, serving: asyncio.Event | None = None) -> asyncio.Event:
+    """``serving`` (or a new event), set once ``device`` has subscribed to its prediction requests."""
+    serving = asyncio.Event() if serving is None else serving
     subscribe = device.transport.subscribe
 
     async def spy(topic_filter: str, *, qos: int = 1) -> int:
@@ -53,6 +53,12 @@ async def with_daemon(device: Device, stop: asyncio.Event, work: object) -> obje
         return granted
 
     device.transport.subscribe = spy  # type: ignore[method-assign]
+    return serving
+
+
+async def with_daemon(device: Device, stop: asyncio.Event, work: object) -> object:
+    """Run the daemon, and ``work`` once it has subscribed to its prediction requests."""
+    serving = serving_event(device)
 
     async def daemon() -> None:
         async with device.transport:
